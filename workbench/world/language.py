@@ -1,0 +1,213 @@
+"""Language of the world: instructions, reasoning annotations, and parsers for both.
+
+Reasoning follows ChatVLA-2: the model first says what it sees and concludes (the equation, its
+answer, which card and where; the object, the target and the side), then which step it executes.
+Each template has several phrasings so a model cannot latch onto one wording, but every phrasing
+keeps the facts in a form :func:`parse_reasoning` reads back, so generated reasoning can be scored
+against the ground truth (the paper's OCR / math / recognition / affordance scores).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .catalog import CARD_SLOTS, DIRECTION_PHRASES, OBJECTS, OPERATORS, Equation
+
+# ---------------------------------------------------------------------------- instructions
+
+MATH_INSTRUCTIONS = (
+    "Solve the equation on the whiteboard and put the answer card on the green pad.",
+    "Find the card with the answer to the whiteboard equation and place it on the green pad.",
+    "Read the whiteboard, work out the answer, and move that number card to the green pad.",
+)
+TOY_INSTRUCTIONS = (
+    "Pick the {object} and place it {phrase} the {target}.",
+    "Put the {object} {phrase} the {target}.",
+    "Move the {object} so that it is {phrase} the {target}.",
+)
+
+
+def math_instruction(rng: np.random.Generator) -> str:
+    return MATH_INSTRUCTIONS[rng.integers(len(MATH_INSTRUCTIONS))]
+
+
+def toy_instruction(obj: str, target: str, direction: str, rng: np.random.Generator) -> str:
+    template = TOY_INSTRUCTIONS[rng.integers(len(TOY_INSTRUCTIONS))]
+    return template.format(object=obj, target=target, phrase=DIRECTION_PHRASES[direction])
+
+
+def _find_objects(text: str) -> list[str]:
+    """Object names mentioned in ``text``, in order of appearance (longest names win)."""
+    found = []
+    lowered = text.lower()
+    for name in sorted(OBJECTS, key=len, reverse=True):
+        for m in re.finditer(re.escape(name), lowered):
+            if not any(s <= m.start() < e for _, s, e in found):
+                found.append((name, m.start(), m.end()))
+    return [n for n, _, _ in sorted(found, key=lambda t: t[1])]
+
+
+def _find_direction(text: str) -> str | None:
+    lowered = text.lower()
+    hits = [(lowered.find(phrase), d) for d, phrase in DIRECTION_PHRASES.items() if phrase in lowered]
+    return min(hits)[1] if hits else None
+
+
+def parse_toy_instruction(text: str) -> tuple[str, str, str]:
+    """``"Pick the red cube and place it to the left of the mug"`` -> (object, target, direction).
+
+    Raises ``ValueError`` naming the known objects and direction phrases when it cannot tell.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("instruction is empty; expected e.g. 'Pick the red cube and place it to the "
+                         "left of the yellow duck'")
+    objs = _find_objects(text)
+    direction = _find_direction(text)
+    if len(objs) != 2 or direction is None:
+        raise ValueError(
+            f"cannot read '<object> <direction> <target>' from {text!r}: found objects {objs} and "
+            f"direction {direction!r}. Known objects: {sorted(OBJECTS)}; directions: "
+            f"{list(DIRECTION_PHRASES.values())}")
+    return objs[0], objs[1], direction
+
+
+# ---------------------------------------------------------------------------- positions
+
+
+def describe_position(x: float, y: float) -> str:
+    """Name of the card slot nearest to (x, y), e.g. ``"back left"``."""
+    return min(CARD_SLOTS, key=lambda s: (CARD_SLOTS[s][0] - x) ** 2 + (CARD_SLOTS[s][1] - y) ** 2)
+
+
+# ---------------------------------------------------------------------------- reasoning
+
+_MATH_REASONING = (
+    "The whiteboard shows {eq} = ?. {eq} = {ans}, so I need the card {ans}. The card {ans} is at "
+    "the {pos}. I will place it on the green pad.",
+    "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. The card {ans} lies at "
+    "the {pos}; I'll move it to the green pad.",
+    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see the card {ans} at "
+    "the {pos}, so I'll carry it to the green pad.",
+)
+_TOY_REASONING = (
+    "I see the {object} and the {target}. The {object} must go {phrase} the {target}. I'll pick up "
+    "the {object} and put it there.",
+    "The task names the {object} and the {target}; I can see both on the table. The goal is the "
+    "{object} {phrase} the {target}, so I will grasp the {object} first.",
+    "On the table are the {object} and the {target}. I need to place the {object} {phrase} the "
+    "{target}. First I pick up the {object}.",
+)
+_STEP = {
+    "reach": ("Moving above the {thing}.", "Reaching for the {thing}.", "Going to the {thing}."),
+    "grasp": ("Grasping the {thing}.", "Closing the gripper on the {thing}.", "Picking up the {thing}."),
+    "lift": ("Lifting the {thing}.", "Raising the {thing} off the table.", "Holding the {thing} up."),
+    "carry": ("Carrying the {thing} to {goal}.", "Moving the {thing} towards {goal}.",
+              "Bringing the {thing} to {goal}."),
+    "place": ("Lowering the {thing} {goal_at}.", "Putting the {thing} down {goal_at}.",
+              "Setting the {thing} down {goal_at}."),
+    "release": ("Releasing the {thing}.", "Opening the gripper to let go of the {thing}.",
+                "Letting go of the {thing}."),
+    "done": ("Done.", "The task is complete.", "Finished."),
+}
+PHASES = tuple(_STEP)
+
+
+def equation_words(eq: Equation) -> str:
+    """``"3 + 4"`` (the spelling used in reasoning: spaces around the operator)."""
+    return f"{eq.a} {eq.op} {eq.b}"
+
+
+def episode_reasoning(ground_truth: dict, rng: np.random.Generator) -> str:
+    """What the model should say before acting, from an episode's ground truth (``info``)."""
+    if ground_truth["task"] == "math_matching":
+        eq = Equation.parse(ground_truth["equation"])
+        template = _MATH_REASONING[rng.integers(len(_MATH_REASONING))]
+        return template.format(eq=equation_words(eq), ans=eq.answer, pos=ground_truth["answer_card_slot"])
+    template = _TOY_REASONING[rng.integers(len(_TOY_REASONING))]
+    return template.format(object=ground_truth["object"], target=ground_truth["target"],
+                           phrase=DIRECTION_PHRASES[ground_truth["direction"]])
+
+
+def step_reasoning(phase: str, ground_truth: dict, rng: np.random.Generator) -> str:
+    """What the robot is doing in ``phase`` (one of :data:`PHASES`)."""
+    if phase not in _STEP:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {list(_STEP)}")
+    if ground_truth["task"] == "math_matching":
+        thing = f"card {ground_truth['answer']}"
+        goal, goal_at = "the green pad", "on the green pad"
+    else:
+        thing = ground_truth["object"]
+        phrase = DIRECTION_PHRASES[ground_truth["direction"]]
+        goal = goal_at = f"the spot {phrase} the {ground_truth['target']}"
+    options = _STEP[phase]
+    return options[rng.integers(len(options))].format(thing=thing, goal=goal, goal_at=goal_at)
+
+
+@dataclass
+class ReasoningFacts:
+    """What a piece of reasoning text asserts. Fields it does not mention are ``None``."""
+
+    equation: str | None = None  # "3+4" (no spaces, no "=?")
+    answer: int | None = None
+    card: int | None = None
+    card_slot: str | None = None
+    object: str | None = None
+    target: str | None = None
+    direction: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_EQ_RE = re.compile(r"(\d{1,2})\s*([+\-×÷*/x−])\s*(\d{1,2})\s*=\s*(\?|\d+)")
+
+
+def parse_reasoning(text: str) -> ReasoningFacts:
+    """Read the facts back from reasoning text (robust to the phrasings above; never raises)."""
+    facts = ReasoningFacts()
+    if not isinstance(text, str):
+        return facts
+    for a, op, b, rhs in _EQ_RE.findall(text):
+        op = {"*": "×", "x": "×", "/": "÷", "−": "-"}.get(op, op)
+        if facts.equation is None:
+            facts.equation = f"{a}{op}{b}"
+        if rhs != "?" and facts.answer is None and f"{a}{op}{b}" == facts.equation:
+            facts.answer = int(rhs)
+    m = re.search(r"answer is (\d+)", text)
+    if m and facts.answer is None:
+        facts.answer = int(m.group(1))
+    m = re.search(r"card (\d)\b", text)
+    if m:
+        facts.card = int(m.group(1))
+    slots = [s for s in sorted(CARD_SLOTS, key=len, reverse=True) if f"the {s}" in text]
+    if slots:
+        facts.card_slot = slots[0]
+    objs = _find_objects(text)
+    if objs:
+        facts.object = objs[0]
+        others = [o for o in objs if o != objs[0]]
+        facts.target = others[0] if others else None
+    facts.direction = _find_direction(text)
+    return facts
+
+
+def math_score_parts(facts: ReasoningFacts, ground_truth: dict) -> dict:
+    """Per-fact correctness of math reasoning against ground truth (used by the paper-style
+    OCR / math scores in evaluation)."""
+    eq = Equation.parse(ground_truth["equation"])
+    return {
+        "equation": facts.equation == f"{eq.a}{eq.op}{eq.b}",
+        "answer": facts.answer == eq.answer,
+        "card": facts.card == eq.answer,
+        "card_slot": facts.card_slot == ground_truth.get("answer_card_slot"),
+    }
+
+
+__all__ = [
+    "PHASES", "ReasoningFacts", "describe_position", "episode_reasoning", "equation_words",
+    "math_instruction", "math_score_parts", "parse_reasoning", "parse_toy_instruction",
+    "step_reasoning", "toy_instruction", "OPERATORS",
+]

@@ -1,0 +1,196 @@
+"""Render what is written in the world: whiteboard equations (printed or hand-written) and number cards.
+
+Printed styles use TrueType fonts shipped inside matplotlib (so no system fonts are needed);
+hand-written styles draw Hershey stroke fonts (the ``hershey-fonts`` package) with per-point
+jitter, slant and per-character wobble, seeded, so each rendering is a different "hand".
+
+All functions return RGB :class:`PIL.Image.Image` objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .catalog import WRITING_STYLES, WritingStyle
+
+#: Whiteboard texture size (width, height) in pixels; the board is 2:1.
+BOARD_TEXTURE_SIZE = (512, 256)
+#: Character cap height on the board, as a fraction of the board height. With the board camera
+#: (see ``scene.CAMERAS``) this makes digits about 24-26 px tall: three 8-px patches.
+BOARD_TEXT_HEIGHT = 0.30
+CARD_TEXTURE_SIZE = 128
+BOARD_RGB = (246, 246, 242)
+INK_RGB = {"black": (20, 20, 25), "blue": (20, 40, 150), "red": (160, 20, 20), "green": (20, 110, 40)}
+_SUPERSAMPLE = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _font(filename: str, px: int) -> ImageFont.FreeTypeFont:
+    import matplotlib
+
+    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", filename)
+    return ImageFont.truetype(path, px)
+
+
+@functools.lru_cache(maxsize=None)
+def _hershey(name: str):
+    from HersheyFonts import HersheyFonts
+
+    font = HersheyFonts()
+    font.load_default_font(name)
+    font.normalize_rendering(100)
+    return font
+
+
+def _glyph_strokes(style: WritingStyle, ch: str) -> list[np.ndarray]:
+    """Strokes of one character, each an (N, 2) array with y=0 at the baseline and y=1 at cap height
+    (y up), x starting at 0."""
+    if ch == "×":
+        return [np.array([[0.0, 0.15], [0.55, 0.7]]), np.array([[0.0, 0.7], [0.55, 0.15]])]
+    if ch == "÷":
+        dot = lambda cx, cy: np.array([[cx + 0.05 * np.cos(t), cy + 0.05 * np.sin(t)]
+                                       for t in np.linspace(0, 2 * np.pi, 7)])  # noqa: E731
+        return [np.array([[0.0, 0.42], [0.6, 0.42]]), dot(0.3, 0.72), dot(0.3, 0.12)]
+    font = _hershey(style.source)
+    opts = font.render_options
+    base = opts["yofs"] + opts["scaley"] * opts["base_line"]
+    cap = opts["yofs"] + opts["scaley"] * opts["cap_line"]
+    strokes = [np.asarray(s, dtype=float) for s in font.strokes_for_text(ch) if len(s) > 1]
+    if not strokes:
+        raise ValueError(f"writing style {style.name!r} cannot draw {ch!r}")
+    x0 = min(s[:, 0].min() for s in strokes)
+    out = []
+    for s in strokes:
+        s = s.copy()
+        s[:, 0] = (s[:, 0] - x0) / (cap - base)
+        s[:, 1] = (s[:, 1] - base) / (cap - base)
+        out.append(s)
+    return out
+
+
+def _draw_hand(draw: ImageDraw.ImageDraw, text: str, style: WritingStyle, origin, height, ink, rng):
+    """Draw ``text`` with a jittered stroke font; ``origin`` is the (x, y) of the baseline start."""
+    x, y0 = origin
+    width = max(1, int(round(style.stroke * height)))
+    for ch in text:
+        scale = height * rng.uniform(0.92, 1.08)
+        dy = rng.normal(0, 0.03) * height
+        for stroke in _glyph_strokes(style, ch):
+            pts = stroke.copy()
+            # smooth jitter: noise at each point, averaged with its neighbours
+            noise = rng.normal(0, style.jitter, size=pts.shape)
+            if len(pts) > 2:
+                noise[1:-1] = (noise[:-2] + noise[1:-1] + noise[2:]) / 3
+            pts = pts + noise
+            px = x + (pts[:, 0] + style.slant * pts[:, 1]) * scale
+            py = y0 + dy - pts[:, 1] * scale
+            draw.line(list(zip(px.tolist(), py.tolist())), fill=ink, width=width, joint="curve")
+        glyph_w = max(s[:, 0].max() for s in _glyph_strokes(style, ch))
+        x += (glyph_w + 0.28 + rng.uniform(-0.04, 0.06)) * scale
+
+
+def _text_width_hand(text: str, style: WritingStyle, height: float) -> float:
+    return sum((max(s[:, 0].max() for s in _glyph_strokes(style, ch)) + 0.3) * height for ch in text)
+
+
+def render_text(
+    text: str,
+    style: str | WritingStyle,
+    size: tuple[int, int] = BOARD_TEXTURE_SIZE,
+    text_height: float = BOARD_TEXT_HEIGHT,
+    seed: int = 0,
+    ink: str = "black",
+    background=BOARD_RGB,
+    frame: bool = True,
+) -> Image.Image:
+    """Render ``text`` (e.g. ``"3+4=?"``) centred on a board-coloured image.
+
+    Args:
+        text: what to write; ``-`` is drawn as a minus sign, ``×`` and ``÷`` are supported.
+        style: a name from :data:`~workbench.world.catalog.WRITING_STYLES` or a style.
+        size: (width, height) in pixels.
+        text_height: cap height as a fraction of the image height.
+        seed: random seed for the hand-writing jitter and the small placement offsets.
+    """
+    if isinstance(style, str):
+        if style not in WRITING_STYLES:
+            raise ValueError(f"unknown writing style {style!r}; expected one of {list(WRITING_STYLES)}")
+        style = WRITING_STYLES[style]
+    if ink not in INK_RGB:
+        raise ValueError(f"unknown ink {ink!r}; expected one of {list(INK_RGB)}")
+    rng = np.random.default_rng(seed)
+    W, H = size[0] * _SUPERSAMPLE, size[1] * _SUPERSAMPLE
+    img = Image.new("RGB", (W, H), tuple(background))
+    draw = ImageDraw.Draw(img)
+    if frame:
+        b = int(0.025 * H)
+        draw.rectangle([0, 0, W - 1, H - 1], outline=(120, 120, 125), width=b)
+    cap = text_height * H
+    jitter_xy = rng.uniform(-0.04, 0.04, size=2) * np.array([W, H])
+    if style.kind == "font":
+        shown = text.replace("-", "\u2212")
+        # size the font so that a digit's cap height is ``cap`` pixels
+        probe = _font(style.source, 100)
+        l, t, r, bt = probe.getbbox("8")
+        font = _font(style.source, max(4, int(round(100 * cap / (bt - t)))))
+        l, t, r, bt = font.getbbox(shown)
+        x = (W - (r - l)) / 2 - l + jitter_xy[0]
+        y_top = (H - cap) / 2 + jitter_xy[1]
+        _, t8, _, _ = font.getbbox("8")
+        draw.text((x, y_top - t8), shown, font=font, fill=INK_RGB[ink])
+    else:
+        width = _text_width_hand(text, style, cap)
+        x = (W - width) / 2 + jitter_xy[0]
+        _draw_hand(draw, text, style, (x, (H + cap) / 2 + jitter_xy[1]), cap, INK_RGB[ink], rng)
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def render_card(digit: int) -> Image.Image:
+    """A number card texture: a bold digit on white, underlined for 6 and 9 (so they differ)."""
+    if not (isinstance(digit, (int, np.integer)) and 0 <= digit <= 9):
+        raise ValueError(f"cards carry the digits 0-9, got {digit!r}")
+    S = CARD_TEXTURE_SIZE * _SUPERSAMPLE
+    img = Image.new("RGB", (S, S), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, S - 1, S - 1], outline=(40, 40, 40), width=int(0.04 * S))
+    font = _font("DejaVuSans-Bold.ttf", int(0.8 * S))
+    l, t, r, b = font.getbbox(str(digit))
+    draw.text(((S - (r - l)) / 2 - l, (S - (b - t)) / 2 - t - 0.03 * S), str(digit), font=font,
+              fill=(15, 15, 15))
+    if digit in (6, 9):
+        draw.rectangle([0.35 * S, 0.86 * S, 0.65 * S, 0.9 * S], fill=(15, 15, 15))
+    return img.resize((CARD_TEXTURE_SIZE, CARD_TEXTURE_SIZE), Image.Resampling.LANCZOS)
+
+
+def as_rgb_image(image, what: str = "image", min_size: int = 8, max_size: int = 4096) -> Image.Image:
+    """Validate and convert a caller's image (PIL image or HxW / HxWx{1,3,4} array) to RGB PIL.
+
+    Raises ``ValueError`` saying what was expected for ``None``, empty, tiny or huge images and
+    arrays of the wrong shape or dtype.
+    """
+    if image is None:
+        raise ValueError(f"{what} is None; expected a PIL image or an HxWx3 uint8 array")
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+            raise ValueError(f"{what} array has shape {arr.shape}; expected HxW, HxWx3 or HxWx4")
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and arr.size and 0 <= arr.min() and arr.max() <= 1:
+                arr = (arr * 255).round().astype(np.uint8)
+            else:
+                raise ValueError(f"{what} array has dtype {arr.dtype}; expected uint8 (0-255) "
+                                 "or float in [0, 1]")
+        image = Image.fromarray(arr)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{what} is a {type(image).__name__}; expected a PIL image or a numpy array")
+    w, h = image.size
+    if min(w, h) < min_size or max(w, h) > max_size:
+        raise ValueError(f"{what} is {w}x{h} pixels; expected each side between {min_size} and "
+                         f"{max_size}")
+    return image.convert("RGB")
