@@ -31,6 +31,7 @@ truncated after ``max_steps`` (default 80 = 8 s).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import gymnasium as gym
@@ -92,7 +93,9 @@ class TabletopEnv(gym.Env):
         self.render_mode = render_mode
         self.max_steps = max_steps
         obs = {c: spaces.Box(0, 255, (CAMERAS[c].height, CAMERAS[c].width, 3), np.uint8) for c in cameras}
-        obs["state"] = spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+        # end-effector position anywhere the arm can be (metres), gripper width 0-0.08 m
+        obs["state"] = spaces.Box(np.array([-1.0, -1.0, -0.5, 0.0], np.float32),
+                                  np.array([1.5, 1.0, 1.5, 0.1], np.float32), dtype=np.float32)
         self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(np.array([-MAX_STEP] * 3 + [0.0], np.float32),
                                        np.array([MAX_STEP] * 3 + [1.0], np.float32), dtype=np.float32)
@@ -145,7 +148,7 @@ class TabletopEnv(gym.Env):
         cards = self._card_layout(opt.get("cards"), int(answer), rng)
         self.scene.set_whiteboard(board)
         self.scene.populate(cards={d: xy for d, (_, xy) in cards.items()}, toys={})
-        instruction = opt.get("instruction") or language.math_instruction(rng)
+        instruction = opt["instruction"] if "instruction" in opt else language.math_instruction(rng)
         _check_text(instruction, "instruction")
         return {
             "instruction": instruction, "equation": equation, "answer": int(answer),
@@ -210,6 +213,9 @@ class TabletopEnv(gym.Env):
             for n in toys:
                 if n not in OBJECTS:
                     raise ValueError(f"unknown toy {n!r}; expected one of {sorted(OBJECTS)}")
+            for n in (obj, target):
+                if n not in toys:
+                    raise ValueError(f"{n!r} is named in the task but is not among the toys {list(toys)}")
             layout = self._toy_layout(list(toys), obj, target, direction, rng)
         elif isinstance(toys, dict):
             layout = {}
@@ -223,7 +229,8 @@ class TabletopEnv(gym.Env):
         for n in (obj, target):
             if n not in layout:
                 raise ValueError(f"{n!r} is named in the task but is not among the toys {list(layout)}")
-        instruction = opt.get("instruction") or language.toy_instruction(obj, target, direction, rng)
+        instruction = (opt["instruction"] if "instruction" in opt
+                       else language.toy_instruction(obj, target, direction, rng))
         _check_text(instruction, "instruction")
         self.scene.set_whiteboard(render_text("", "sans"))
         self.scene.populate(cards={}, toys=layout)
@@ -291,7 +298,7 @@ class TabletopEnv(gym.Env):
         """The episode's ground truth: task, split, instruction and either (equation, answer,
         writing_style, cards {digit: slot}, answer_card_slot) or (object, target, direction,
         toys {name: [x, y]})."""
-        return dict(self._gt)
+        return copy.deepcopy(self._gt)
 
     def pick_and_place_targets(self) -> tuple[int, np.ndarray]:
         """(body to pick, (x, y) where it must go) — what a scripted expert needs."""

@@ -1,0 +1,253 @@
+"""The simulated world: Gymnasium API, determinism, splits, expert, caller options, bad input."""
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from PIL import Image
+
+from workbench.world import language
+from workbench.world.catalog import (CARD_SLOTS, EQUATIONS, OBJECTS, SPLITS, WRITING_STYLES, Equation,
+                                     get_split)
+from workbench.world.env import TabletopEnv
+from workbench.world.expert import ScriptedExpert, rollout
+from workbench.world.writing import render_text
+
+TASK_SPLITS = [("math_matching", "in_domain"), ("math_matching", "open_world"),
+               ("toy_placement", "in_domain"), ("toy_placement", "open_world")]
+
+
+@pytest.fixture(scope="module")
+def envs():
+    made = {}
+
+    def get(task, split="in_domain", cameras=()):
+        key = (task, split, cameras)
+        if key not in made:
+            made[key] = TabletopEnv(task, split, cameras=cameras)
+        return made[key]
+
+    yield get
+    for e in made.values():
+        e.close()
+
+
+@pytest.mark.parametrize("task", ["math_matching", "toy_placement"])
+def test_check_env(task):
+    import gymnasium as gym
+
+    import workbench  # noqa: F401 - registers the environments
+
+    env = gym.make({"math_matching": "workbench/MathMatching-v0",
+                    "toy_placement": "workbench/ToyPlacement-v0"}[task], render_mode="rgb_array").unwrapped
+    check_env(env, skip_render_check=False)
+    obs, info = env.reset(seed=0)
+    assert obs["board"].shape == (96, 192, 3) and obs["board"].dtype == np.uint8
+    assert obs["table"].shape == (176, 256, 3)
+    assert obs["state"].shape == (4,)
+    assert env.render().shape == (240, 320, 3)
+    assert info["is_success"] is False and info["task"] == task
+    env.close()
+
+
+def test_same_seed_same_episode():
+    a, b = TabletopEnv("toy_placement"), TabletopEnv("toy_placement")
+    oa, ia = a.reset(seed=7)
+    ob, ib = b.reset(seed=7)
+    assert ia == ib
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        act = rng.uniform(a.action_space.low, a.action_space.high).astype(np.float32)
+        oa, *_ = a.step(act)
+        ob, *_ = b.step(act)
+    for k in oa:
+        np.testing.assert_array_equal(oa[k], ob[k])
+    _, ic = a.reset(seed=8)
+    assert ic != ia
+    a.close()
+    b.close()
+
+
+def test_splits_are_disjoint():
+    md, mo = SPLITS[("math_matching", "in_domain")], SPLITS[("math_matching", "open_world")]
+    assert set(md.equations).isdisjoint(mo.equations) and md.equations and mo.equations
+    assert set(md.writing_styles).isdisjoint(mo.writing_styles)
+    assert {e.op for e in md.equations} == {"+", "-"}
+    assert {"×", "÷"} <= {e.op for e in mo.equations}
+    td, to = SPLITS[("toy_placement", "in_domain")], SPLITS[("toy_placement", "open_world")]
+    assert set(td.scene_objects).isdisjoint(to.objects)  # open-world objects never appear in-domain
+    assert len(OBJECTS) >= 12
+    assert all(0 <= e.answer <= 9 for eqs in EQUATIONS.values() for e in eqs)
+    styles = {s for sp in SPLITS.values() for s in sp.writing_styles}
+    assert styles <= set(WRITING_STYLES) and any(WRITING_STYLES[s].kind == "hand" for s in md.writing_styles)
+
+
+@pytest.mark.parametrize("task,split", TASK_SPLITS)
+def test_random_episodes_respect_split(envs, task, split):
+    env, spec = envs(task, split), get_split(task, split)
+    for seed in range(20):
+        _, info = env.reset(seed=seed)
+        if task == "math_matching":
+            assert Equation.parse(info["equation"]) in spec.equations
+            assert info["writing_style"] in spec.writing_styles
+            assert len(info["cards"]) == 4 and info["answer"] in info["cards"]
+        else:
+            assert info["object"] in spec.objects
+            assert set(info["toys"]) <= set(spec.scene_objects)
+
+
+@pytest.mark.parametrize("task,split", TASK_SPLITS)
+def test_expert_solves_seeded_episodes(envs, task, split):
+    env = envs(task, split)
+    results = [rollout(env, seed=s) for s in range(5)]
+    assert all(ep.error is None for ep in results)
+    assert sum(ep.success for ep in results) == 5, [repr(ep) for ep in results if not ep.success]
+    ep = results[0]
+    assert len(ep.phases) == len(ep.actions) == len(ep.states)
+    assert {"reach", "grasp", "carry", "release"} <= set(ep.phases)
+
+
+def test_doing_nothing_fails_and_truncates(envs):
+    env = envs("math_matching")
+    ep = rollout(env, policy=lambda obs: (np.zeros(4, np.float32), "reach"), seed=0)
+    assert not ep.success and len(ep) == env.max_steps
+
+
+def test_failing_policy_ends_episode_cleanly(envs):
+    def broken(obs):
+        raise RuntimeError("model crashed")
+
+    ep = rollout(envs("math_matching"), policy=broken, seed=0)
+    assert not ep.success and "model crashed" in ep.error
+
+
+def test_callers_whiteboard_image_and_cards(envs):
+    env = envs("math_matching", cameras=("board",))
+    board = render_text("9-2=?", "hand_script", seed=3)
+    obs, info = env.reset(seed=0, options={"whiteboard": np.asarray(board), "answer": 7,
+                                           "cards": {7: "front left", 1: "back right"}})
+    assert info["answer"] == 7 and info["cards"] == {7: "front left", 1: "back right"}
+    assert info["answer_card_slot"] == "front left" and info["equation"] is None
+    assert obs["board"].std() > 10  # the board shows writing
+    ep = rollout(env, seed=0, options={"equation": "6÷3", "writing_style": "stix", "cards": [2, 5, 8]})
+    assert ep.success and ep.ground_truth["answer"] == 2
+
+
+def test_callers_instruction_and_layout(envs):
+    env = envs("toy_placement")
+    text = "Pick the pink donut and place it to the right of the black box"
+    ep = rollout(env, seed=1, options={"instruction": text,
+                                       "toys": {"pink donut": (0.45, 0.1), "black box": (0.6, 0.05)}})
+    gt = ep.ground_truth
+    assert (gt["object"], gt["target"], gt["direction"]) == ("pink donut", "black box", "right")
+    assert gt["instruction"] == text and ep.success
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"equation": "3+4", "whiteboard": Image.new("RGB", (64, 32))}, "either"),
+    ({"whiteboard": Image.new("RGB", (64, 32))}, "answer"),
+    ({"whiteboard": Image.new("RGB", (64, 32)), "answer": 12}, "answer"),
+    ({"whiteboard": None, "answer": 3}, "None"),
+    ({"whiteboard": np.zeros((1, 1, 3), np.uint8), "answer": 3}, "1x1"),
+    ({"whiteboard": np.zeros((10, 10, 7), np.uint8), "answer": 3}, "shape"),
+    ({"whiteboard": "board.png", "answer": 3}, "PIL image"),
+    ({"equation": "7×8"}, "single-digit"),
+    ({"equation": "seven"}, "cannot read"),
+    ({"cards": [3, 12]}, "out of range"),
+    ({"equation": "3+4", "cards": [1, 2]}, "answer card 7"),
+    ({"cards": {7: "under the table"}, "equation": "3+4"}, "unknown card slot"),
+    ({"cards": {7: (2.0, 0.0)}, "equation": "3+4"}, "off the reachable"),
+    ({"writing_style": "comic sans"}, "unknown writing_style"),
+    ({"instruction": ""}, "non-empty"),
+    ({"object": "x"}, "unknown reset option"),
+])
+def test_math_bad_options(envs, options, match):
+    with pytest.raises(ValueError, match=match):
+        envs("math_matching").reset(seed=0, options=options)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"object": "unicorn", "target": "red cube", "direction": "left"}, "unknown object 'unicorn'"),
+    ({"object": "red cube", "target": "red cube", "direction": "left"}, "must differ"),
+    ({"object": "red cube", "target": "red mug", "direction": "above"}, "unknown direction"),
+    ({"instruction": "Pick the unicorn and place it left of the moon"}, "Known objects"),
+    ({"object": "red cube", "target": "red mug", "direction": "left", "toys": ["red cube"]}, "not among"),
+    ({"object": "red cube", "target": "red mug", "direction": "left", "toys": ["red cube", "yeti"]},
+     "unknown toy"),
+    ({"equation": "3+4"}, "unknown reset option"),
+])
+def test_toy_bad_options(envs, options, match):
+    with pytest.raises(ValueError, match=match):
+        envs("toy_placement").reset(seed=0, options=options)
+
+
+def test_bad_constructor_and_actions(envs):
+    with pytest.raises(ValueError, match="expected one of"):
+        TabletopEnv("juggling")
+    with pytest.raises(ValueError, match="open_world"):
+        TabletopEnv("math_matching", "test")
+    with pytest.raises(ValueError, match="camera"):
+        TabletopEnv("math_matching", cameras=("wrist",))
+    env = envs("math_matching")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="4 finite numbers"):
+        env.step([0.0, 0.0])
+    with pytest.raises(ValueError, match="4 finite numbers"):
+        env.step([np.nan, 0, 0, 0])
+
+
+def test_actions_are_clipped_to_bounds(envs):
+    env = envs("math_matching")
+    obs, _ = env.reset(seed=0)
+    obs2, *_ = env.step(np.array([5.0, 0, 0, 0], np.float32))  # far beyond MAX_STEP
+    assert obs2["state"][0] - obs["state"][0] < 0.06
+
+
+@pytest.mark.parametrize("task", ["math_matching", "toy_placement"])
+def test_reasoning_templates_parse_back(envs, task):
+    env = envs(task, "open_world")
+    for seed in range(12):
+        _, info = env.reset(seed=seed)
+        rng = np.random.default_rng(seed)
+        text = language.episode_reasoning(info, rng)
+        facts = language.parse_reasoning(text)
+        if task == "math_matching":
+            assert all(language.math_score_parts(facts, info).values()), (text, facts)
+        else:
+            assert (facts.object, facts.target, facts.direction) == (info["object"], info["target"],
+                                                                     info["direction"]), text
+        for phase in language.PHASES:
+            assert language.step_reasoning(phase, info, rng)
+
+
+def test_reasoning_has_several_phrasings(envs):
+    _, info = envs("math_matching").reset(seed=0)
+    texts = {language.episode_reasoning(info, np.random.default_rng(s)) for s in range(30)}
+    assert len(texts) >= 3
+
+
+def test_parse_reasoning_never_raises():
+    for junk in ["", "???", "card", "12 + = 4", None, "the back left 5 × 9 = 45"]:
+        language.parse_reasoning(junk)
+    f = language.parse_reasoning("the board says 12 - 5 = ? so 12 - 5 = 7; card 7 at the back left")
+    assert (f.equation, f.answer, f.card, f.card_slot) == ("12-5", 7, 7, "back left")
+
+
+def test_card_slots_and_positions():
+    for name, (x, y) in CARD_SLOTS.items():
+        assert language.describe_position(x + 0.01, y - 0.01) == name
+
+
+def test_grasp_holds_while_carrying(envs):
+    env = envs("toy_placement")
+    obs, _ = env.reset(seed=3)
+    expert = ScriptedExpert(env)
+    heights = []
+    body, _ = env.pick_and_place_targets()
+    for _ in range(60):
+        action, phase = expert.act(obs)
+        obs, *_ , term, trunc, _ = env.step(action)
+        if phase == "carry":
+            heights.append(env.scene.body_center(body)[2])
+        if term or trunc:
+            break
+    assert heights and min(heights) > 0.08  # lifted and carried, not dragged or dropped

@@ -1,0 +1,87 @@
+"""Benchmarks that print a table. Speed targets live here, never in timed tests.
+
+    python -m workbench.bench sim [--steps 200] [--episodes 6]
+
+``sim``: control steps per second (10 Hz control, 24 physics substeps each) with no cameras, with
+the model's two cameras, and with the overview camera as well; and dataset generation throughput
+(episodes per minute, both cameras rendered and PNG-encoded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+
+def _steps_per_second(cameras: tuple[str, ...], steps: int, overview: bool = False) -> float:
+    from .world.env import TabletopEnv
+    from .world.expert import ScriptedExpert
+
+    env = TabletopEnv("math_matching", "in_domain", cameras=cameras,
+                      render_mode="rgb_array" if overview else None)
+    done, elapsed, seed = 0, 0.0, 0
+    while done < steps:
+        obs, _ = env.reset(seed=seed)
+        expert = ScriptedExpert(env)
+        seed += 1
+        t0 = time.perf_counter()
+        while done < steps:
+            action, _ = expert.act(obs)
+            obs, _, term, trunc, _ = env.step(action)
+            if overview:
+                env.render()
+            done += 1
+            if term or trunc:
+                break
+        elapsed += time.perf_counter() - t0
+    env.close()
+    return done / elapsed
+
+
+def bench_sim(steps: int = 200, episodes: int = 6) -> list[tuple[str, str]]:
+    from .dataset import generate_dataset
+
+    rows = [
+        ("control steps/s, state only", f"{_steps_per_second((), steps):.1f}"),
+        ("control steps/s, board + table cameras", f"{_steps_per_second(('board', 'table'), steps):.1f}"),
+        ("control steps/s, all cameras + overview render",
+         f"{_steps_per_second(('board', 'table'), steps, overview=True):.1f}"),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        half = max(1, episodes // 2)
+        info = generate_dataset(os.path.join(tmp, "d"), episodes=half, progress=False)
+        dt = time.perf_counter() - t0
+        rows.append(("dataset generation, episodes/min (both tasks, 2 cameras, PNG)",
+                     f"{60 * info['total_episodes'] / dt:.1f}"))
+        rows.append(("dataset generation, frames/s", f"{info['total_frames'] / dt:.1f}"))
+    return rows
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{title}  ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"numpy {np.__version__})")
+    print(f"| {'measure':<{width}} | value |")
+    print(f"|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["sim"])
+    ap.add_argument("--steps", type=int, default=200, help="control steps per speed measurement")
+    ap.add_argument("--episodes", type=int, default=6, help="episodes for the dataset measurement")
+    args = ap.parse_args(argv)
+    if args.what == "sim":
+        print_table("Simulation benchmark", bench_sim(args.steps, args.episodes))
+
+
+if __name__ == "__main__":
+    main()
