@@ -6,8 +6,15 @@ from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
 from workbench.world import language
-from workbench.world.catalog import (CARD_SLOTS, EQUATIONS, OBJECTS, SPLITS, WRITING_STYLES, Equation,
-                                     get_split)
+from workbench.world.catalog import (
+    CARD_SLOTS,
+    EQUATIONS,
+    OBJECTS,
+    SPLITS,
+    WRITING_STYLES,
+    Equation,
+    get_split,
+)
 from workbench.world.env import TabletopEnv
 from workbench.world.expert import ScriptedExpert, rollout
 from workbench.world.writing import render_text

@@ -44,7 +44,8 @@ EPISODES_PER_FILE = 50
 
 
 def _features(cameras):
-    from datasets import Features, Image as HFImage, Sequence, Value
+    from datasets import Features, Sequence, Value
+    from datasets import Image as HFImage
 
     f = {
         "episode_index": Value("int32"), "frame_index": Value("int32"), "timestamp": Value("float32"),
@@ -126,8 +127,8 @@ def generate_dataset(out: str, tasks=TASKS, splits=("in_domain",), episodes: int
             rows, file_idx = [], file_idx + 1
 
     try:
-        for ti, task in enumerate(tasks):
-            for si, split in enumerate(splits):
+        for task in tasks:
+            for split in splits:
                 env = TabletopEnv(task, split, cameras=tuple(cameras))
                 seeds = np.random.default_rng([seed, TASKS.index(task), SPLIT_NAMES.index(split)]).integers(
                     0, 2**31 - 1, size=10 * episodes + 10)

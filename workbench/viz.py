@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .world.expert import Episode
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _caption_font(size: int = 13):
     import os
 

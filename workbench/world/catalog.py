@@ -142,19 +142,19 @@ class Equation:
         if not m:
             raise ValueError(f"cannot read an equation 'a op b' (op one of + - × ÷) from {text!r}")
         eq = cls(int(m.group(1)), m.group(2), int(m.group(3)))
-        eq.answer  # noqa: B018 - validates the single-digit answer
+        _ = eq.answer  # validates the single-digit answer
         return eq
 
 
+def _has_card_answer(eq: Equation) -> bool:
+    try:
+        return eq.answer >= 0
+    except ValueError:
+        return False
+
+
 def _single_digit(eqs):
-    out = []
-    for e in eqs:
-        try:
-            e.answer
-        except ValueError:
-            continue
-        out.append(e)
-    return sorted(set(out))
+    return sorted({e for e in eqs if _has_card_answer(e)})
 
 
 EQUATIONS: dict[str, list[Equation]] = {

@@ -39,8 +39,16 @@ import numpy as np
 from gymnasium import spaces
 
 from . import language
-from .catalog import (ANSWER_PAD, CARD_SLOTS, CARDS_PER_EPISODE, DIRECTIONS, OBJECTS,
-                      WRITING_STYLES, Equation, get_split)
+from .catalog import (
+    ANSWER_PAD,
+    CARD_SLOTS,
+    CARDS_PER_EPISODE,
+    DIRECTIONS,
+    OBJECTS,
+    WRITING_STYLES,
+    Equation,
+    get_split,
+)
 from .scene import CAMERAS, CONTROL_HZ, OVERVIEW, TabletopScene
 from .writing import as_rgb_image, render_text
 

@@ -28,7 +28,7 @@ INK_RGB = {"black": (20, 20, 25), "blue": (20, 40, 150), "red": (160, 20, 20), "
 _SUPERSAMPLE = 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(filename: str, px: int) -> ImageFont.FreeTypeFont:
     import matplotlib
 
@@ -36,7 +36,7 @@ def _font(filename: str, px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, px)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hershey(name: str):
     from HersheyFonts import HersheyFonts
 
@@ -135,10 +135,10 @@ def render_text(
         shown = text.replace("-", "\u2212")
         # size the font so that a digit's cap height is ``cap`` pixels
         probe = _font(style.source, 100)
-        l, t, r, bt = probe.getbbox("8")
-        font = _font(style.source, max(4, int(round(100 * cap / (bt - t)))))
-        l, t, r, bt = font.getbbox(shown)
-        x = (W - (r - l)) / 2 - l + jitter_xy[0]
+        _, top, _, bottom = probe.getbbox("8")
+        font = _font(style.source, max(4, int(round(100 * cap / (bottom - top)))))
+        left, _, right, _ = font.getbbox(shown)
+        x = (W - (right - left)) / 2 - left + jitter_xy[0]
         y_top = (H - cap) / 2 + jitter_xy[1]
         _, t8, _, _ = font.getbbox("8")
         draw.text((x, y_top - t8), shown, font=font, fill=INK_RGB[ink])
@@ -158,8 +158,8 @@ def render_card(digit: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     draw.rectangle([0, 0, S - 1, S - 1], outline=(40, 40, 40), width=int(0.04 * S))
     font = _font("DejaVuSans-Bold.ttf", int(0.8 * S))
-    l, t, r, b = font.getbbox(str(digit))
-    draw.text(((S - (r - l)) / 2 - l, (S - (b - t)) / 2 - t - 0.03 * S), str(digit), font=font,
+    left, top, right, bottom = font.getbbox(str(digit))
+    draw.text(((S - (right - left)) / 2 - left, (S - (bottom - top)) / 2 - top - 0.03 * S), str(digit), font=font,
               fill=(15, 15, 15))
     if digit in (6, 9):
         draw.rectangle([0.35 * S, 0.86 * S, 0.65 * S, 0.9 * S], fill=(15, 15, 15))
