@@ -54,3 +54,21 @@ def test_as_rgb_image_converts_sensible_input():
 def test_as_rgb_image_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         as_rgb_image(bad)
+
+
+def test_fast_board_view_matches_the_renderer():
+    from workbench.world.board_view import BoardView
+    from workbench.world.scene import TabletopScene
+
+    scene = TabletopScene()
+    view = BoardView(scene)
+    for text, style in (("12-5=?", "hand_script"), ("3×3=?", "serif")):
+        board = render_text(text, style, seed=2)
+        scene.set_whiteboard(board)
+        real = scene.render(["board"])["board"].astype(float)
+        fast = view(board).astype(float)
+        assert fast.shape == real.shape == (96, 192, 3)
+        assert np.abs(fast - real).mean() < 12  # edges differ a little; layout and lighting match
+        blank = view(Image.new("RGB", (64, 32), "white")).astype(float)
+        assert np.abs(blank - real).mean() > np.abs(fast - real).mean() + 2  # the writing is there
+    scene.close()
