@@ -7,7 +7,7 @@ Skills (``kind``) and the images they use (one image per camera, as in the paper
     arithmetic []               What is 6 × 3?                            -> "18"
     cards      [table]          List the cards and where they are.        -> "card 3 at the back left, ..."
     card_where [table]          Where is the card 7?                      -> "back left"
-    answer_card [board, table]  Which card answers the board, and where?  -> "3 + 4 = 7. The card 7 is at the back left."
+    answer_card [board, table]  Which card answers the board, and where?  -> "3 + 4 = 7. The card 7 is at ..."
     objects    [table]          What objects are on the table?            -> "the red cube and the yellow duck"
     colour     [table]          What colour is the yellow duck?           -> "yellow"
     count      [table]          How many toys are on the table?           -> "three"
