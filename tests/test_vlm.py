@@ -1,0 +1,121 @@
+"""The tiny Qwen2-VL: tokenizer, processor, presets, save/load, ask(), and bad input."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from workbench.vlm import api
+from workbench.vlm.modeling import PRESETS, build_config, build_model, count_parameters
+from workbench.vlm.processing import build_processor, tokenizer_texts
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    proc = build_processor(tokenizer_texts(500), vocab_size=600)
+    model = build_model(proc.tokenizer, verbose=False)
+    return model, proc
+
+
+def test_tokenizer_has_specials_and_single_digits(vlm):
+    _, proc = vlm
+    tok = proc.tokenizer
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == 6 and tok.eos_token == "<|im_end|>"
+    pieces = tok.tokenize("12 × 34 = 408")
+    assert all(len(p.strip("Ġ")) <= 1 for p in pieces if p.strip("Ġ").isdigit())
+    assert tok.decode(tok("the yellow duck is left of 7")["input_ids"]) == "the yellow duck is left of 7"
+
+
+@pytest.mark.parametrize("sizes", [[(192, 96)], [(192, 96), (256, 176)], [(100, 37), (300, 200), (64, 64)]])
+def test_processor_handles_one_to_three_images_of_any_size(vlm, sizes):
+    model, proc = vlm
+    imgs = [Image.new("RGB", s, (200, 30, 30)) for s in sizes]
+    inputs = api.build_inputs(proc, imgs, "What do you see?", "a red square")
+    n_image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image_tokens == int(inputs["image_grid_thw"].prod(-1).sum()) // 4
+    assert len(inputs["image_grid_thw"]) == len(sizes)
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert torch.isfinite(out.loss)
+
+
+def test_camera_images_keep_their_size(vlm):
+    _, proc = vlm
+    inputs = api.build_inputs(proc, [np.zeros((96, 192, 3), np.uint8), np.zeros((176, 256, 3), np.uint8)], "q")
+    assert inputs["image_grid_thw"].tolist() == [[1, 12, 24], [1, 22, 32]]  # 72 + 176 image tokens
+
+
+def test_save_load_round_trip(vlm, tmp_path):
+    model, proc = vlm
+    path = str(tmp_path / "vlm")
+    api.save_vlm(model, proc, path)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(os.listdir(path))
+    assert not any(f.endswith(".bin") for f in os.listdir(path))
+    model2, proc2 = api.load_vlm(path)
+    inputs = api.build_inputs(proc, [Image.new("RGB", (64, 32))], "Read the whiteboard.", "3 + 4 = ?")
+    inputs2 = api.build_inputs(proc2, [Image.new("RGB", (64, 32))], "Read the whiteboard.", "3 + 4 = ?")
+    assert torch.equal(inputs["input_ids"], inputs2["input_ids"])
+    with torch.no_grad():
+        a, b = model(**inputs).logits, model2(**inputs2).logits
+    assert torch.equal(a, b)
+    api.save_vlm(model2, proc2, path)  # overwriting an existing checkpoint also works
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
+
+
+def test_ask_returns_text(vlm):
+    model, proc = vlm
+    answer = api.ask(model, proc, [np.full((96, 192, 3), 255, np.uint8)], "What is written on the whiteboard?",
+                     max_new_tokens=5)
+    assert isinstance(answer, str)
+    assert isinstance(api.ask(model, proc, [], "What is 3 + 4?", max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("image,ok", [
+    (Image.new("L", (64, 32)), True),  # grey -> converted
+    (Image.new("RGBA", (64, 32)), True),
+    (Image.new("P", (64, 32)), True),
+    (np.zeros((5000, 5000, 3), np.uint8), True),  # huge -> shrunk to 512 px
+    (None, False), (np.zeros((0, 0, 3), np.uint8), False), (Image.new("RGB", (1, 1)), False),
+    (np.zeros((4000, 10, 3), np.uint8), False),  # too elongated to keep a 16-px side
+])
+def test_bad_images_are_converted_or_rejected(vlm, image, ok):
+    _, proc = vlm
+    if ok:
+        inputs = api.build_inputs(proc, [image], "What is this?")
+        assert max(inputs["image_grid_thw"][0, 1:].tolist()) * 8 <= 512
+    else:
+        with pytest.raises(ValueError):
+            api.build_inputs(proc, [image], "What is this?")
+
+
+@pytest.mark.parametrize("question", ["", "   ", None, "x" * 2000])
+def test_bad_questions_are_rejected(vlm, question):
+    _, proc = vlm
+    with pytest.raises(ValueError, match="question"):
+        api.build_inputs(proc, [Image.new("RGB", (64, 32))], question)
+
+
+def test_load_errors(tmp_path, vlm):
+    with pytest.raises(FileNotFoundError, match="no VLM checkpoint"):
+        api.load_vlm(str(tmp_path / "nope"))
+    model, proc = vlm
+    path = str(tmp_path / "v")
+    api.save_vlm(model, proc, path)
+    os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin"))
+    with pytest.raises(FileNotFoundError, match="not loaded"):
+        api.load_vlm(path)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(b"this is not a safetensors file")
+    with pytest.raises(ValueError, match="could not load"):
+        api.load_vlm(path)
+
+
+def test_presets():
+    with pytest.raises(ValueError, match="tiny"):
+        PRESETS["nope"] if False else build_config(None, "nope")
+    proc = build_processor(tokenizer_texts(200), vocab_size=400)
+    cfg = build_config(proc.tokenizer, "2b")  # Qwen2-VL-2B sizes; config only (not instantiated on CPU)
+    assert cfg.text_config.hidden_size == 1536 and cfg.vision_config.hidden_size == 1536
+    n = count_parameters(build_model(proc.tokenizer, verbose=False))
+    assert 1_000_000 < n["total"] < 3_000_000

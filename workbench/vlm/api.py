@@ -1,0 +1,139 @@
+"""Ask the VLM anything about images, and save / load it safely.
+
+    >>> model, processor = load_vlm("data_samples/vlm")
+    >>> ask(model, processor, [board_image, table_image], "Which card answers the equation on the board?")
+    '3 + 4 = 7. The card 7 is at the back left.'
+
+CLI (image files, one ``--image`` per camera, in order)::
+
+    python -m workbench.vlm.api --model data_samples/vlm --image board.png "What is written on the whiteboard?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..world.writing import as_rgb_image
+from .processing import TinyQwen2VLProcessor, messages
+
+MAX_IMAGE_SIDE = 512  # larger images are shrunk (keeping aspect) before the processor sees them
+MIN_IMAGE_SIDE = 16  # one merged token
+
+
+def prepare_image(image, what: str = "image") -> Image.Image:
+    """RGB PIL image ready for the processor. Converts grey/RGBA/palette images and arrays; shrinks
+    images larger than ``MAX_IMAGE_SIDE``; rejects ``None``, empty and tiny (< 16 px) images with a
+    ``ValueError`` saying what was expected."""
+    img = as_rgb_image(image, what, min_size=MIN_IMAGE_SIDE, max_size=20000)
+    if max(img.size) > MAX_IMAGE_SIDE:
+        img = img.copy()
+        img.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), Image.Resampling.LANCZOS)
+        if min(img.size) < MIN_IMAGE_SIDE:
+            raise ValueError(f"{what} is too elongated: after shrinking to {MAX_IMAGE_SIDE} px its short side "
+                             f"is {min(img.size)} px (< {MIN_IMAGE_SIDE})")
+    return img
+
+
+def _check_question(question) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty string, got {question!r}")
+    if len(question) > 1000:
+        raise ValueError(f"question is {len(question)} characters; at most 1000 are allowed")
+    return question.strip()
+
+
+def build_inputs(processor: TinyQwen2VLProcessor, images, question: str, answer: str | None = None) -> dict:
+    """Processor outputs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``,
+    ``image_grid_thw``) for one prompt; with ``answer`` the assistant turn is included (training)."""
+    if images is None or isinstance(images, (Image.Image, np.ndarray)):
+        images = [] if images is None else [images]
+    imgs = [prepare_image(im, f"image {i}") for i, im in enumerate(images)]
+    text = processor.apply_chat_template(messages(len(imgs), _check_question(question), answer), tokenize=False,
+                                         add_generation_prompt=answer is None)
+    return processor(text=[text], images=imgs or None, return_tensors="pt")
+
+
+@torch.no_grad()
+def ask(model, processor: TinyQwen2VLProcessor, images, question: str, max_new_tokens: int = 48) -> str:
+    """Greedy answer (KV-cached ``generate``) to ``question`` about ``images`` (a list, one per camera:
+    PIL images or HxWx3 uint8 arrays; may be empty for text-only questions)."""
+    inputs = build_inputs(processor, images, question)
+    was_training = model.training
+    model.eval()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    model.train(was_training)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def save_vlm(model, processor, path: str) -> str:
+    """Write model + processor to ``path`` (safetensors), atomically: a temporary sibling folder is
+    filled and then renamed, so an interrupted save never leaves a broken checkpoint."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_vlm_", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old_vlm_", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_vlm(path: str, device: str = "cpu"):
+    """(model, processor) from a folder written by :func:`save_vlm` / ``save_pretrained``.
+
+    Loads weights only from safetensors (never unpickles); raises ``FileNotFoundError`` /
+    ``ValueError`` naming what is missing or wrong."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no VLM checkpoint folder at {path!r}")
+    files = set(os.listdir(path))
+    for needed in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
+        if needed not in files:
+            hint = " (pickled .bin weights are not loaded)" if needed == "model.safetensors" and any(
+                f.endswith(".bin") for f in files) else ""
+            raise FileNotFoundError(f"{path!r} is not a VLM checkpoint: {needed} is missing{hint}")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path, use_safetensors=True).to(device)
+    except Exception as exc:  # corrupt or mismatched files
+        raise ValueError(f"could not load the VLM checkpoint at {path!r}: {type(exc).__name__}: {exc}") from exc
+    model.eval()
+    return model, processor
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m workbench.vlm.api", description="Ask the VLM about image files.")
+    ap.add_argument("--model", required=True, help="checkpoint folder")
+    ap.add_argument("--image", action="append", default=[], help="image file (repeat for several cameras)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("question")
+    args = ap.parse_args(argv)
+    images = []
+    for f in args.image:
+        if not os.path.isfile(f):
+            ap.error(f"image file not found: {f}")
+        images.append(Image.open(f))
+    model, processor = load_vlm(args.model)
+    print(ask(model, processor, images, args.question, args.max_new_tokens))
+
+
+if __name__ == "__main__":
+    main()
