@@ -67,3 +67,20 @@ def test_renderer_images():
     assert r(g.sample("arithmetic")) == []
     r.close()
     assert np.isfinite(board).all()
+
+
+def test_token_labels_match_the_scene():
+    r = C.CorpusRenderer()
+    g = C.CorpusGenerator("train", seed=4)
+    cls = C.TOKEN_CLASSES
+    for _ in range(3):
+        s = g.sample("answer_card")
+        (board, table), (lb, lt) = r(s, labels=True)
+        assert lb.shape == (96 // 16, 192 // 16) and lt.shape == (176 // 16, 256 // 16)
+        written = {cls[c] for c in np.unique(lb) if c}
+        assert written == set(s.board["text"])  # every character is under some token, nothing else
+        assert {cls[c] for c in np.unique(lt) if c} == {str(d) for d in s.table["cards"]}
+    s = g.sample("objects")
+    (_,), (lt,) = r(s, labels=True)
+    assert {cls[c] for c in np.unique(lt) if c} == set(s.facts["objects"])
+    r.close()

@@ -12,3 +12,14 @@ from .world import TabletopEnv, make_env, rollout
 __all__ = ["FULL_RUN", "DemonstrationDataset", "TabletopEnv", "dataset", "generate_dataset", "load_meta",
            "make_env", "rollout", "set_seed", "viz", "world"]
 __version__ = "0.1.0"
+
+_LAZY = ("vlm", "evaluate", "train", "checkpoint", "bench", "run")
+
+
+def __getattr__(name):
+    """``wb.vlm``, ``wb.evaluate``, ... are imported on first use (they pull in transformers)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

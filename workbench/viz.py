@@ -93,3 +93,83 @@ def trajectory_figure(episode: Episode, title: str | None = None):
         scene={"xaxis_title": "x (m, forward)", "yaxis_title": "y (m, left)", "zaxis_title": "z (m)",
                "aspectmode": "data"})
     return fig
+
+
+def sample_card(images: list[np.ndarray], question: str, answer: str, width: int = 460) -> Image.Image:
+    """One corpus sample as a picture: its camera images side by side, then question and answer."""
+    row_h = max([im.shape[0] for im in images], default=0)
+    canvas = Image.new("RGB", (width, row_h + 40), "white")
+    x = 0
+    for im in images:
+        canvas.paste(Image.fromarray(im), (x, 0))
+        x += im.shape[1] + 4
+    draw = ImageDraw.Draw(canvas)
+    font = _caption_font(11)
+    draw.text((2, row_h + 3), f"Q: {question}"[:80], fill=(30, 30, 120), font=font)
+    draw.text((2, row_h + 20), f"A: {answer}"[:80], fill=(20, 100, 20), font=font)
+    return canvas
+
+
+def stack_images(images: list[Image.Image], columns: int = 2) -> Image.Image:
+    """Tile PIL images in a grid, row by row."""
+    w = max(i.width for i in images)
+    h = max(i.height for i in images)
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (w * columns, h * rows), "white")
+    for k, im in enumerate(images):
+        canvas.paste(im, ((k % columns) * w, (k // columns) * h))
+    return canvas
+
+
+def token_overlay(image: np.ndarray, labels: np.ndarray, classes, scale: int = 3, token_px: int = 16) -> Image.Image:
+    """The image enlarged ``scale`` times with the 16-px token grid and each token's class written in it
+    (background left blank): what the vision tower is taught to see in the ``see`` phase."""
+    big = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(big)
+    font = _caption_font(10)
+    step = token_px * scale
+    for r in range(labels.shape[0]):
+        for c in range(labels.shape[1]):
+            box = [c * step, r * step, (c + 1) * step - 1, (r + 1) * step - 1]
+            draw.rectangle(box, outline=(180, 180, 255))
+            if labels[r, c]:
+                name = classes[labels[r, c]]
+                draw.text((box[0] + 2, box[1] + 2), name[:6], fill=(200, 0, 0), font=font)
+    return big
+
+
+def training_figure(log_csv: str):
+    """plotly: loss per phase (left) and held-out accuracy per skill during training (right)."""
+    import pandas as pd
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    log = pd.read_csv(log_csv)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "held-out accuracy during training"))
+    offset = 0
+    for phase in ("see", "answer"):
+        part = log[log.phase == phase]
+        if len(part):
+            fig.add_trace(go.Scatter(x=part.step + offset, y=part.loss.rolling(10, min_periods=1).mean(),
+                                     name=f"{phase} loss"), 1, 1)
+            offset += int(part.step.max())
+    ev = log[log.phase == "eval"]
+    for metric in dict.fromkeys(ev.metric):
+        part = ev[ev.metric == metric]
+        fig.add_trace(go.Scatter(x=part.step, y=part.value, mode="lines+markers", name=metric), 1, 2)
+    fig.update_layout(height=380, margin={"t": 40, "b": 30})
+    fig.update_xaxes(title_text="step (see, then answer)", row=1, col=1)
+    fig.update_xaxes(title_text="answer step", row=1, col=2)
+    return fig
+
+
+def knowledge_figure(result: dict, title: str = "Knowledge on held-out data"):
+    """plotly bar chart of a knowledge-suite result (``workbench.evaluate.evaluate_knowledge``)."""
+    import plotly.graph_objects as go
+
+    rows = result["rows"]
+    fig = go.Figure(go.Bar(x=[100 * r["accuracy"] for r in rows], y=[f"{r['skill']} (N={r['n']})" for r in rows],
+                           orientation="h", text=[f"{100 * r['accuracy']:.0f}%" for r in rows]))
+    fig.update_layout(title=title, height=60 + 28 * len(rows), xaxis={"range": [0, 105], "title": "accuracy (%)"},
+                      yaxis={"autorange": "reversed"}, margin={"l": 10, "r": 10, "t": 40, "b": 30})
+    return fig

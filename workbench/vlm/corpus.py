@@ -194,6 +194,8 @@ class CorpusGenerator:
             return Sample(kind, self._q(kind, d=d), slot, ("table",), table=table, facts={"card": d, "slot": slot})
         if kind in ("objects", "colour", "count"):
             toys = _toy_layout(rng, int(rng.integers(1, 5)))
+            while kind == "colour" and not any(n in COLOURS for n in toys):
+                toys = _toy_layout(rng, int(rng.integers(1, 5)))
             table = {"cards": {}, "toys": toys}
             names = _left_to_right(toys)
             if kind == "objects":
@@ -203,8 +205,6 @@ class CorpusGenerator:
                 return Sample(kind, self._q(kind), NUMBER_WORDS[len(names)], ("table",), table=table,
                               facts={"count": len(names)})
             coloured = [n for n in names if n in COLOURS]
-            if not coloured:
-                return self.sample("objects")
             o = coloured[rng.integers(len(coloured))]
             return Sample(kind, self._q(kind, o=o), COLOURS[o], ("table",), table=table,
                           facts={"object": o, "colour": COLOURS[o]})
@@ -235,10 +235,25 @@ def check_general(sample: Sample) -> bool:
 DIRECTION_NAMES = tuple(DIRECTIONS)
 
 
+#: Classes of the dense "what is under this image token" labels used to teach the vision tower to see.
+TOKEN_CLASSES = ("background", *"0123456789", "+", "-", "×", "÷", "=", "?", *sorted(OBJECTS))
+TOKEN_PX = 16  # one merged token = 2x2 patches of 8 px
+
+
+def _token_centres(height: int, width: int) -> np.ndarray:
+    """(rows*cols, 2) pixel centres (u, v) of merged tokens, row-major as the vision tower emits them."""
+    rows, cols = height // TOKEN_PX, width // TOKEN_PX
+    v, u = np.mgrid[0:rows, 0:cols]
+    return np.c_[u.ravel() * TOKEN_PX + TOKEN_PX / 2, v.ravel() * TOKEN_PX + TOKEN_PX / 2]
+
+
 class CorpusRenderer:
-    """Turns a :class:`Sample` into its camera images: ``[(H, W, 3) uint8, ...]`` in ``sample.views``
-    order. Board views use the fast :class:`~workbench.world.board_view.BoardView`; table views are
-    rendered by PyBullet with the arm at home (about 40 ms each)."""
+    """Turns a :class:`Sample` into its camera images ``[(H, W, 3) uint8, ...]`` (``sample.views``
+    order) and, on request, per-image token labels ``[(H/16, W/16) int64, ...]`` indexing
+    :data:`TOKEN_CLASSES`: the board character, card digit or toy under each merged token's centre.
+
+    Board views use the fast :class:`~workbench.world.board_view.BoardView`; table views are rendered
+    by PyBullet with the arm at home (about 25 ms each)."""
 
     def __init__(self):
         from ..world.board_view import BoardView
@@ -246,24 +261,57 @@ class CorpusRenderer:
 
         self.scene = TabletopScene()
         self.board_view = BoardView(self.scene)
+        self._cls = {c: i for i, c in enumerate(TOKEN_CLASSES)}
 
-    def __call__(self, sample: Sample) -> list[np.ndarray]:
+    def __call__(self, sample: Sample, labels: bool = False):
         from ..world.writing import render_text
 
-        out = []
+        images, maps = [], []
         for view in sample.views:
             if view == "board":
                 b = sample.board
-                out.append(self.board_view(render_text(b["text"], b["style"], seed=b["seed"])))
+                texture, cells = render_text(b["text"], b["style"], seed=b["seed"], return_boxes=True)
+                img = self.board_view(texture)
+                if labels:
+                    maps.append(self._board_labels(img.shape, cells))
             elif view == "table":
                 t = sample.table
                 self.scene.reset_robot()
                 self.scene.populate(cards={int(d): tuple(xy) for d, xy in t["cards"].items()},
                                     toys={n: tuple(v) for n, v in t["toys"].items()})
-                out.append(self.scene.render(["table"])["table"])
+                img = self.scene.render(["table"])["table"]
+                if labels:
+                    maps.append(self._table_labels(img.shape))
             else:
                 raise ValueError(f"unknown view {view!r}; expected 'board' or 'table'")
-        return out
+            images.append(img)
+        return (images, maps) if labels else images
+
+    def _board_labels(self, shape, cells) -> np.ndarray:
+        h, w = shape[:2]
+        tex = self.board_view.texture_coords(_token_centres(h, w))
+        out = np.zeros(len(tex), np.int64)
+        for ch, x0, y0, x1, y1 in cells:
+            inside = (tex[:, 0] >= x0) & (tex[:, 0] < x1) & (tex[:, 1] >= y0) & (tex[:, 1] < y1)
+            out[inside] = self._cls[ch]
+        return out.reshape(h // TOKEN_PX, w // TOKEN_PX)
+
+    def _table_labels(self, shape) -> np.ndarray:
+        from ..world.board_view import project
+        from ..world.scene import CAMERAS
+
+        h, w = shape[:2]
+        centres = _token_centres(h, w)
+        out = np.zeros(len(centres), np.int64)
+        bodies = [(str(d), b) for d, b in self.scene.cards.items()] + list(self.scene.toys.items())
+        for name, body in bodies:
+            lo, hi = self.scene.body_aabb(body)
+            corners = np.array([[x, y, hi[2]] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])])
+            px = project(corners, CAMERAS["table"])
+            (u0, v0), (u1, v1) = px.min(0), px.max(0)
+            inside = (centres[:, 0] >= u0) & (centres[:, 0] < u1) & (centres[:, 1] >= v0) & (centres[:, 1] < v1)
+            out[inside] = self._cls[name]
+        return out.reshape(h // TOKEN_PX, w // TOKEN_PX)
 
     def close(self):
         self.scene.close()

@@ -68,6 +68,13 @@ class BoardView:
         # lighting: a white texture renders as the background's board pixels
         self._gain = self.background / 255.0
 
+    def texture_coords(self, uv: np.ndarray) -> np.ndarray:
+        """Board-texture pixel coordinates (in :data:`BOARD_TEXTURE_SIZE`) of image points ``uv`` (N, 2)."""
+        a, b, c, d, e, f, g, h = self._coeffs
+        u, v = np.asarray(uv, float).T
+        w = g * u + h * v + 1
+        return np.c_[(a * u + b * v + c) / w, (d * u + e * v + f) / w]
+
     def __call__(self, whiteboard) -> np.ndarray:
         img = as_rgb_image(whiteboard, "whiteboard").resize(BOARD_TEXTURE_SIZE, Image.Resampling.LANCZOS)
         warped = np.asarray(img.transform(self._size, Image.Transform.PERSPECTIVE, self._coeffs,

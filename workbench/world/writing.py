@@ -72,11 +72,14 @@ def _glyph_strokes(style: WritingStyle, ch: str) -> list[np.ndarray]:
     return out
 
 
-def _draw_hand(draw: ImageDraw.ImageDraw, text: str, style: WritingStyle, origin, height, ink, rng):
-    """Draw ``text`` with a jittered stroke font; ``origin`` is the (x, y) of the baseline start."""
+def _draw_hand(draw: ImageDraw.ImageDraw, text: str, style: WritingStyle, origin, height, ink, rng) -> list:
+    """Draw ``text`` with a jittered stroke font; ``origin`` is the (x, y) of the baseline start.
+    Returns each character's cell ``(char, x0, y0, x1, y1)``."""
     x, y0 = origin
     width = max(1, int(round(style.stroke * height)))
+    cells = []
     for ch in text:
+        x_start = x
         scale = height * rng.uniform(0.92, 1.08)
         dy = rng.normal(0, 0.03) * height
         for stroke in _glyph_strokes(style, ch):
@@ -91,6 +94,8 @@ def _draw_hand(draw: ImageDraw.ImageDraw, text: str, style: WritingStyle, origin
             draw.line(list(zip(px.tolist(), py.tolist())), fill=ink, width=width, joint="curve")
         glyph_w = max(s[:, 0].max() for s in _glyph_strokes(style, ch))
         x += (glyph_w + 0.28 + rng.uniform(-0.04, 0.06)) * scale
+        cells.append((ch, x_start, y0 + dy - scale, x, y0 + dy))
+    return cells
 
 
 def _text_width_hand(text: str, style: WritingStyle, height: float) -> float:
@@ -106,7 +111,8 @@ def render_text(
     ink: str = "black",
     background=BOARD_RGB,
     frame: bool = True,
-) -> Image.Image:
+    return_boxes: bool = False,
+):
     """Render ``text`` (e.g. ``"3+4=?"``) centred on a board-coloured image.
 
     Args:
@@ -115,6 +121,11 @@ def render_text(
         size: (width, height) in pixels.
         text_height: cap height as a fraction of the image height.
         seed: random seed for the hand-writing jitter and the small placement offsets.
+        return_boxes: also return each character's cell ``(char, x0, y0, x1, y1)`` in output pixels
+            (from the character's start to the next one's, baseline to cap height), for dense labels.
+
+    Returns:
+        the image, or ``(image, cells)`` with ``return_boxes=True``.
     """
     if isinstance(style, str):
         if style not in WRITING_STYLES:
@@ -142,11 +153,16 @@ def render_text(
         y_top = (H - cap) / 2 + jitter_xy[1]
         _, t8, _, _ = font.getbbox("8")
         draw.text((x, y_top - t8), shown, font=font, fill=INK_RGB[ink])
+        starts = [x + font.getlength(shown[:i]) for i in range(len(shown) + 1)]
+        cells = [(ch, starts[i], y_top, starts[i + 1], y_top + cap) for i, ch in enumerate(text)]
     else:
         width = _text_width_hand(text, style, cap)
         x = (W - width) / 2 + jitter_xy[0]
-        _draw_hand(draw, text, style, (x, (H + cap) / 2 + jitter_xy[1]), cap, INK_RGB[ink], rng)
-    return img.resize(size, Image.Resampling.LANCZOS)
+        cells = _draw_hand(draw, text, style, (x, (H + cap) / 2 + jitter_xy[1]), cap, INK_RGB[ink], rng)
+    out = img.resize(size, Image.Resampling.LANCZOS)
+    if return_boxes:
+        return out, [(ch, *(float(v) / _SUPERSAMPLE for v in box)) for ch, *box in cells]
+    return out
 
 
 def render_card(digit: int) -> Image.Image:

@@ -1,0 +1,95 @@
+"""VLM pretraining: safe checkpoints, resume after a kill, the CLI, config validation."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from workbench import checkpoint as ck
+from workbench.vlm import pretrain as P
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    path = ck.save_checkpoint(str(tmp_path), 7, lambda d: None, opt, {"phase": "see", "phase_step": 7},
+                              {"head.weight": torch.ones(2)})
+    assert ck.latest_checkpoint(str(tmp_path)) == path
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.5)
+    state, extra = ck.load_checkpoint_state(path, opt2)
+    assert state["step"] == 7 and state["phase"] == "see" and torch.equal(extra["head.weight"], torch.ones(2))
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"]
+    for k in a["state"]:
+        assert torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"])
+    assert not any(f.endswith((".pt", ".bin", ".pkl")) for f in os.listdir(path))
+
+
+def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
+    for step in (1, 2, 3):
+        ck.save_checkpoint(str(tmp_path), step, lambda d: None, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == ["step-000002", "step-000003"]
+    os.makedirs(root / "step-000009")  # a folder without trainer_state.json: never complete
+    assert ck.latest_checkpoint(str(tmp_path)).endswith("step-000003")
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
+        ck.load_checkpoint_state(str(root / "step-000009"))
+
+
+def test_failed_save_leaves_no_checkpoint(tmp_path):
+    def broken(d):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ck.save_checkpoint(str(tmp_path), 1, broken)
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_lr_schedule():
+    lrs = [P.lr_at(s, 100, 1e-3) for s in range(100)]
+    assert lrs[0] < lrs[4] == pytest.approx(1e-3) and lrs[-1] < 1e-4 and min(lrs) > 0
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"see_lr": 2.0}, {"answer_steps": -1}, {"corpus_size": 1.5}])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        P.PretrainConfig(**bad)
+
+
+def test_fast_run_resumes_after_a_kill(tmp_path, monkeypatch):
+    cfg = P.PretrainConfig.fast(corpus_size=24, see_steps=4, answer_steps=4, checkpoint_every=2, batch_size=4)
+    work = str(tmp_path / "run")
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P.Pretrainer, "answer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        P.Pretrainer(cfg, work, progress=False).run()
+    assert ck.latest_checkpoint(work).endswith("step-000004")  # the see phase is saved
+    monkeypatch.undo()
+    seen = []
+    original_see = P.Pretrainer.see
+    monkeypatch.setattr(P.Pretrainer, "see", lambda self, *a, **k: seen.append(k.get("start")) or
+                        original_see(self, *a, **k))
+    model, processor = P.Pretrainer(cfg, work, progress=False).run()
+    assert seen == [4]  # resumed at the end of "see": nothing was redone
+    assert ck.latest_checkpoint(work).endswith("step-000008")
+    rows = open(os.path.join(work, "log.csv")).read().splitlines()
+    assert sum(",answer," in r for r in rows) == 4 and sum(",see," in r for r in rows) == 4
+    with pytest.raises(ValueError, match="different config"):
+        P.Pretrainer(P.PretrainConfig.fast(corpus_size=30), work, progress=False)
+
+
+def test_cli_fast_run(tmp_path, capsys):
+    from workbench import train
+
+    train.main(["vlm", "--fast", "--corpus-size", "16", "--see-steps", "2", "--answer-steps", "2",
+                "--work", str(tmp_path / "w"), "--out", str(tmp_path / "vlm")])
+    assert "OCR exact match" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "vlm" / "model.safetensors")
+    summary = json.load(open(tmp_path / "w" / "summary.json"))
+    assert summary["config"]["see_steps"] == 2

@@ -1,0 +1,371 @@
+"""Pretraining the tiny Qwen2-VL in phases, the way real VLMs are built (teach the vision side to see,
+then teach the language side to talk about what it sees).
+
+1. **corpus** — render ``corpus_size`` training samples (images + dense token labels), cached on disk.
+2. **tokenizer** — a byte-level BPE trained on the corpus text and the robot world's templates.
+3. **see** — the vision tower and its merger learn, with a linear probe head, to say for every merged
+   image token what lies under it (a whiteboard character, a card digit, a toy, or background). Dense
+   labels give each image 72-176 targets instead of one, which is what makes a from-scratch ViT learn
+   to read in CPU budgets (end-to-end captioning alone did not: see the README).
+4. **answer** — the vision side is frozen; its merged tokens are computed once and cached, and the
+   language model learns every question kind of the corpus on top of them (cheap: no vision pass).
+
+Every phase checkpoints atomically to ``<work>/checkpoints`` every ``checkpoint_every`` steps and a
+restarted run resumes from the newest checkpoint; ``<work>/log.csv`` logs losses and evaluations.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample
+
+ANSWER_WEIGHTS = {"ocr": 2, "solve": 3, "arithmetic": 2, "cards": 3, "card_where": 1, "answer_card": 2,
+                  "objects": 2, "colour": 1, "count": 1, "spatial": 2}
+
+
+@dataclass
+class PretrainConfig:
+    """Sizes and schedule of a pretraining run (defaults: the shipped checkpoint's recipe)."""
+
+    preset: str = "tiny"
+    corpus_size: int = 6000
+    vocab_size: int = 1024
+    batch_size: int = 32
+    see_steps: int = 900
+    see_lr: float = 3e-3
+    answer_steps: int = 1500
+    answer_lr: float = 2e-3
+    checkpoint_every: int = 100
+    eval_every: int = 500
+    eval_per_skill: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("corpus_size", "vocab_size", "batch_size", "checkpoint_every", "eval_every", "eval_per_skill"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("see_steps", "answer_steps"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+        for name in ("see_lr", "answer_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+
+    @classmethod
+    def fast(cls, **kw) -> PretrainConfig:
+        """A tiny run for tests and notebooks (seconds, not minutes)."""
+        base = dict(corpus_size=48, vocab_size=400, batch_size=8, see_steps=6, answer_steps=6, checkpoint_every=4,
+                    eval_every=1000, eval_per_skill=2)
+        return cls(**{**base, **kw})
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to 5% of ``peak`` (a pure function of the step: resumable)."""
+    warm = max(1, int(warmup_frac * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _pad_stack(items: list[dict], key: str, length: int, value: int) -> torch.Tensor:
+    """Right-pad each item's 1-D tensor ``key`` to ``length`` and stack: (batch, length)."""
+    return torch.stack([F.pad(it[key], (0, length - len(it[key])), value=value) for it in items])
+
+
+# ------------------------------------------------------------------------------------------- corpus
+class Corpus:
+    """Rendered training samples: ``samples[i]`` uses ``images[j]`` for ``j in image_ids[i]``;
+    ``labels[j]`` is image j's (H/16, W/16) token-class map."""
+
+    def __init__(self, samples: list[Sample], image_ids: list[list[int]], images: list[np.ndarray],
+                 labels: list[np.ndarray]):
+        self.samples, self.image_ids, self.images, self.labels = samples, image_ids, images, labels
+
+    @classmethod
+    def build(cls, size: int, seed: int, progress: bool = True) -> Corpus:
+        gen = CorpusGenerator("train", seed=seed)
+        kinds = list(ANSWER_WEIGHTS)
+        samples = gen.samples(size, kinds=kinds, weights=[ANSWER_WEIGHTS[k] for k in kinds])
+        renderer = CorpusRenderer()
+        image_ids, images, labels = [], [], []
+        for s in tqdm(samples, desc="rendering corpus", disable=not progress):
+            imgs, maps = renderer(s, labels=True)
+            image_ids.append(list(range(len(images), len(images) + len(imgs))))
+            images += imgs
+            labels += maps
+        renderer.close()
+        return cls(samples, image_ids, images, labels)
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        shapes = sorted({im.shape for im in self.images})
+        arrays = {}
+        for k, shape in enumerate(shapes):
+            idx = [j for j, im in enumerate(self.images) if im.shape == shape]
+            arrays[f"index{k}"] = np.array(idx, np.int64)
+            arrays[f"images{k}"] = np.stack([self.images[j] for j in idx]) if idx else np.zeros((0, *shape), np.uint8)
+            arrays[f"labels{k}"] = np.stack([self.labels[j] for j in idx])
+        tmp = os.path.join(folder, ".corpus.tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, os.path.join(folder, "corpus.npz"))
+        with open(os.path.join(folder, "samples.jsonl"), "w") as f:
+            for s, ids in zip(self.samples, self.image_ids):
+                f.write(json.dumps({**dataclasses.asdict(s), "image_ids": ids}, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, folder: str) -> Corpus:
+        with np.load(os.path.join(folder, "corpus.npz"), allow_pickle=False) as z:
+            n = sum(len(z[k]) for k in z.files if k.startswith("index"))
+            images: list = [None] * n
+            labels: list = [None] * n
+            for key in (k for k in z.files if k.startswith("index")):
+                k = key[len("index"):]
+                for pos, j in enumerate(z[key]):
+                    images[j], labels[j] = z[f"images{k}"][pos], z[f"labels{k}"][pos]
+        samples, image_ids = [], []
+        with open(os.path.join(folder, "samples.jsonl")) as f:
+            for line in f:
+                d = json.loads(line)
+                image_ids.append(d.pop("image_ids"))
+                d["views"] = tuple(d["views"])
+                samples.append(Sample(**d))
+        return cls(samples, image_ids, images, labels)
+
+    def texts(self) -> list[str]:
+        return [t for s in self.samples for t in (s.question, s.answer)]
+
+
+# ------------------------------------------------------------------------------------------- training
+class Pretrainer:
+    """Runs (or resumes) the phases of :mod:`workbench.vlm.pretrain` in ``work_dir``."""
+
+    def __init__(self, config: PretrainConfig, work_dir: str, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg, self.work, self.progress = config, work_dir, progress
+        os.makedirs(work_dir, exist_ok=True)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.log_path = os.path.join(work_dir, "log.csv")
+        cfg_path = os.path.join(work_dir, "config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                saved = json.load(f)
+            if saved != dataclasses.asdict(config):
+                raise ValueError(f"{work_dir} holds a run with a different config ({cfg_path}); "
+                                 "use a new work folder or the same settings")
+        else:
+            with open(cfg_path, "w") as f:
+                json.dump(dataclasses.asdict(config), f, indent=2)
+
+    def log(self, **row) -> None:
+        new = not os.path.exists(self.log_path)
+        with open(self.log_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["time", "phase", "step", "loss", "lr", "metric", "value"])
+            if new:
+                w.writeheader()
+            w.writerow({"time": round(time.time(), 1), **row})
+
+    # -- pieces --------------------------------------------------------------------------------
+    def corpus(self) -> Corpus:
+        folder = os.path.join(self.work, "corpus")
+        if os.path.isfile(os.path.join(folder, "samples.jsonl")) and os.path.isfile(os.path.join(folder, "corpus.npz")):
+            return Corpus.load(folder)
+        corpus = Corpus.build(self.cfg.corpus_size, self.cfg.seed, self.progress)
+        corpus.save(folder)
+        return corpus
+
+    def fresh_model(self, corpus: Corpus):
+        from .modeling import build_model
+        from .processing import (
+            CHAT_TEMPLATE,
+            TinyQwen2VLProcessor,
+            build_image_processor,
+            tokenizer_texts,
+            train_tokenizer,
+        )
+
+        texts = corpus.texts() + tokenizer_texts(200, seed=self.cfg.seed)
+        processor = TinyQwen2VLProcessor(image_processor=build_image_processor(),
+                                         tokenizer=train_tokenizer(texts, self.cfg.vocab_size),
+                                         chat_template=CHAT_TEMPLATE)
+        model = build_model(processor.tokenizer, self.cfg.preset, seed=self.cfg.seed, verbose=self.progress)
+        return model, processor
+
+    def _checkpoint(self, phase, step, model, processor, optimizer, head=None):
+        from .api import save_vlm
+
+        extra = {f"head.{k}": v for k, v in head.state_dict().items()} if head is not None else None
+        save_checkpoint(self.work, self._global_step(phase, step), lambda d: save_vlm(model, processor, d + "/vlm"),
+                        optimizer, {"phase": phase, "phase_step": step}, extra)
+
+    def _global_step(self, phase, step):
+        return step if phase == "see" else self.cfg.see_steps + step
+
+    # -- phases --------------------------------------------------------------------------------
+    def run(self):
+        """All phases, resuming from the newest checkpoint if there is one. Returns (model, processor)."""
+        from .api import load_vlm
+
+        torch.manual_seed(self.cfg.seed)
+        corpus = self.corpus()
+        ckpt = latest_checkpoint(self.work)
+        state, extra = ({}, {}) if ckpt is None else load_checkpoint_state(ckpt)
+        if ckpt is None:
+            model, processor = self.fresh_model(corpus)
+        else:
+            model, processor = load_vlm(os.path.join(ckpt, "vlm"))
+            if self.progress:
+                print(f"resuming from {ckpt} ({state['phase']} step {state['phase_step']})")
+        phase, done = state.get("phase", "see"), state.get("phase_step", 0)
+        if phase == "see":
+            self.see(model, processor, corpus, start=done, ckpt=ckpt, extra=extra)
+            done = 0
+        self.answer(model, processor, corpus, start=done if phase == "answer" else 0,
+                    ckpt=ckpt if phase == "answer" else None)
+        return model, processor
+
+    def see(self, model, processor, corpus: Corpus, start=0, ckpt=None, extra=None):
+        cfg = self.cfg
+        visual = model.model.visual
+        # a linear probe on the merged tokens (the tokens the language model will read)
+        head = torch.nn.Linear(model.config.vision_config.hidden_size, len(TOKEN_CLASSES))
+        if extra:
+            head.load_state_dict({k[len("head."):]: v for k, v in extra.items()})
+        params = list(visual.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.see_lr, weight_decay=0.01)
+        if ckpt is not None:
+            load_checkpoint_state(ckpt, opt)
+        visual, head, opt = self.accelerator.prepare(visual, head, opt)
+        weight = torch.ones(len(TOKEN_CLASSES), device=self.device)
+        weight[0] = 0.2  # background is most tokens
+        ip = processor.image_processor
+        bar = tqdm(range(start, cfg.see_steps), desc="see", disable=not self.progress, initial=start,
+                   total=cfg.see_steps)
+        visual.train()
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, 1, step])
+            idx = rng.choice(len(corpus.images), min(cfg.batch_size, len(corpus.images)), replace=False)
+            feats, _ = self._merged_tokens(visual, ip, [corpus.images[j] for j in idx])
+            labels = torch.from_numpy(np.concatenate([corpus.labels[j].ravel() for j in idx])).to(self.device)
+            loss = F.cross_entropy(head(feats), labels, weight=weight)
+            lr = lr_at(step, cfg.see_steps, cfg.see_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad()
+            self.accelerator.backward(loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            self.log(phase="see", step=step + 1, loss=round(loss.item(), 5), lr=lr)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.see_steps:
+                self._checkpoint("see", step + 1, model, processor, opt, head)
+        return head
+
+    @torch.no_grad()
+    def image_features(self, model, processor, corpus: Corpus, batch: int = 64) -> list[torch.Tensor]:
+        """Merged vision tokens of every corpus image (frozen vision side): [(tokens, hidden)]."""
+        visual = model.model.visual.eval()
+        out = []
+        for i in tqdm(range(0, len(corpus.images), batch), desc="caching image features",
+                      disable=not self.progress):
+            feats, per_image = self._merged_tokens(visual, processor.image_processor, corpus.images[i:i + batch])
+            out += list(feats.split(per_image))
+        return out
+
+    def _merged_tokens(self, visual, image_processor, images) -> tuple[torch.Tensor, list[int]]:
+        """Merged vision tokens of ``images`` concatenated: (sum of tokens, hidden), and tokens per image."""
+        v = image_processor(images, return_tensors="pt")
+        grid = v["image_grid_thw"].to(self.device)
+        feats = visual(v["pixel_values"].to(self.device), grid_thw=grid).pooler_output
+        return feats, (v["image_grid_thw"].prod(-1) // 4).tolist()
+
+    def encode(self, processor, sample: Sample, images) -> dict:
+        """Token ids, labels (answer tokens and <|im_end|> only), mm types and image grid of a sample."""
+        from .processing import messages
+
+        full = processor.apply_chat_template(messages(len(images), sample.question, sample.answer), tokenize=False)
+        prompt = processor.apply_chat_template(messages(len(images), sample.question), tokenize=False,
+                                               add_generation_prompt=True)
+        enc = processor(text=[full], images=images or None, return_tensors="pt")
+        n_prompt = processor(text=[prompt], images=images or None, return_tensors="pt")["input_ids"].shape[1]
+        ids = enc["input_ids"][0]
+        labels = ids.clone()
+        labels[:n_prompt] = -100
+        labels[-1] = -100  # the newline after <|im_end|>
+        return {"input_ids": ids, "labels": labels, "mm_token_type_ids": enc["mm_token_type_ids"][0],
+                "image_grid_thw": enc.get("image_grid_thw")}
+
+    def answer(self, model, processor, corpus: Corpus, start=0, ckpt=None):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        cfg = self.cfg
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+        feats = self.image_features(model, processor, corpus)
+        encoded = [self.encode(processor, s, [corpus.images[j] for j in ids])
+                   for s, ids in tqdm(list(zip(corpus.samples, corpus.image_ids)), desc="tokenizing",
+                                      disable=not self.progress)]
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.answer_lr, weight_decay=0.01)
+        if ckpt is not None:
+            load_checkpoint_state(ckpt, opt)
+        model, opt = self.accelerator.prepare(model, opt)
+        pad = processor.tokenizer.pad_token_id
+        model.train()
+        bar = tqdm(range(start, cfg.answer_steps), desc="answer", disable=not self.progress, initial=start,
+                   total=cfg.answer_steps)
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, 2, step])
+            idx = rng.choice(len(encoded), min(cfg.batch_size, len(encoded)), replace=False)
+            items = [encoded[i] for i in idx]
+            length = max(len(it["input_ids"]) for it in items)
+            ids, labels = _pad_stack(items, "input_ids", length, pad), _pad_stack(items, "labels", length, -100)
+            lengths = torch.tensor([len(it["input_ids"]) for it in items])
+            mask = (torch.arange(length)[None] < lengths[:, None]).long()  # right padding
+            grids = [it["image_grid_thw"] for it in items if it["image_grid_thw"] is not None]
+            img_feats = tuple(feats[j] for i in idx for j in corpus.image_ids[i])
+            kwargs = {}
+            if grids:
+                kwargs = {"image_grid_thw": torch.cat(grids).to(self.device),
+                          "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=img_feats)}}
+            out = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                        mm_token_type_ids=_pad_stack(items, "mm_token_type_ids", length, 0).to(self.device),
+                        labels=labels.to(self.device), **kwargs)
+            lr = lr_at(step, cfg.answer_steps, cfg.answer_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad()
+            self.accelerator.backward(out.loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+            self.log(phase="answer", step=step + 1, loss=round(out.loss.item(), 5), lr=lr)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.answer_steps:
+                self._checkpoint("answer", step + 1, model, processor, opt)
+            if (step + 1) % cfg.eval_every == 0:
+                self.evaluate(model, processor, step + 1)
+                model.train()
+
+    def evaluate(self, model, processor, step: int) -> dict:
+        from ..evaluate import evaluate_knowledge
+
+        result = evaluate_knowledge(model, processor, self.cfg.eval_per_skill, progress=False)
+        for r in result["rows"]:
+            self.log(phase="eval", step=step, metric=r["key"], value=round(r["accuracy"], 4))
+        return result
+
