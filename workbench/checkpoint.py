@@ -10,16 +10,38 @@ unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``path`` (an existing folder is
+    swapped out, then deleted), on any exception it is deleted and ``path`` is left untouched."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old_", dir=parent)
+            os.replace(path, os.path.join(old, "previous"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,10 +67,8 @@ def save_checkpoint(run_dir: str, step: int, save_model: Callable[[str], None], 
                     keep: int = 2) -> str:
     """Write ``<run_dir>/checkpoints/step-XXXXXX`` atomically; keep the newest ``keep`` checkpoints."""
     root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
-    tmp = tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=root)
-    try:
+    with atomic_folder(final) as tmp:
         save_model(tmp)
         meta = {"step": step, **(state or {})}
         if optimizer is not None:
@@ -60,12 +80,6 @@ def save_checkpoint(run_dir: str, step: int, save_model: Callable[[str], None], 
                       os.path.join(tmp, "extra.safetensors"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(d for d in os.listdir(root) if d.startswith("step-"))[:-keep]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final

@@ -25,13 +25,12 @@ import argparse
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from .checkpoint import atomic_folder
 from .world import language
 from .world.catalog import SPLIT_NAMES, TASKS
 from .world.env import ACTION_DIM, MAX_STEP, STATE_DIM, TabletopEnv
@@ -92,12 +91,6 @@ def generate_dataset(out: str, tasks=TASKS, splits=("in_domain",), episodes: int
     built in a temporary sibling and moved into place at the end, so an interrupted run never
     leaves a half-written dataset. Returns the ``info`` dict.
     """
-    import datasets
-    from datasets import Dataset
-    from tqdm.auto import tqdm
-
-    datasets.disable_progress_bars()
-
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; expected one of {list(TASKS)}")
@@ -108,9 +101,17 @@ def generate_dataset(out: str, tasks=TASKS, splits=("in_domain",), episodes: int
         raise ValueError(f"episodes must be a positive int, got {episodes!r}")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_dataset_", dir=parent)
+    with atomic_folder(out) as tmp:
+        return _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress)
+
+
+def _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress) -> dict:
+    """Fill folder ``tmp`` with a dataset (see :func:`generate_dataset`)."""
+    import datasets
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    datasets.disable_progress_bars()
     os.makedirs(os.path.join(tmp, "data"))
     os.makedirs(os.path.join(tmp, "meta"))
     features = _features(cameras)
@@ -126,79 +127,72 @@ def generate_dataset(out: str, tasks=TASKS, splits=("in_domain",), episodes: int
                 os.path.join(tmp, "data", f"file-{file_idx:03d}.parquet"))
             rows, file_idx = [], file_idx + 1
 
-    try:
-        for task in tasks:
-            for split in splits:
-                env = TabletopEnv(task, split, cameras=tuple(cameras))
-                seeds = np.random.default_rng([seed, TASKS.index(task), SPLIT_NAMES.index(split)]).integers(
-                    0, 2**31 - 1, size=10 * episodes + 10)
-                done = 0
-                for ep_seed in seeds:
-                    if done == episodes:
-                        break
-                    ep = rollout(env, seed=int(ep_seed))
-                    if not ep.success:
-                        failures += 1
-                        continue
-                    reasoning, steps = annotate(ep, int(ep_seed))
-                    gt = ep.ground_truth
-                    for i in range(len(ep)):
-                        rows.append({
-                            "episode_index": ep_index, "frame_index": i, "timestamp": i / CONTROL_HZ,
-                            **{f"observation.images.{c}": _png(ep.frames[c][i]) for c in cameras},
-                            "observation.state": ep.states[i].tolist(), "action": ep.actions[i].tolist(),
-                            "task": task, "split": split, "instruction": gt["instruction"],
-                            "reasoning": reasoning, "phase": ep.phases[i], "step_reasoning": steps[i],
-                        })
-                    states.append(ep.states)
-                    actions.append(ep.actions)
-                    ep_lines.append(_json_safe({
-                        "episode_index": ep_index, "task": task, "split": split, "seed": int(ep_seed),
-                        "length": len(ep), "instruction": gt["instruction"], "reasoning": reasoning,
-                        "ground_truth": {k: v for k, v in gt.items() if k not in ("is_success", "step")},
-                    }))
-                    ep_index += 1
-                    done += 1
-                    bar.update(1)
-                    if ep_index % EPISODES_PER_FILE == 0:
-                        flush()
-                env.close()
-                if done < episodes:
-                    raise RuntimeError(f"the expert solved only {done} of {len(seeds)} {task}/{split} episodes")
-        flush()
-        bar.close()
-        s, a = np.concatenate(states), np.concatenate(actions)
-        stats = {k: {"mean": v.mean(0).tolist(), "std": v.std(0).tolist(), "min": v.min(0).tolist(),
-                     "max": v.max(0).tolist()} for k, v in (("observation.state", s), ("action", a))}
-        info = {
-            "format": "workbench demonstrations v1 (parquet rows + meta/, LeRobot-like)",
-            "fps": CONTROL_HZ, "total_episodes": ep_index, "total_frames": int(len(s)),
-            "failed_expert_episodes_skipped": failures, "tasks": list(tasks), "splits": list(splits),
-            "seed": seed, "chunk_size_hint": CHUNK_SIZE,
-            "cameras": {c: {"height": CAMERAS[c].height, "width": CAMERAS[c].width} for c in cameras},
-            "features": {
-                "observation.state": {"shape": [STATE_DIM], "names": ["ee_x", "ee_y", "ee_z", "gripper_width"],
-                                      "units": "metres (robot frame)"},
-                "action": {"shape": [ACTION_DIM], "names": ["dx", "dy", "dz", "grip"],
-                           "units": f"dx,dy,dz metres per step in [-{MAX_STEP}, {MAX_STEP}]; grip in [0, 1], "
-                                    ">= 0.5 closes"},
-                **{f"observation.images.{c}": {"shape": [CAMERAS[c].height, CAMERAS[c].width, 3],
-                                               "dtype": "uint8 PNG"} for c in cameras},
-            },
-        }
-        with open(os.path.join(tmp, "meta", "info.json"), "w") as f:
-            json.dump(info, f, indent=2)
-        with open(os.path.join(tmp, "meta", "stats.json"), "w") as f:
-            json.dump(stats, f, indent=2)
-        with open(os.path.join(tmp, "meta", "episodes.jsonl"), "w") as f:
-            for line in ep_lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for task in tasks:
+        for split in splits:
+            env = TabletopEnv(task, split, cameras=tuple(cameras))
+            seeds = np.random.default_rng([seed, TASKS.index(task), SPLIT_NAMES.index(split)]).integers(
+                0, 2**31 - 1, size=10 * episodes + 10)
+            done = 0
+            for ep_seed in seeds:
+                if done == episodes:
+                    break
+                ep = rollout(env, seed=int(ep_seed))
+                if not ep.success:
+                    failures += 1
+                    continue
+                reasoning, steps = annotate(ep, int(ep_seed))
+                gt = ep.ground_truth
+                for i in range(len(ep)):
+                    rows.append({
+                        "episode_index": ep_index, "frame_index": i, "timestamp": i / CONTROL_HZ,
+                        **{f"observation.images.{c}": _png(ep.frames[c][i]) for c in cameras},
+                        "observation.state": ep.states[i].tolist(), "action": ep.actions[i].tolist(),
+                        "task": task, "split": split, "instruction": gt["instruction"],
+                        "reasoning": reasoning, "phase": ep.phases[i], "step_reasoning": steps[i],
+                    })
+                states.append(ep.states)
+                actions.append(ep.actions)
+                ep_lines.append(_json_safe({
+                    "episode_index": ep_index, "task": task, "split": split, "seed": int(ep_seed),
+                    "length": len(ep), "instruction": gt["instruction"], "reasoning": reasoning,
+                    "ground_truth": {k: v for k, v in gt.items() if k not in ("is_success", "step")},
+                }))
+                ep_index += 1
+                done += 1
+                bar.update(1)
+                if ep_index % EPISODES_PER_FILE == 0:
+                    flush()
+            env.close()
+            if done < episodes:
+                raise RuntimeError(f"the expert solved only {done} of {len(seeds)} {task}/{split} episodes")
+    flush()
+    bar.close()
+    s, a = np.concatenate(states), np.concatenate(actions)
+    stats = {k: {"mean": v.mean(0).tolist(), "std": v.std(0).tolist(), "min": v.min(0).tolist(),
+                 "max": v.max(0).tolist()} for k, v in (("observation.state", s), ("action", a))}
+    info = {
+        "format": "workbench demonstrations v1 (parquet rows + meta/, LeRobot-like)",
+        "fps": CONTROL_HZ, "total_episodes": ep_index, "total_frames": int(len(s)),
+        "failed_expert_episodes_skipped": failures, "tasks": list(tasks), "splits": list(splits),
+        "seed": seed, "chunk_size_hint": CHUNK_SIZE,
+        "cameras": {c: {"height": CAMERAS[c].height, "width": CAMERAS[c].width} for c in cameras},
+        "features": {
+            "observation.state": {"shape": [STATE_DIM], "names": ["ee_x", "ee_y", "ee_z", "gripper_width"],
+                                  "units": "metres (robot frame)"},
+            "action": {"shape": [ACTION_DIM], "names": ["dx", "dy", "dz", "grip"],
+                       "units": f"dx,dy,dz metres per step in [-{MAX_STEP}, {MAX_STEP}]; grip in [0, 1], "
+                                ">= 0.5 closes"},
+            **{f"observation.images.{c}": {"shape": [CAMERAS[c].height, CAMERAS[c].width, 3],
+                                           "dtype": "uint8 PNG"} for c in cameras},
+        },
+    }
+    with open(os.path.join(tmp, "meta", "info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(tmp, "meta", "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    with open(os.path.join(tmp, "meta", "episodes.jsonl"), "w") as f:
+        for line in ep_lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return info
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -76,22 +74,11 @@ def ask(model, processor: TinyQwen2VLProcessor, images, question: str, max_new_t
 def save_vlm(model, processor, path: str) -> str:
     """Write model + processor to ``path`` (safetensors), atomically: a temporary sibling folder is
     filled and then renamed, so an interrupted save never leaves a broken checkpoint."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_vlm_", dir=parent)
-    try:
+    from ..checkpoint import atomic_folder
+
+    with atomic_folder(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old_vlm_", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

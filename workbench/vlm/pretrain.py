@@ -48,6 +48,8 @@ class PretrainConfig:
     see_lr: float = 3e-3
     answer_steps: int = 1500
     answer_lr: float = 2e-3
+    fresh_board: int = 12  # per answer batch: new whiteboard questions (ocr/solve), rendered on the fly
+    fresh_text: int = 6  # per answer batch: new text-arithmetic questions
     checkpoint_every: int = 100
     eval_every: int = 500
     eval_per_skill: int = 20
@@ -57,9 +59,12 @@ class PretrainConfig:
         for name in ("corpus_size", "vocab_size", "batch_size", "checkpoint_every", "eval_every", "eval_per_skill"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("see_steps", "answer_steps"):
+        for name in ("see_steps", "answer_steps", "fresh_board", "fresh_text"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+        if self.fresh_board + self.fresh_text >= self.batch_size:
+            raise ValueError(f"fresh_board + fresh_text ({self.fresh_board + self.fresh_text}) must be smaller than "
+                             f"batch_size ({self.batch_size}): part of every batch comes from the cached corpus")
         for name in ("see_lr", "answer_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
@@ -68,7 +73,7 @@ class PretrainConfig:
     def fast(cls, **kw) -> PretrainConfig:
         """A tiny run for tests and notebooks (seconds, not minutes)."""
         base = dict(corpus_size=48, vocab_size=400, batch_size=8, see_steps=6, answer_steps=6, checkpoint_every=4,
-                    eval_every=1000, eval_per_skill=2)
+                    eval_every=1000, eval_per_skill=2, fresh_board=2, fresh_text=1)
         return cls(**{**base, **kw})
 
 
@@ -129,13 +134,16 @@ class Corpus:
     @classmethod
     def load(cls, folder: str) -> Corpus:
         with np.load(os.path.join(folder, "corpus.npz"), allow_pickle=False) as z:
-            n = sum(len(z[k]) for k in z.files if k.startswith("index"))
-            images: list = [None] * n
-            labels: list = [None] * n
-            for key in (k for k in z.files if k.startswith("index")):
-                k = key[len("index"):]
-                for pos, j in enumerate(z[key]):
-                    images[j], labels[j] = z[f"images{k}"][pos], z[f"labels{k}"][pos]
+            # read each array once (every z[name] access decompresses the whole array again)
+            arrays = {name: z[name] for name in z.files}
+        n = sum(len(v) for name, v in arrays.items() if name.startswith("index"))
+        images: list = [None] * n
+        labels: list = [None] * n
+        for key in (name for name in arrays if name.startswith("index")):
+            k = key[len("index"):]
+            imgs, labs = arrays[f"images{k}"], arrays[f"labels{k}"]
+            for pos, j in enumerate(arrays[key]):
+                images[j], labels[j] = imgs[pos], labs[pos]
         samples, image_ids = [], []
         with open(os.path.join(folder, "samples.jsonl")) as f:
             for line in f:
@@ -329,16 +337,15 @@ class Pretrainer:
         model.train()
         bar = tqdm(range(start, cfg.answer_steps), desc="answer", disable=not self.progress, initial=start,
                    total=cfg.answer_steps)
+        renderer = CorpusRenderer() if cfg.fresh_board else None
         for step in bar:
-            rng = np.random.default_rng([cfg.seed, 2, step])
-            idx = rng.choice(len(encoded), min(cfg.batch_size, len(encoded)), replace=False)
-            items = [encoded[i] for i in idx]
+            items = self._answer_batch(step, model, processor, corpus, encoded, feats, renderer)
             length = max(len(it["input_ids"]) for it in items)
             ids, labels = _pad_stack(items, "input_ids", length, pad), _pad_stack(items, "labels", length, -100)
             lengths = torch.tensor([len(it["input_ids"]) for it in items])
             mask = (torch.arange(length)[None] < lengths[:, None]).long()  # right padding
             grids = [it["image_grid_thw"] for it in items if it["image_grid_thw"] is not None]
-            img_feats = tuple(feats[j] for i in idx for j in corpus.image_ids[i])
+            img_feats = tuple(f for it in items for f in it["feats"])
             kwargs = {}
             if grids:
                 kwargs = {"image_grid_thw": torch.cat(grids).to(self.device),
@@ -360,6 +367,28 @@ class Pretrainer:
             if (step + 1) % cfg.eval_every == 0:
                 self.evaluate(model, processor, step + 1)
                 model.train()
+        if renderer is not None:
+            renderer.close()
+
+    def _answer_batch(self, step, model, processor, corpus, encoded, feats, renderer) -> list[dict]:
+        """One answer-phase batch: cached corpus samples plus freshly drawn whiteboard and text-arithmetic
+        questions (a new generator per step: deterministic, so a resumed run sees the same batches)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 2, step])
+        n_cached = cfg.batch_size - cfg.fresh_board - cfg.fresh_text
+        idx = rng.choice(len(encoded), min(n_cached, len(encoded)), replace=False)
+        items = [{**encoded[i], "feats": [feats[j] for j in corpus.image_ids[i]]} for i in idx]
+        gen = CorpusGenerator("train", seed=int(rng.integers(2**31)))
+        fresh = [gen.sample(k) for k in rng.choice(["ocr", "solve"], cfg.fresh_board)]
+        if fresh:
+            with torch.no_grad():
+                images = [renderer(s)[0] for s in fresh]
+                tokens, per_image = self._merged_tokens(model.model.visual.eval(), processor.image_processor, images)
+            for s, im, f in zip(fresh, images, tokens.split(per_image)):
+                items.append({**self.encode(processor, s, [im]), "feats": [f]})
+        for _ in range(cfg.fresh_text):
+            items.append({**self.encode(processor, gen.sample("arithmetic"), []), "feats": []})
+        return items
 
     def evaluate(self, model, processor, step: int) -> dict:
         from ..evaluate import evaluate_knowledge
