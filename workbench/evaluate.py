@@ -26,28 +26,12 @@ import json
 import os
 import re
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .vlm.corpus import CorpusGenerator, CorpusRenderer, Sample
-from .world.language import _find_objects
+from .world.language import find_objects, parse_equation
 
 KNOWLEDGE_ROWS = ("ocr", "solve", "arithmetic", "cards", "objects", "spatial", "colour", "count")
-_OP_ALIASES = {"x": "×", "*": "×", "/": "÷", "−": "-", ":": "÷"}
-_EQ = re.compile(r"(\d{1,3})\s*([+\-×÷*/x−:])\s*(\d{1,3})\s*=\s*(\?|\d{1,3})")
-
-
-def _norm_eq(a, op, b, rhs) -> str:
-    return f"{int(a)}{_OP_ALIASES.get(op, op)}{int(b)}={rhs}"
-
-
-def parse_equation(text: str) -> tuple[str, str] | None:
-    """``"3 + 4 = 7"`` -> ("3+4", "7"); None if no equation is found."""
-    m = _EQ.search(text or "")
-    if not m:
-        return None
-    a, op, b, rhs = m.groups()
-    return f"{int(a)}{_OP_ALIASES.get(op, op)}{int(b)}", rhs
 
 
 def parse_cards(text: str) -> dict[int, str]:
@@ -73,7 +57,7 @@ def score(sample: Sample, output: str) -> bool:
     if sample.kind == "card_where":
         return f["slot"] in out
     if sample.kind == "objects":
-        return sorted(_find_objects(out)) == sorted(f["objects"])
+        return sorted(find_objects(out)) == sorted(f["objects"])
     if sample.kind == "spatial":
         words = {"left": "left", "right": "right", "in front": "front", "front": "front", "behind": "behind"}
         said = [v for k, v in words.items() if k in out]
@@ -170,5 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

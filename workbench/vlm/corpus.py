@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..world.catalog import CARD_SLOTS, DIRECTIONS, EQUATIONS, OBJECTS, WRITING_STYLES, Equation
+from ..world.catalog import CARD_SLOTS, EQUATIONS, OBJECTS, WRITING_STYLES, Equation
+from ..world.env import TOY_REGION
 from ..world.language import describe_position, equation_words
 
 KINDS = ("ocr", "solve", "arithmetic", "cards", "card_where", "answer_card", "objects", "colour", "count",
@@ -110,7 +111,7 @@ def _toy_layout(rng, n: int, names=None, min_sep: float = 0.11) -> dict[str, lis
     placed: dict[str, list[float]] = {}
     for name in names:
         for _ in range(500):
-            q = np.array([rng.uniform(0.38, 0.68), rng.uniform(-0.22, 0.22)])
+            q = np.array([rng.uniform(*TOY_REGION[0]), rng.uniform(*TOY_REGION[1])])
             if all(np.hypot(*(q - np.array(v[:2]))) >= min_sep for v in placed.values()):
                 placed[name] = [float(q[0]), float(q[1]), float(rng.uniform(-0.4, 0.4))]
                 break
@@ -231,8 +232,6 @@ def check_general(sample: Sample) -> bool:
     text = sample.question + " " + sample.answer
     return not any(ch.isdigit() for ch in text) and not any(op in text for op in ("+", "×", "÷", "="))
 
-
-DIRECTION_NAMES = tuple(DIRECTIONS)
 
 
 #: Classes of the dense "what is under this image token" labels used to teach the vision tower to see.

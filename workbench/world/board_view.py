@@ -9,8 +9,6 @@ the cost — what the VLM's pretraining corpus needs to make tens of thousands o
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from PIL import Image
 
@@ -81,9 +79,3 @@ class BoardView:
                                           Image.Resampling.BILINEAR), np.float32)
         out = self.background * (1 - self._mask) + warped * self._gain * self._mask
         return out.round().clip(0, 255).astype(np.uint8)
-
-
-@functools.lru_cache(maxsize=1)
-def board_view() -> BoardView:
-    """A shared :class:`BoardView` (built once per process)."""
-    return BoardView()

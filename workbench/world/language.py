@@ -39,7 +39,7 @@ def toy_instruction(obj: str, target: str, direction: str, rng: np.random.Genera
     return template.format(object=obj, target=target, phrase=DIRECTION_PHRASES[direction])
 
 
-def _find_objects(text: str) -> list[str]:
+def find_objects(text: str) -> list[str]:
     """Object names mentioned in ``text``, in order of appearance (longest names win)."""
     found = []
     lowered = text.lower()
@@ -64,7 +64,7 @@ def parse_toy_instruction(text: str) -> tuple[str, str, str]:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("instruction is empty; expected e.g. 'Pick the red cube and place it to the "
                          "left of the yellow duck'")
-    objs = _find_objects(text)
+    objs = find_objects(text)
     direction = _find_direction(text)
     if len(objs) != 2 or direction is None:
         raise ValueError(
@@ -162,7 +162,20 @@ class ReasoningFacts:
         return asdict(self)
 
 
-_EQ_RE = re.compile(r"(\d{1,2})\s*([+\-×÷*/x−])\s*(\d{1,2})\s*=\s*(\?|\d+)")
+_EQ_RE = re.compile(r"(\d{1,3})\s*([+\-×÷*/x−:])\s*(\d{1,3})\s*=\s*(\?|\d{1,3})")
+_OP_ALIASES = {"x": "×", "*": "×", "/": "÷", ":": "÷", "−": "-"}
+
+
+def _equations(text: str) -> list[tuple[str, str]]:
+    """Every ``a op b = rhs`` in ``text`` as ("a op b" without spaces, rhs), operators normalised."""
+    return [(f"{int(a)}{_OP_ALIASES.get(op, op)}{int(b)}", rhs) for a, op, b, rhs in _EQ_RE.findall(text or "")]
+
+
+def parse_equation(text: str) -> tuple[str, str] | None:
+    """The first equation in ``text``: ``"3 x 4 = 12"`` -> ("3×4", "12"); ``"12 − 5 = ?"`` -> ("12-5", "?");
+    None if there is none."""
+    found = _equations(text)
+    return found[0] if found else None
 
 
 def parse_reasoning(text: str) -> ReasoningFacts:
@@ -170,11 +183,10 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     facts = ReasoningFacts()
     if not isinstance(text, str):
         return facts
-    for a, op, b, rhs in _EQ_RE.findall(text):
-        op = {"*": "×", "x": "×", "/": "÷", "−": "-"}.get(op, op)
+    for equation, rhs in _equations(text):
         if facts.equation is None:
-            facts.equation = f"{a}{op}{b}"
-        if rhs != "?" and facts.answer is None and f"{a}{op}{b}" == facts.equation:
+            facts.equation = equation
+        if rhs != "?" and facts.answer is None and equation == facts.equation:
             facts.answer = int(rhs)
     m = re.search(r"answer is (\d+)", text)
     if m and facts.answer is None:
@@ -185,7 +197,7 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     slots = [s for s in sorted(CARD_SLOTS, key=len, reverse=True) if f"the {s}" in text]
     if slots:
         facts.card_slot = slots[0]
-    objs = _find_objects(text)
+    objs = find_objects(text)
     if objs:
         facts.object = objs[0]
         others = [o for o in objs if o != objs[0]]
@@ -207,7 +219,7 @@ def math_score_parts(facts: ReasoningFacts, ground_truth: dict) -> dict:
 
 
 __all__ = [
-    "PHASES", "ReasoningFacts", "describe_position", "episode_reasoning", "equation_words",
-    "math_instruction", "math_score_parts", "parse_reasoning", "parse_toy_instruction",
+    "PHASES", "ReasoningFacts", "describe_position", "episode_reasoning", "equation_words", "find_objects",
+    "math_instruction", "math_score_parts", "parse_equation", "parse_reasoning", "parse_toy_instruction",
     "step_reasoning", "toy_instruction", "OPERATORS",
 ]
