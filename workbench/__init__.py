@@ -13,7 +13,7 @@ __all__ = ["FULL_RUN", "DemonstrationDataset", "TabletopEnv", "dataset", "genera
            "make_env", "rollout", "set_seed", "viz", "world"]
 __version__ = "0.1.0"
 
-_LAZY = ("vlm", "evaluate", "train", "checkpoint", "bench", "run")
+_LAZY = ("vlm", "vla", "evaluate", "train", "checkpoint", "bench", "run")
 
 
 def __getattr__(name):
