@@ -58,6 +58,50 @@ def build_inputs(processor: TinyQwen2VLProcessor, images, question: str, answer:
     return processor(text=[text], images=imgs or None, return_tensors="pt")
 
 
+def encode_example(processor: TinyQwen2VLProcessor, images, question: str, answer: str) -> dict:
+    """One training example as 1-D tensors: ``input_ids`` (L,), ``labels`` (L,) (-100 except the answer
+    tokens and ``<|im_end|>``), ``mm_token_type_ids`` (L,), and ``image_grid_thw`` (n_images, 3) or None.
+    ``images`` are already-prepared RGB images (their pixels are not kept: vision features come from a
+    cache or from a separate ``pixel_values`` call)."""
+    full = processor.apply_chat_template(messages(len(images), question, answer), tokenize=False)
+    enc = processor(text=[full], images=list(images) or None, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    # the answer starts after the last "<|im_start|>assistant\n"
+    start = int((ids == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")).nonzero()[-1])
+    n_prompt = start + 1 + len(processor.tokenizer("assistant\n")["input_ids"])
+    labels = ids.clone()
+    labels[:n_prompt] = -100
+    labels[-1] = -100  # the newline after <|im_end|>
+    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": enc["mm_token_type_ids"][0],
+            "image_grid_thw": enc.get("image_grid_thw")}
+
+
+def collate(items: list[dict], pad_token_id: int) -> dict:
+    """Right-padded model inputs for a batch of :func:`encode_example` outputs. Items may carry ``feats``
+    (one (tokens, hidden) tensor of merged vision tokens per image, e.g. from a cache): they are passed
+    as ``mm_encoder_outputs`` so the vision tower is not run. Returns ``input_ids``, ``attention_mask``,
+    ``labels``, ``mm_token_type_ids`` (batch, L) and, if there are images, ``image_grid_thw``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    length = max(len(it["input_ids"]) for it in items)
+
+    def stack(key, value):
+        return torch.stack([torch.nn.functional.pad(it[key], (0, length - len(it[key])), value=value)
+                            for it in items])
+
+    lengths = torch.tensor([len(it["input_ids"]) for it in items])
+    batch = {"input_ids": stack("input_ids", pad_token_id), "labels": stack("labels", -100),
+             "attention_mask": (torch.arange(length)[None] < lengths[:, None]).long(),
+             "mm_token_type_ids": stack("mm_token_type_ids", 0)}
+    grids = [it["image_grid_thw"] for it in items if it["image_grid_thw"] is not None]
+    if grids:
+        batch["image_grid_thw"] = torch.cat(grids)
+        feats = tuple(f for it in items for f in it.get("feats", ()))
+        if feats:
+            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+    return batch
+
+
 @torch.no_grad()
 def ask(model, processor: TinyQwen2VLProcessor, images, question: str, max_new_tokens: int = 48) -> str:
     """Greedy answer (KV-cached ``generate``) to ``question`` about ``images`` (a list, one per camera:

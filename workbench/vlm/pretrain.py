@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from .api import collate, encode_example
 from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample
 
 ANSWER_WEIGHTS = {"ocr": 2, "solve": 3, "arithmetic": 2, "cards": 3, "card_where": 1, "answer_card": 2,
@@ -89,9 +90,8 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05) -> floa
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _pad_stack(items: list[dict], key: str, length: int, value: int) -> torch.Tensor:
-    """Right-pad each item's 1-D tensor ``key`` to ``length`` and stack: (batch, length)."""
-    return torch.stack([F.pad(it[key], (0, length - len(it[key])), value=value) for it in items])
+def _qa(sample: Sample) -> tuple[str, str]:
+    return sample.question, sample.answer
 
 
 # ------------------------------------------------------------------------------------------- corpus
@@ -300,30 +300,12 @@ class Pretrainer:
         feats = visual(v["pixel_values"].to(self.device), grid_thw=grid).pooler_output
         return feats, (v["image_grid_thw"].prod(-1) // visual.spatial_merge_size**2).tolist()
 
-    def encode(self, processor, sample: Sample, images) -> dict:
-        """Token ids, labels (answer tokens and <|im_end|> only), mm types and image grid of a sample."""
-        from .processing import messages
-
-        full = processor.apply_chat_template(messages(len(images), sample.question, sample.answer), tokenize=False)
-        enc = processor(text=[full], images=images or None, return_tensors="pt")
-        ids = enc["input_ids"][0]
-        # the answer starts after the last "<|im_start|>assistant\n"
-        start = int((ids == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")).nonzero()[-1])
-        n_prompt = start + 1 + len(processor.tokenizer("assistant\n")["input_ids"])
-        labels = ids.clone()
-        labels[:n_prompt] = -100
-        labels[-1] = -100  # the newline after <|im_end|>
-        return {"input_ids": ids, "labels": labels, "mm_token_type_ids": enc["mm_token_type_ids"][0],
-                "image_grid_thw": enc.get("image_grid_thw")}
-
     def answer(self, model, processor, corpus: Corpus, start=0, ckpt=None):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         cfg = self.cfg
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
         feats = self.image_features(model, processor, corpus)
-        encoded = [self.encode(processor, s, [corpus.images[j] for j in ids])
+        encoded = [encode_example(processor, [corpus.images[j] for j in ids], *_qa(s))
                    for s, ids in tqdm(list(zip(corpus.samples, corpus.image_ids)), desc="tokenizing",
                                       disable=not self.progress)]
         params = [p for p in model.parameters() if p.requires_grad]
@@ -338,19 +320,9 @@ class Pretrainer:
         renderer = CorpusRenderer() if cfg.fresh_board else None
         for step in bar:
             items = self._answer_batch(step, model, processor, corpus, encoded, feats, renderer)
-            length = max(len(it["input_ids"]) for it in items)
-            ids, labels = _pad_stack(items, "input_ids", length, pad), _pad_stack(items, "labels", length, -100)
-            lengths = torch.tensor([len(it["input_ids"]) for it in items])
-            mask = (torch.arange(length)[None] < lengths[:, None]).long()  # right padding
-            grids = [it["image_grid_thw"] for it in items if it["image_grid_thw"] is not None]
-            img_feats = tuple(f for it in items for f in it["feats"])
-            kwargs = {}
-            if grids:
-                kwargs = {"image_grid_thw": torch.cat(grids).to(self.device),
-                          "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=img_feats)}}
-            out = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                        mm_token_type_ids=_pad_stack(items, "mm_token_type_ids", length, 0).to(self.device),
-                        labels=labels.to(self.device), **kwargs)
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v
+                     for k, v in collate(items, pad).items()}
+            out = model(**batch)
             self._step("answer", step, out.loss, opt, params, cfg.answer_steps, cfg.answer_lr, bar)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.answer_steps:
                 self._checkpoint("answer", step + 1, model, processor, opt)
@@ -375,9 +347,9 @@ class Pretrainer:
                 images = [renderer(s)[0] for s in fresh]
                 tokens, per_image = self._merged_tokens(model.model.visual.eval(), processor.image_processor, images)
             for s, im, f in zip(fresh, images, tokens.split(per_image)):
-                items.append({**self.encode(processor, s, [im]), "feats": [f]})
+                items.append({**encode_example(processor, [im], *_qa(s)), "feats": [f]})
         for _ in range(cfg.fresh_text):
-            items.append({**self.encode(processor, gen.sample("arithmetic"), []), "feats": []})
+            items.append({**encode_example(processor, [], *_qa(gen.sample("arithmetic"))), "feats": []})
         return items
 
     def evaluate(self, model, processor, step: int) -> dict:
