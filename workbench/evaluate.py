@@ -1,6 +1,11 @@
-"""Evaluation. ``knowledge``: what a VLM knows, on held-out data (the analogue of the paper's Table 5).
+"""Evaluation. ``knowledge``: what a VLM knows, on held-out data (the analogue of the paper's Table 5);
+``policy``: a ChatVLA-2 policy acting in the simulator (closed loop).
 
     python -m workbench.evaluate knowledge --model data_samples/vlm [--per-skill 100] [--out outputs/knowledge.json]
+    python -m workbench.evaluate policy --policy data_samples/policy --task math_matching --split open_world \
+        --episodes 50 [--videos 2] [--out outputs/policy_math_open.json]
+
+``knowledge`` accepts a policy folder too: it then evaluates the policy's backbone (MoE layers included).
 
 Rows (each on the corpus' held-out split: held-out writing styles and hand-writing seeds, whiteboard
 equations never shown on a board in training, fresh layouts), with N:
@@ -126,31 +131,140 @@ def format_table(result: dict, title: str = "Knowledge (held-out)") -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- policy
+#: first environment seed of closed-loop evaluation (training episodes use seeds drawn in [0, 2**31))
+EVAL_SEED = 10_000
+
+
+def reasoning_scores(facts, ground_truth: dict) -> dict:
+    """The paper's reasoning scores for one episode, from the parsed reasoning ``facts``.
+
+    Math matching: ``ocr`` (0-4) = first operand, operator, second operand read from the board and the
+    answer card's slot read from the table; ``math`` (0-2) = the answer and the card chosen. Toy placement:
+    ``recognition`` (0-1) = mean of object and target named correctly; ``spatial`` (0/1) = the side."""
+    from .world.catalog import Equation
+
+    if ground_truth["task"] == "math_matching":
+        truth = Equation.parse(ground_truth["equation"])
+        try:
+            read = Equation.parse(facts.equation + "=?") if facts.equation else None
+        except ValueError:
+            read = None
+        ocr = sum([read is not None and read.a == truth.a, read is not None and read.op == truth.op,
+                   read is not None and read.b == truth.b, facts.card_slot == ground_truth["answer_card_slot"]])
+        return {"ocr": ocr, "math": int(facts.answer == truth.answer) + int(facts.card == truth.answer)}
+    return {"recognition": (int(facts.object == ground_truth["object"]) + int(facts.target == ground_truth["target"]))
+            / 2, "spatial": int(facts.direction == ground_truth["direction"])}
+
+
+def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int = EVAL_SEED, videos: int = 0,
+                    video_dir: str | None = None, progress: bool = True) -> dict:
+    """Closed-loop success of ``policy`` on ``episodes`` seeded episodes (seeds ``seed`` .. ``seed + episodes - 1``),
+    with a Wilson 95% interval and the mean reasoning scores (:func:`reasoning_scores`). The first ``videos``
+    episodes are saved as GIFs in ``video_dir``."""
+    import numpy as np
+
+    from .run import wilson_interval
+    from .viz import episode_frames, save_gif
+    from .world.env import TabletopEnv
+    from .world.expert import rollout
+    from .world.language import ReasoningFacts
+
+    env = TabletopEnv(task, split)
+    records = []
+    for i in tqdm(range(episodes), desc=f"{task}/{split}", disable=not progress):
+        policy.reset()
+        env_seed = seed + i
+        ep = rollout(env, lambda obs: (policy.select_action(obs, env.ground_truth()["instruction"]), "policy"),
+                     seed=env_seed, record_overview=i < videos)
+        instruction = ep.ground_truth["instruction"]
+        facts = policy.facts or ReasoningFacts()
+        records.append({"seed": env_seed, "success": ep.success, "steps": len(ep), "error": ep.error,
+                        "instruction": instruction, "reasoning": policy.reasoning, "facts": facts.to_dict(),
+                        "scores": reasoning_scores(facts, ep.ground_truth)})
+        if i < videos and video_dir:
+            os.makedirs(video_dir, exist_ok=True)
+            frames = episode_frames(ep, [policy.reasoning or ""] * len(ep))
+            save_gif(frames, os.path.join(video_dir, f"{task}_{split}_{i}.gif"))
+    env.close()
+    wins = sum(r["success"] for r in records)
+    lo, hi = wilson_interval(wins, len(records))
+    keys = records[0]["scores"] if records else {}
+    return {"task": task, "split": split, "episodes": len(records), "successes": wins,
+            "success_rate": wins / max(1, len(records)), "ci95": [lo, hi],
+            "scores": {k: float(np.mean([r["scores"][k] for r in records])) for k in keys},
+            "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
+
+
+def format_policy_result(r: dict) -> str:
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in r["scores"].items())
+    return (f"{r['task']} / {r['split']}: {r['successes']}/{r['episodes']} = {100 * r['success_rate']:.1f}% "
+            f"(95% CI {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%); reasoning scores: {scores}; "
+            f"mean steps {r['mean_steps']:.1f}")
+
+
+def load_backbone(path: str):
+    """(VLM, processor) of a VLM checkpoint folder or of a policy folder (its MoE backbone)."""
+    from .vla.policy import is_policy_folder, load_policy
+    from .vlm.api import load_vlm
+
+    if is_policy_folder(path):
+        policy = load_policy(path)
+        return policy.vlm, policy.processor
+    return load_vlm(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m workbench.evaluate", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     k = sub.add_parser("knowledge", help="knowledge suite of a VLM checkpoint")
-    k.add_argument("--model", required=True, help="VLM checkpoint folder")
+    k.add_argument("--model", required=True, help="VLM checkpoint folder, or a policy folder (its backbone)")
     k.add_argument("--per-skill", type=int, default=100)
     k.add_argument("--seed", type=int, default=1234)
     k.add_argument("--out", default=None, help="JSON file for the table and examples")
+    p = sub.add_parser("policy", help="closed-loop evaluation of a policy in the simulator")
+    p.add_argument("--policy", required=True, help="policy folder")
+    p.add_argument("--task", required=True, choices=["math_matching", "toy_placement"])
+    p.add_argument("--split", required=True, choices=["in_domain", "open_world"])
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--seed", type=int, default=EVAL_SEED)
+    p.add_argument("--videos", type=int, default=0, help="save this many episodes as GIFs next to --out")
+    p.add_argument("--out", default=None, help="JSON file for the result and every episode's reasoning")
     args = ap.parse_args(argv)
-    if args.per_skill < 1:
-        ap.error("--per-skill must be at least 1")
     import torch
 
-    from .vlm.api import load_vlm
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model, processor = load_vlm(args.model)
+    if args.what == "policy":
+        return _main_policy(ap, args)
+    if args.per_skill < 1:
+        ap.error("--per-skill must be at least 1")
+    model, processor = load_backbone(args.model)
     result = evaluate_knowledge(model, processor, args.per_skill, args.seed)
     result["model"] = args.model
     print(format_table(result, f"Knowledge of {args.model} (held-out, seed {args.seed})"))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, ensure_ascii=False)
-        print(f"wrote {args.out}")
+        _write_json(args.out, result)
+
+
+def _main_policy(ap, args):
+    from .vla.policy import load_policy
+
+    if args.episodes < 1:
+        ap.error("--episodes must be at least 1")
+    policy = load_policy(args.policy)
+    video_dir = os.path.splitext(args.out)[0] + "_videos" if args.out and args.videos else None
+    result = evaluate_policy(policy, args.task, args.split, args.episodes, args.seed, args.videos, video_dir)
+    result["policy"] = args.policy
+    print(format_policy_result(result))
+    if args.out:
+        _write_json(args.out, result)
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
     python -m workbench.train vlm --work outputs/vlm_run --out data_samples/vlm [--fast]
 
-``vlm``: pretrain the tiny Qwen2-VL (phases in :mod:`workbench.vlm.pretrain`). Kill it at any time
-and run the same command again: it resumes from the newest checkpoint in ``--work``.
+    python -m workbench.train stage reasoning_alignment --init runs/s1 --data outputs/robot_data --out runs/s2
+    python -m workbench.train recipe chatvla2 --init data_samples/vlm --data outputs/robot_data --out runs/chatvla2
+
+``vlm``: pretrain the tiny Qwen2-VL (phases in :mod:`workbench.vlm.pretrain`). ``stage``: one ChatVLA-2
+training stage; ``recipe``: a chain of stages (:mod:`workbench.vla.stages`). Kill any of them and run the
+same command again: it resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -26,9 +30,28 @@ def main(argv=None):
     v.add_argument("--fast", action="store_true", help="a seconds-long run with tiny sizes (CI, smoke tests)")
     for f in dataclasses.fields(PretrainConfig):
         v.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+    from .vla.stages import RECIPES, STAGES, StageConfig
+
+    for name, helptext in (("stage", "run one ChatVLA-2 training stage"), ("recipe", "run a chain of stages")):
+        a = sub.add_parser(name, help=helptext)
+        a.add_argument("name", choices=list(STAGES if name == "stage" else RECIPES))
+        a.add_argument("--init", required=True, help="pretrained VLM folder (upcycling stages) or policy folder")
+        a.add_argument("--data", required=True, help="in-domain demonstration dataset (python -m workbench.dataset)")
+        a.add_argument("--out", required=True, help="policy folder to write (checkpoints and log.csv in OUT.run)")
+        a.add_argument("--moe-variant", default=None, help="MoE variant for upcycling (dense, dynamic, static, ...)")
+        a.add_argument("--num-experts", type=int, default=None)
+        a.add_argument("--top-k", type=int, default=None)
+        a.add_argument("--reasoning-injection", default=None, help="latter_half | all | former_half | off")
+        a.add_argument("--seed", type=int, default=None)
+        a.add_argument("--steps", type=int, default=None, help="override the steps of every trained stage")
+        a.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args(argv)
 
     import torch
+
+    if args.what in ("stage", "recipe"):
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        return _main_vla(ap, args, StageConfig)
 
     from .evaluate import evaluate_knowledge, format_table
     from .vlm.api import save_vlm
@@ -53,6 +76,33 @@ def main(argv=None):
     with open(os.path.join(args.work, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"saved {args.out}; log {os.path.join(args.work, 'log.csv')}")
+
+
+def _main_vla(ap, args, StageConfig):
+    from .vla.moe import MoEConfig
+    from .vla.policy import PolicyConfig
+    from .vla.stages import RECIPES, STAGES, StageTrainer, run_recipe
+
+    moe = {k: v for k, v in (("variant", args.moe_variant), ("num_experts", args.num_experts),
+                              ("top_k", args.top_k)) if v is not None}
+    stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size)) if v is not None}
+    try:
+        pcfg = PolicyConfig(moe=MoEConfig(**moe).to_dict(), action={"reasoning_injection": args.reasoning_injection}
+                            if args.reasoning_injection else {})
+        stages = [STAGES[args.name]] if args.what == "stage" else list(RECIPES[args.name])
+        per_stage = {s.name: {**stage_over, **({"steps": args.steps} if args.steps is not None and s.steps else {})}
+                     for s in stages}
+        for s in stages:
+            StageConfig(**{**dataclasses.asdict(s), **per_stage[s.name]})  # validate early
+    except (ValueError, TypeError) as exc:
+        ap.error(str(exc))
+    t0 = time.time()
+    if args.what == "stage":
+        stage = dataclasses.replace(STAGES[args.name], **per_stage[args.name])
+        StageTrainer(stage, args.init, args.data, args.out, pcfg).run()
+    else:
+        run_recipe(args.name, args.init, args.data, args.out, pcfg, **per_stage)
+    print(f"saved {args.out} in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class MoEMLP(nn.Module):
     Output: ``dynamic`` the routed mixture; ``static`` the data-type expert; ``shared_dynamic`` and
     ``static_dynamic`` the *mean* of the always-on expert and the routed mixture. The paper does not say how
     it combines them; the mean keeps a fresh upcycle equal to the dense model (the sum would double the MLP).
-    Padding tokens are routed like any token (their outputs are discarded downstream) but are left out of
+    Padding tokens are routed like any token (attention keeps them from real tokens) but are left out of
     the load-balancing loss. Each forward stores a :class:`Routing` in ``last_routing``.
     """
 

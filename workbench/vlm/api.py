@@ -58,6 +58,18 @@ def build_inputs(processor: TinyQwen2VLProcessor, images, question: str, answer:
     return processor(text=[text], images=imgs or None, return_tensors="pt")
 
 
+def answer_labels(processor: TinyQwen2VLProcessor, ids: torch.Tensor) -> torch.Tensor:
+    """Labels (L,) for token ids (L,) of a prompt with its answer: -100 except the assistant's answer
+    tokens and its ``<|im_end|>`` (the training target)."""
+    # the answer starts after the last "<|im_start|>assistant\n"
+    start = int((ids == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")).nonzero()[-1])
+    n_prompt = start + 1 + len(processor.tokenizer("assistant\n")["input_ids"])
+    labels = ids.clone()
+    labels[:n_prompt] = -100
+    labels[-1] = -100  # the newline after <|im_end|>
+    return labels
+
+
 def encode_example(processor: TinyQwen2VLProcessor, images, question: str, answer: str) -> dict:
     """One training example as 1-D tensors: ``input_ids`` (L,), ``labels`` (L,) (-100 except the answer
     tokens and ``<|im_end|>``), ``mm_token_type_ids`` (L,), and ``image_grid_thw`` (n_images, 3) or None.
@@ -66,14 +78,18 @@ def encode_example(processor: TinyQwen2VLProcessor, images, question: str, answe
     full = processor.apply_chat_template(messages(len(images), question, answer), tokenize=False)
     enc = processor(text=[full], images=list(images) or None, return_tensors="pt")
     ids = enc["input_ids"][0]
-    # the answer starts after the last "<|im_start|>assistant\n"
-    start = int((ids == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")).nonzero()[-1])
-    n_prompt = start + 1 + len(processor.tokenizer("assistant\n")["input_ids"])
-    labels = ids.clone()
-    labels[:n_prompt] = -100
-    labels[-1] = -100  # the newline after <|im_end|>
+    labels = answer_labels(processor, ids)
     return {"input_ids": ids, "labels": labels, "mm_token_type_ids": enc["mm_token_type_ids"][0],
             "image_grid_thw": enc.get("image_grid_thw")}
+
+
+def vision_tokens(visual, image_processor, images) -> tuple[torch.Tensor, list[int]]:
+    """Merged vision tokens of ``images`` (a list of RGB images) concatenated: (sum of tokens, hidden), and
+    the number of tokens of each image (``visual`` = ``model.model.visual``)."""
+    v = image_processor(images, return_tensors="pt")
+    device = next(visual.parameters()).device
+    feats = visual(v["pixel_values"].to(device), grid_thw=v["image_grid_thw"].to(device)).pooler_output
+    return feats, (v["image_grid_thw"].prod(-1) // visual.spatial_merge_size**2).tolist()
 
 
 def collate(items: list[dict], pad_token_id: int) -> dict:

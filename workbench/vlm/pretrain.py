@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from .api import collate, encode_example
+from .api import collate, encode_example, vision_tokens
 from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample
 
 ANSWER_WEIGHTS = {"ocr": 2, "solve": 3, "arithmetic": 2, "cards": 3, "card_where": 1, "answer_card": 2,
@@ -274,7 +274,7 @@ class Pretrainer:
         for step in bar:
             rng = np.random.default_rng([cfg.seed, 1, step])
             idx = rng.choice(len(corpus.images), min(cfg.batch_size, len(corpus.images)), replace=False)
-            feats, _ = self._merged_tokens(visual, ip, [corpus.images[j] for j in idx])
+            feats, _ = vision_tokens(visual, ip, [corpus.images[j] for j in idx])
             labels = torch.from_numpy(np.concatenate([corpus.labels[j].ravel() for j in idx])).to(self.device)
             loss = F.cross_entropy(head(feats), labels, weight=weight)
             self._step("see", step, loss, opt, params, cfg.see_steps, cfg.see_lr, bar)
@@ -289,16 +289,9 @@ class Pretrainer:
         out = []
         for i in tqdm(range(0, len(corpus.images), batch), desc="caching image features",
                       disable=not self.progress):
-            feats, per_image = self._merged_tokens(visual, processor.image_processor, corpus.images[i:i + batch])
+            feats, per_image = vision_tokens(visual, processor.image_processor, corpus.images[i:i + batch])
             out += list(feats.split(per_image))
         return out
-
-    def _merged_tokens(self, visual, image_processor, images) -> tuple[torch.Tensor, list[int]]:
-        """Merged vision tokens of ``images`` concatenated: (sum of tokens, hidden), and tokens per image."""
-        v = image_processor(images, return_tensors="pt")
-        grid = v["image_grid_thw"].to(self.device)
-        feats = visual(v["pixel_values"].to(self.device), grid_thw=grid).pooler_output
-        return feats, (v["image_grid_thw"].prod(-1) // visual.spatial_merge_size**2).tolist()
 
     def answer(self, model, processor, corpus: Corpus, start=0, ckpt=None):
         cfg = self.cfg
@@ -345,7 +338,7 @@ class Pretrainer:
         if fresh:
             with torch.no_grad():
                 images = [renderer(s)[0] for s in fresh]
-                tokens, per_image = self._merged_tokens(model.model.visual.eval(), processor.image_processor, images)
+                tokens, per_image = vision_tokens(model.model.visual.eval(), processor.image_processor, images)
             for s, im, f in zip(fresh, images, tokens.split(per_image)):
                 items.append({**encode_example(processor, [im], *_qa(s)), "feats": [f]})
         for _ in range(cfg.fresh_text):

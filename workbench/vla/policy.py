@@ -1,0 +1,371 @@
+"""The ChatVLA-2 policy: a Qwen2-VL backbone with MoE layers that first *reasons* in text, and a diffusion
+action expert that *follows* that reasoning.
+
+One control cycle (10 Hz steps, chunks of ``chunk_size`` = 16, ``n_action_steps`` = 8 executed)::
+
+    episode start:  [board, table, instruction] --VLM.generate--> reasoning text  (once per episode)
+    every chunk:    [board, table, instruction, reasoning] --VLM forward--> hidden states h (B, L, H)
+                      obs  = [mean of h over the prompt tokens ; K keypoints on the table camera]
+                      why  = mean of h over the reasoning tokens
+                    ActionExpert.sample(obs, state, why) -> actions (16, 4); the first 8 are executed
+
+Reasoning is generated once per episode, at the first call after :meth:`ChatVLA2Policy.reset`: it states
+facts that do not change while the robot acts (equation, answer, which card and where; object, target,
+side), and at the start the arm occludes neither camera. Later chunks re-read the *same* reasoning against
+the current images, so its hidden states (and the keypoints they query) follow the scene.
+
+Deviation from the paper, stated plainly: the paper pools the VLM's hidden states into one vector. A
+mean-pooled vector of a tiny VLM keeps too little of *where* things are, so the observation vector here
+also carries K soft-argmax keypoints on the table camera, whose queries come from the reasoning
+(:class:`SpatialKeypoints`, ~70 k parameters; K = 0 turns it off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..world.env import STATE_DIM
+from ..world.language import ReasoningFacts, parse_reasoning
+from ..world.scene import CAMERAS
+from .action_expert import ActionExpert, ActionExpertConfig, ActionNormalizer
+from .moe import MoEConfig, moe_config_of, routing_context, upcycle
+
+#: data types for static routing and logging
+IMAGE_TEXT, ROBOT = 0, 1
+CAMERA_ORDER = ("board", "table")
+POLICY_FILES = ("policy_config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Observation:
+    """What the policy sees at one control step (as the env returns it).
+
+    Attributes:
+        board: (96, 192, 3) uint8 — the whiteboard camera.
+        table: (176, 256, 3) uint8 — the top-down table camera (image up = +x, left = +y).
+        state: (4,) float32 — [ee_x, ee_y, ee_z] metres, gripper width metres.
+    """
+
+    board: np.ndarray
+    table: np.ndarray
+    state: np.ndarray
+
+    def __post_init__(self):
+        for name in CAMERA_ORDER:
+            cam = CAMERAS[name]
+            img = getattr(self, name)
+            want = (cam.height, cam.width, 3)
+            if not isinstance(img, np.ndarray) or img.shape != want or img.dtype != np.uint8:
+                got = (f"{type(img).__name__} {getattr(img, 'shape', '')} {getattr(img, 'dtype', '')}").strip()
+                raise ValueError(f"Observation.{name} must be a {want} uint8 array (the {name} camera), got {got}")
+        state = np.asarray(self.state, dtype=np.float32)
+        if state.shape != (STATE_DIM,) or not np.isfinite(state).all():
+            raise ValueError(f"Observation.state must be {STATE_DIM} finite floats [x, y, z, gripper], got "
+                             f"{self.state!r}")
+        self.state = state
+
+    @classmethod
+    def coerce(cls, obs) -> Observation:
+        """An :class:`Observation` from itself or from the env's observation dict."""
+        if isinstance(obs, cls):
+            return obs
+        if isinstance(obs, dict):
+            missing = [k for k in (*CAMERA_ORDER, "state") if k not in obs]
+            if missing:
+                raise ValueError(f"observation dict lacks {missing}; expected keys {[*CAMERA_ORDER, 'state']} "
+                                 "(make the env with both cameras)")
+            return cls(obs["board"], obs["table"], obs["state"])
+        raise TypeError(f"expected an Observation or the env's observation dict, got {type(obs).__name__}")
+
+    @classmethod
+    def fake(cls, seed: int = 0) -> Observation:
+        """Random observation with the right shapes (tests, dry runs)."""
+        rng = np.random.default_rng(seed)
+        imgs = {n: rng.integers(0, 256, (CAMERAS[n].height, CAMERAS[n].width, 3), dtype=np.uint8)
+                for n in CAMERA_ORDER}
+        return cls(state=np.array([0.5, 0.0, 0.3, 0.08], np.float32), **imgs)
+
+
+def _check_instruction(instruction) -> str:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"instruction must be a non-empty string such as 'Pick the card that answers the "
+                         f"equation on the whiteboard and place it on the green pad', got {instruction!r}")
+    return instruction.strip()
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a policy folder (besides the VLM's own config)."""
+
+    moe: dict = field(default_factory=lambda: MoEConfig().to_dict())
+    action: dict = field(default_factory=dict)  # ActionExpertConfig fields (obs/reasoning dims are derived)
+    num_keypoints: int = 4
+    n_action_steps: int = 8  # actions executed from each predicted chunk before predicting again
+    max_reasoning_tokens: int = 72
+
+    def __post_init__(self):
+        MoEConfig.from_dict(self.moe)  # validates
+        if not (isinstance(self.num_keypoints, int) and self.num_keypoints >= 0):
+            raise ValueError(f"num_keypoints must be an int >= 0, got {self.num_keypoints!r}")
+        chunk = self.action.get("chunk_size", ActionExpertConfig().chunk_size)
+        if not (isinstance(self.n_action_steps, int) and 1 <= self.n_action_steps <= chunk):
+            raise ValueError(f"n_action_steps must be an int in [1, chunk_size={chunk}], got {self.n_action_steps!r}")
+        if not (isinstance(self.max_reasoning_tokens, int) and self.max_reasoning_tokens > 0):
+            raise ValueError(f"max_reasoning_tokens must be a positive int, got {self.max_reasoning_tokens!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class SpatialKeypoints(nn.Module):
+    """Language-queried soft-argmax: K (x, y) keypoints on an image's token grid.
+
+    Args (forward):
+        query: (B, H) — pooled reasoning (or prompt) hidden states.
+        tokens: (B, N, H) — hidden states of the image's N merged tokens, in raster order.
+        coords: (N, 2) — each token's (row, col) position scaled to [-1, 1].
+    Returns:
+        (B, 2K) keypoints, and the (B, K, N) attention maps (for plots).
+    """
+
+    def __init__(self, hidden: int, num_keypoints: int):
+        super().__init__()
+        self.k = num_keypoints
+        self.q = nn.Linear(hidden, num_keypoints * hidden)
+        self.key = nn.Linear(hidden, hidden)
+
+    def forward(self, query, tokens, coords):
+        b, n, h = tokens.shape
+        q = self.q(query).view(b, self.k, h)  # (B, K, H)
+        att = torch.einsum("bkh,bnh->bkn", q, self.key(tokens)).div(h**0.5).softmax(-1)  # (B, K, N)
+        return torch.einsum("bkn,nc->bkc", att, coords).reshape(b, 2 * self.k), att
+
+
+def grid_coords(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(N, 2) (row, col) in [-1, 1] of an image's merged tokens, raster order; ``grid_thw`` = (1, h, w)."""
+    gh, gw = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, gh), torch.linspace(-1, 1, gw), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], -1)
+
+
+@dataclass
+class Features:
+    """What the action expert is conditioned on. obs: (B, H + 2K); reasoning: (B, H); attention:
+    (B, K, N) keypoint maps over the table camera's N tokens (None without keypoints)."""
+
+    obs: torch.Tensor
+    reasoning: torch.Tensor
+    attention: torch.Tensor | None = None
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of h (B, L, H) over positions where mask (B, L) is true: (B, H)."""
+    m = mask.to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class ChatVLA2Policy(nn.Module):
+    """VLM (Qwen2-VL + MoE) + keypoints + diffusion action expert. Build one with :meth:`from_vlm`
+    (stage 1) or :func:`load_policy`; use :meth:`predict_action_chunk` / :meth:`select_action` /
+    :meth:`reset` like a LeRobot policy."""
+
+    def __init__(self, vlm, processor, config: PolicyConfig, normalizer: ActionNormalizer | None = None):
+        super().__init__()
+        self.vlm, self.processor, self.config = vlm, processor, config
+        hidden = vlm.config.text_config.hidden_size
+        self.keypoints = SpatialKeypoints(hidden, config.num_keypoints) if config.num_keypoints else None
+        acfg = ActionExpertConfig.from_dict({**config.action, "obs_dim": hidden + 2 * config.num_keypoints,
+                                             "reasoning_dim": hidden, "state_dim": STATE_DIM})
+        self.action_expert = ActionExpert(acfg, normalizer)
+        self.merge = vlm.config.vision_config.spatial_merge_size
+        self.image_token_id = vlm.config.image_token_id
+        self.reset()
+
+    @classmethod
+    def from_vlm(cls, vlm, processor, stats: dict, config: PolicyConfig | None = None) -> ChatVLA2Policy:
+        """Stage 1 ("knowledge freezing"): upcycle the pretrained VLM's MLPs into experts (per
+        ``config.moe``) and attach a fresh action expert whose normaliser comes from dataset ``stats``."""
+        config = config or PolicyConfig()
+        upcycle(vlm, MoEConfig.from_dict(config.moe))
+        return cls(vlm, processor, config, ActionNormalizer.from_stats(stats))
+
+    # ------------------------------------------------------------------ features
+    def features(self, batch: dict, data_type: torch.Tensor | None = None, with_lm_loss: bool = False):
+        """Run the VLM on a collated batch whose assistant turn is the reasoning (labels mark it).
+
+        Returns (:class:`Features`, LM loss or None). ``batch``: :func:`workbench.vlm.api.collate` output
+        (plus ``pixel_values`` when vision features are not cached); ``data_type``: (B,) 0/1."""
+        h = self.hidden_states(batch, data_type)
+        lm_loss = None
+        if with_lm_loss:
+            logits = self.vlm.lm_head(h[:, :-1]).float()
+            lm_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                  batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        return self.condition(*self.summaries(h, batch)), lm_loss
+
+    def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
+        """The language model's last hidden states (B, L, H), after the final norm."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        b = batch["input_ids"].shape[0]
+        data_type = torch.full((b,), ROBOT) if data_type is None else data_type
+        with routing_context(self.vlm, attention_mask=batch["attention_mask"], data_type=data_type):
+            return self.vlm.model(**inputs).last_hidden_state
+
+    def vlm_summaries(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """What the action side reads from the VLM for a robot batch: :meth:`summaries` of its hidden states
+        (cacheable when the VLM is frozen)."""
+        return self.summaries(self.hidden_states(batch), batch)
+
+    def summaries(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(prompt mean (B, H), reasoning mean (B, H), table-camera tokens (B, N, H), their (N, 2) coords)
+        from the last hidden states h (B, L, H) of a collated batch."""
+        reasoning = batch["labels"] != -100  # (B, L)
+        prompt = batch["attention_mask"].bool() & (reasoning.long().cumsum(1) == 0)
+        tokens, coords = self.table_tokens(h, batch)
+        return masked_mean(h, prompt), masked_mean(h, reasoning), tokens, coords
+
+    def condition(self, prompt, why, table_tokens, coords) -> Features:
+        """:class:`Features` for the action expert from :meth:`summaries`."""
+        if self.keypoints is None:
+            return Features(prompt, why)
+        kp, att = self.keypoints(why, table_tokens, coords)
+        return Features(torch.cat([prompt, kp], -1), why, att)
+
+    def table_tokens(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the last image's (the table camera's) tokens: (B, N, H), and their (N, 2) grid
+        coordinates. Every sample must show the same cameras."""
+        grids = batch["image_grid_thw"].view(h.shape[0], -1, 3)  # (B, images, 3)
+        last = grids[0, -1]
+        n = int(last.prod()) // self.merge**2
+        is_img = batch["input_ids"] == self.image_token_id  # (B, L)
+        # positions of each sample's image tokens; the table camera's are the last n
+        idx = torch.stack([row.nonzero().squeeze(-1)[-n:] for row in is_img])  # (B, N)
+        tokens = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return tokens, grid_coords(last, self.merge).to(h)
+
+    # ------------------------------------------------------------------ acting
+    def reset(self) -> None:
+        """Forget the episode: the next call generates new reasoning; the action queue is emptied."""
+        self._queue: deque = deque()
+        self.reasoning: str | None = None
+        self.facts: ReasoningFacts | None = None
+        self._instruction: str | None = None
+        self.last_features: Features | None = None
+
+    def images(self, obs: Observation) -> list:
+        return [getattr(obs, n) for n in CAMERA_ORDER]
+
+    @torch.no_grad()
+    def generate_reasoning(self, observation, instruction: str) -> str:
+        """Reasoning text for ``instruction`` given the cameras (greedy, KV-cached ``generate``)."""
+        from ..vlm.api import ask
+
+        obs = Observation.coerce(observation)
+        with routing_context(self.vlm, data_type=torch.tensor([ROBOT])):
+            return ask(self.vlm, self.processor, self.images(obs), _check_instruction(instruction),
+                       max_new_tokens=self.config.max_reasoning_tokens)
+
+    @torch.no_grad()
+    def predict_action_chunk(self, observation, instruction: str, generator: torch.Generator | None = None):
+        """Actions for the next ``chunk_size`` steps, and the episode's reasoning text.
+
+        Args:
+            observation: :class:`Observation` or the env's observation dict.
+            instruction: the task text.
+        Returns:
+            (actions (chunk_size, 4) float32 numpy array [dx, dy, dz, grip] per 10 Hz step, reasoning str).
+            ``self.facts`` holds the parsed conclusion (:class:`~workbench.world.language.ReasoningFacts`).
+        """
+        from ..vlm.api import answer_labels, build_inputs
+
+        obs = Observation.coerce(observation)
+        instruction = _check_instruction(instruction)
+        was_training = self.training
+        self.eval()
+        if self.reasoning is None or instruction != self._instruction:
+            self.reasoning = self.generate_reasoning(obs, instruction) or "."
+            self.facts, self._instruction = parse_reasoning(self.reasoning), instruction
+        batch = build_inputs(self.processor, self.images(obs), instruction, answer=self.reasoning)
+        batch["labels"] = answer_labels(self.processor, batch["input_ids"][0])[None]
+        feats, _ = self.features(batch)
+        self.last_features = feats
+        state = torch.from_numpy(obs.state)[None]
+        actions = self.action_expert.sample(feats.obs, state, feats.reasoning, generator=generator)[0]
+        self.train(was_training)
+        return actions.numpy().astype(np.float32), self.reasoning
+
+    def select_action(self, observation, instruction: str) -> np.ndarray:
+        """The next (4,) action; predicts a new chunk when the queue of ``n_action_steps`` runs out."""
+        if not self._queue:
+            chunk, _ = self.predict_action_chunk(observation, instruction)
+            self._queue.extend(chunk[: self.config.n_action_steps])
+        return self._queue.popleft()
+
+    def extra_repr(self) -> str:
+        moe = moe_config_of(self.vlm)
+        return (f"moe={moe.variant if moe else 'dense'}, keypoints={self.config.num_keypoints}, "
+                f"n_action_steps={self.config.n_action_steps}")
+
+
+# ---------------------------------------------------------------------------------------------- files
+def save_policy(policy: ChatVLA2Policy, path: str, extra: dict | None = None) -> str:
+    """Write the policy as one folder, atomically: ``policy_config.json`` (policy, MoE, action expert and
+    VLM configs), ``model.safetensors`` (every weight, the action normaliser included) and the processor."""
+    from safetensors.torch import save_model
+
+    from ..checkpoint import atomic_folder
+
+    with atomic_folder(path) as tmp:
+        meta = {"policy": policy.config.to_dict(), "vlm_config": policy.vlm.config.to_dict(),
+                "action_expert": policy.action_expert.config.to_dict(), **(extra or {})}
+        with open(os.path.join(tmp, "policy_config.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        save_model(policy, os.path.join(tmp, "model.safetensors"))
+        policy.processor.save_pretrained(tmp)
+    return path
+
+
+def is_policy_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "policy_config.json"))
+
+
+def load_policy(path: str) -> ChatVLA2Policy:
+    """A policy from a :func:`save_policy` folder (safetensors only; never unpickles). Raises
+    ``FileNotFoundError`` / ``ValueError`` saying what is missing or wrong."""
+    from safetensors.torch import load_model
+    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no policy folder at {path!r}")
+    missing = [f for f in POLICY_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        hint = " (it looks like a VLM checkpoint: make a policy with `python -m workbench.train stage " \
+               "knowledge_freezing`)" if os.path.isfile(os.path.join(path, "config.json")) else ""
+        raise FileNotFoundError(f"{path!r} is not a policy folder: {missing} missing{hint}")
+    try:
+        with open(os.path.join(path, "policy_config.json")) as f:
+            meta = json.load(f)
+        config = PolicyConfig(**meta["policy"])
+        vlm = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(meta["vlm_config"]))
+        upcycle(vlm, MoEConfig.from_dict(config.moe))
+        processor = AutoProcessor.from_pretrained(path)
+        policy = ChatVLA2Policy(vlm, processor, config)
+        load_model(policy, os.path.join(path, "model.safetensors"), strict=True)
+    except Exception as exc:
+        raise ValueError(f"could not load the policy at {path!r}: {type(exc).__name__}: {exc}") from exc
+    return policy.eval()
+
+
+__all__ = ["ChatVLA2Policy", "Features", "Observation", "PolicyConfig", "SpatialKeypoints", "is_policy_folder",
+           "load_policy", "save_policy", "IMAGE_TEXT", "ROBOT"]

@@ -1,0 +1,379 @@
+"""ChatVLA-2's training stages as configs, and the trainer that runs one stage (or a recipe of them).
+
+=====================  =====================================================  ==========================
+stage                  what it does                                           trained (default preset)
+=====================  =====================================================  ==========================
+knowledge_freezing     upcycle the pretrained VLM's MLPs into experts (each   nothing: it builds the
+                       a copy), attach a fresh action expert + normaliser     policy; the VLM's own parts
+                                                                              stay frozen from here on
+reasoning_alignment    co-train on the *general* image–text subset (no        experts, routers,
+                       digits) mixed 1:3 with in-domain robot frames whose    keypoints, action expert
+                       target is the reasoning text; loss = LM CE + diffusion
+                       (+ router load balancing)
+action_finetuning      the whole VLM frozen; the action expert learns to      keypoints, action expert
+                       follow the reasoning (diffusion loss only)
+=====================  =====================================================  ==========================
+
+Recipes (:data:`RECIPES`) chain stages: ``chatvla2`` (all three, the default), ``two_stage`` (the camera-ready
+paper's view: upcycling folded into co-training, then action fine-tuning), and the ablations
+``only_alignment`` / ``only_action``. Robot data comes only from *in-domain* splits (checked).
+
+CLI (each stage is one call; kill and rerun to resume from the newest checkpoint)::
+
+    python -m workbench.train stage knowledge_freezing --init data_samples/vlm --data DATA --out runs/s1
+    python -m workbench.train stage reasoning_alignment --init runs/s1 --data DATA --out runs/s2
+    python -m workbench.train stage action_finetuning --init runs/s2 --data DATA --out runs/s3
+    python -m workbench.train recipe chatvla2 --init data_samples/vlm --data DATA --out runs/chatvla2
+
+The vision tower is frozen in every default stage, so each frame's vision tokens are computed once and
+cached; in action fine-tuning the whole VLM is frozen, so its per-frame summaries are cached too.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from .moe import MoEConfig, load_balancing_loss
+from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, load_policy, save_policy
+
+#: groups of parameters a stage may train (everything else is frozen)
+PARTS = ("vision", "embeddings", "attention", "experts", "router", "keypoints", "action_expert")
+
+
+def part_of(name: str) -> str:
+    """Which of :data:`PARTS` a policy parameter belongs to."""
+    if name.startswith("action_expert."):
+        return "action_expert"
+    if name.startswith("keypoints."):
+        return "keypoints"
+    if name.startswith("vlm.model.visual."):
+        return "vision"
+    if ".router." in name:
+        return "router"
+    if ".mlp." in name:
+        return "experts"  # routed, shared and static experts (and a dense model's MLPs)
+    if "embed_tokens" in name or name.startswith("vlm.lm_head"):
+        return "embeddings"
+    return "attention"  # attention projections and norms of the language model
+
+
+@dataclass
+class StageConfig:
+    """One training stage. Validated on creation; errors name the allowed values."""
+
+    name: str
+    upcycle: bool = False  # start from a pretrained VLM folder and upcycle it (the knowledge-freezing step)
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 1e-3
+    train: tuple = ()  # parts of PARTS trained in this stage
+    image_text_share: float = 0.0  # share of every batch drawn from the general image–text subset
+    lm_loss: bool = False
+    diffusion_loss: bool = True
+    general_pool: int = 600  # image–text samples rendered and cached for the mix
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        self.train = tuple(self.train)
+        bad = [p for p in self.train if p not in PARTS]
+        if bad:
+            raise ValueError(f"unknown parts {bad}; expected a subset of {list(PARTS)}")
+        for k in ("steps", "batch_size", "checkpoint_every", "general_pool"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < (0 if k == "steps" else 1):
+                raise ValueError(f"{k} must be an int {'>= 0' if k == 'steps' else '>= 1'}, got {v!r}")
+        if not 0.0 <= self.image_text_share < 1.0:
+            raise ValueError(f"image_text_share must be in [0, 1), got {self.image_text_share}")
+        if self.steps and not self.train:
+            raise ValueError(f"stage {self.name!r} has {self.steps} steps but trains nothing (train=())")
+        if self.steps and not (self.lm_loss or self.diffusion_loss):
+            raise ValueError(f"stage {self.name!r} has no loss: set lm_loss and/or diffusion_loss")
+        if self.image_text_share and not self.lm_loss:
+            raise ValueError("image–text samples only carry an LM loss: set lm_loss=True or image_text_share=0")
+
+    @property
+    def caches_vlm(self) -> bool:
+        """True when no VLM part is trained: per-frame VLM summaries can be cached."""
+        return not (set(self.train) & {"vision", "embeddings", "attention", "experts", "router"})
+
+
+STAGES: dict[str, StageConfig] = {
+    "knowledge_freezing": StageConfig("knowledge_freezing", upcycle=True),
+    "reasoning_alignment": StageConfig(
+        "reasoning_alignment", steps=400, batch_size=16, lr=1e-3, image_text_share=0.25, lm_loss=True,
+        train=("experts", "router", "keypoints", "action_expert")),
+    "action_finetuning": StageConfig("action_finetuning", steps=3000, batch_size=64, lr=1e-3,
+                                     train=("keypoints", "action_expert"), checkpoint_every=500),
+}
+
+RECIPES: dict[str, tuple[StageConfig, ...]] = {
+    "chatvla2": (STAGES["knowledge_freezing"], STAGES["reasoning_alignment"], STAGES["action_finetuning"]),
+    "two_stage": (dataclasses.replace(STAGES["reasoning_alignment"], upcycle=True), STAGES["action_finetuning"]),
+    "only_alignment": (STAGES["knowledge_freezing"], STAGES["reasoning_alignment"]),
+    "only_action": (STAGES["knowledge_freezing"], STAGES["action_finetuning"]),
+}
+
+
+def set_trainable(policy: ChatVLA2Policy, parts) -> dict[str, dict[str, int]]:
+    """Freeze everything but ``parts``; returns {part: {"trainable": n, "frozen": n}} parameter counts."""
+    table = {p: {"trainable": 0, "frozen": 0} for p in PARTS}
+    for name, param in policy.named_parameters():
+        part = part_of(name)
+        param.requires_grad_(part in parts)
+        table[part]["trainable" if part in parts else "frozen"] += param.numel()
+    return table
+
+
+def format_parts(table: dict) -> str:
+    lines = [f"{'part':<14}{'trainable':>11}{'frozen':>11}"]
+    lines += [f"{p:<14}{c['trainable']:>11,}{c['frozen']:>11,}" for p, c in table.items() if sum(c.values())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- data
+class RobotFrames:
+    """In-domain demonstration frames, tokenised once per episode, with cached vision tokens.
+
+    ``item(i)`` is an :func:`~workbench.vlm.api.encode_example` dict (+ ``feats``) whose answer is the
+    episode's reasoning; ``actions[i]`` (chunk, 4), ``is_pad[i]`` (chunk,), ``states[i]`` (4,)."""
+
+    def __init__(self, root: str, policy: ChatVLA2Policy, progress: bool = True, batch: int = 32):
+        from ..dataset import DemonstrationDataset
+        from ..vlm.api import encode_example, vision_tokens
+
+        ds = DemonstrationDataset(root, chunk_size=policy.action_expert.config.chunk_size)
+        splits = set(ds.hf["split"])
+        if splits != {"in_domain"}:
+            raise ValueError(f"robot training data must be in-domain only; {root} has splits {sorted(splits)}")
+        self.episode = np.asarray(ds.hf["episode_index"])
+        self.states = torch.tensor(np.asarray(ds.hf["observation.state"], np.float32))
+        chunks = [ds.action_chunk(i) for i in range(len(ds))]
+        self.actions = torch.tensor(np.stack([c[0] for c in chunks]))
+        self.is_pad = torch.tensor(np.stack([c[1] for c in chunks]))
+        cams = [f"observation.images.{c}" for c in ("board", "table")]
+        visual, ip = policy.vlm.model.visual.eval(), policy.processor.image_processor
+        self.feats: list[list[torch.Tensor]] = []
+        self.encoded: dict[int, dict] = {}
+        self._ep_of = self.episode
+        with torch.no_grad():
+            for start in tqdm(range(0, len(ds), batch), desc="caching vision tokens", disable=not progress):
+                rows = ds.hf[start:start + batch]
+                images = [rows[c][j].convert("RGB") for j in range(len(rows[cams[0]])) for c in cams]
+                tokens, per_image = vision_tokens(visual, ip, images)
+                split = list(tokens.split(per_image))
+                for j in range(len(split) // 2):
+                    self.feats.append([split[2 * j].half(), split[2 * j + 1].half()])
+                    ep = int(rows["episode_index"][j])
+                    if ep not in self.encoded:
+                        self.encoded[ep] = encode_example(policy.processor, images[2 * j: 2 * j + 2],
+                                                          rows["instruction"][j], rows["reasoning"][j])
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def item(self, i: int) -> dict:
+        return {**self.encoded[int(self.episode[i])], "feats": [f.float() for f in self.feats[i]]}
+
+    def __repr__(self) -> str:
+        return f"RobotFrames(frames={len(self)}, episodes={len(self.encoded)})"
+
+
+class GeneralPool:
+    """The general image–text subset (no digits; :data:`~workbench.vlm.corpus.GENERAL_KINDS`), rendered
+    once with the training generator and its vision tokens cached."""
+
+    def __init__(self, size: int, policy: ChatVLA2Policy, seed: int = 0, progress: bool = True):
+        from ..vlm.api import encode_example, vision_tokens
+        from ..vlm.corpus import GENERAL_KINDS, CorpusGenerator, CorpusRenderer, check_general
+
+        samples = CorpusGenerator("train", seed=seed + 7).samples(size, kinds=GENERAL_KINDS)
+        assert all(check_general(s) for s in samples)
+        renderer = CorpusRenderer()
+        visual, ip = policy.vlm.model.visual.eval(), policy.processor.image_processor
+        self.items = []
+        with torch.no_grad():
+            for s in tqdm(samples, desc="image–text pool", disable=not progress):
+                images = renderer(s)
+                tokens, per_image = vision_tokens(visual, ip, images)
+                self.items.append({**encode_example(policy.processor, images, s.question, s.answer),
+                                   "feats": list(tokens.split(per_image))})
+        renderer.close()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class StageTrainer:
+    """Runs one :class:`StageConfig` from ``init`` (a VLM folder for upcycling stages, else a policy folder)
+    into ``out`` (the final policy) with checkpoints, ``log.csv`` and ``summary.json`` in ``out + '.run'``."""
+
+    def __init__(self, stage: StageConfig, init: str, data: str, out: str, policy_config: PolicyConfig | None = None,
+                 progress: bool = True):
+        from accelerate import Accelerator
+
+        self.stage, self.init, self.data, self.out, self.progress = stage, init, data, out, progress
+        self.policy_config = policy_config or PolicyConfig()
+        self.run_dir = out.rstrip("/") + ".run"
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.log_path = os.path.join(self.run_dir, "log.csv")
+
+    def log(self, **row) -> None:
+        new = not os.path.exists(self.log_path)
+        with open(self.log_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["time", "stage", "step", "loss", "lm", "diffusion", "aux", "lr"])
+            if new:
+                w.writeheader()
+            w.writerow({"time": round(time.time(), 1), "stage": self.stage.name, **row})
+
+    def initial_policy(self) -> ChatVLA2Policy:
+        from ..dataset import load_meta
+        from ..vlm.api import load_vlm
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None:
+            return load_policy(os.path.join(ckpt, "policy"))
+        if self.stage.upcycle:
+            vlm, processor = load_vlm(self.init)
+            return ChatVLA2Policy.from_vlm(vlm, processor, load_meta(self.data).stats, self.policy_config)
+        return load_policy(self.init)
+
+    def run(self) -> ChatVLA2Policy:
+        st = self.stage
+        torch.manual_seed(st.seed)
+        t0 = time.time()
+        policy = self.initial_policy()
+        parts = set_trainable(policy, st.train)
+        if self.progress:
+            print(f"stage {st.name}: {st.steps} steps\n{format_parts(parts)}")
+        ckpt = latest_checkpoint(self.run_dir)
+        start = load_checkpoint_state(ckpt)[0]["step"] if ckpt else 0
+        if st.steps > start:
+            (self.train_cached if st.caches_vlm else self.train_joint)(policy, start, ckpt)
+        save_policy(policy, self.out, extra={"stage": dataclasses.asdict(st)})
+        summary = {"stage": dataclasses.asdict(st), "parameters": parts, "init": self.init, "data": self.data,
+                   "wall_minutes_this_invocation": round((time.time() - t0) / 60, 2)}
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return policy
+
+    # -- the two loops ---------------------------------------------------------------------------
+    def _optimizer(self, policy, ckpt):
+        params = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.stage.lr, weight_decay=0.01)
+        if ckpt is not None:
+            load_checkpoint_state(ckpt, opt)
+        return params, opt
+
+    def _update(self, policy, step, terms: dict, params, opt, bar) -> None:
+        from ..vlm.pretrain import lr_at
+
+        lr = lr_at(step, self.stage.steps, self.stage.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = sum(terms.values())
+        opt.zero_grad()
+        self.accelerator.backward(loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        vals = {k: round(float(v), 5) for k, v in terms.items()}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()})
+        self.log(step=step + 1, loss=round(float(loss), 5), lr=lr, **vals)
+        if (step + 1) % self.stage.checkpoint_every == 0 or step + 1 == self.stage.steps:
+            save_checkpoint(self.run_dir, step + 1, lambda d: save_policy(policy, os.path.join(d, "policy")), opt,
+                            {"stage": self.stage.name})
+
+    def train_joint(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
+        """VLM parts are trained: every step runs the language model (vision tokens from the cache)."""
+        from ..vlm.api import collate
+
+        st = self.stage
+        frames = RobotFrames(self.data, policy, self.progress)
+        pool = GeneralPool(st.general_pool, policy, st.seed, self.progress) if st.image_text_share else None
+        params, opt = self._optimizer(policy, ckpt)
+        policy, opt = self.accelerator.prepare(policy, opt)
+        moe = MoEConfig.from_dict(policy.config.moe)
+        n_gen = round(st.batch_size * st.image_text_share) if pool else 0
+        n_rob = st.batch_size - n_gen
+        pad = policy.processor.tokenizer.pad_token_id
+        policy.train()
+        bar = tqdm(range(start, st.steps), desc=st.name, initial=start, total=st.steps, disable=not self.progress)
+        for step in bar:
+            rng = np.random.default_rng([st.seed, step])
+            rob = rng.choice(len(frames), n_rob, replace=False)
+            items = [frames.item(i) for i in rob] + [pool.items[j] for j in rng.choice(len(pool), n_gen)] \
+                if n_gen else [frames.item(i) for i in rob]
+            batch = collate(items, pad)
+            data_type = torch.tensor([ROBOT] * n_rob + [IMAGE_TEXT] * n_gen)
+            feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss)
+            terms = {}
+            if st.lm_loss:
+                terms["lm"] = lm
+            if st.diffusion_loss:
+                terms["diffusion"] = policy.action_expert.compute_loss(
+                    frames.actions[rob], feats.obs[:n_rob], frames.states[rob], feats.reasoning[:n_rob],
+                    frames.is_pad[rob])[0]
+            if moe.variant != "dense" and moe.aux_loss_coef > 0:
+                terms["aux"] = moe.aux_loss_coef * load_balancing_loss(policy.vlm)
+            self._update(policy, step, terms, params, opt, bar)
+
+    def train_cached(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
+        """The VLM is frozen: its per-frame summaries are computed once; only the action side trains."""
+        from ..vlm.api import collate
+
+        st = self.stage
+        frames = RobotFrames(self.data, policy, self.progress)
+        pad = policy.processor.tokenizer.pad_token_id
+        policy.eval()
+        cache = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(frames), 32), desc="caching VLM summaries", disable=not self.progress):
+                idx = range(i, min(i + 32, len(frames)))
+                batch = collate([frames.item(j) for j in idx], pad)
+                prompt, why, table, coords = policy.vlm_summaries(batch)
+                cache += [(prompt[k].half(), why[k].half(), table[k].half()) for k in range(len(idx))]
+        params, opt = self._optimizer(policy, ckpt)
+        policy, opt = self.accelerator.prepare(policy, opt)
+        policy.train()
+        bar = tqdm(range(start, st.steps), desc=st.name, initial=start, total=st.steps, disable=not self.progress)
+        for step in bar:
+            rng = np.random.default_rng([st.seed, step])
+            idx = rng.choice(len(frames), min(st.batch_size, len(frames)), replace=False)
+            prompt, why, table = (torch.stack([cache[i][k].float() for i in idx]) for k in range(3))
+            feats = policy.condition(prompt, why, table, coords)
+            loss = policy.action_expert.compute_loss(frames.actions[idx], feats.obs, frames.states[idx],
+                                                     feats.reasoning, frames.is_pad[idx])[0]
+            self._update(policy, step, {"diffusion": loss}, params, opt, bar)
+
+
+def run_recipe(name: str, init: str, data: str, out: str, policy_config: PolicyConfig | None = None,
+               progress: bool = True, **overrides) -> ChatVLA2Policy:
+    """Every stage of ``RECIPES[name]`` in turn: stage k writes ``out/<k>_<stage>``; the last is also
+    copied to ``out/policy``. ``overrides`` (e.g. ``steps`` per stage name) are applied by stage name:
+    ``{"action_finetuning": {"steps": 100}}``."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {list(RECIPES)}")
+    src, policy = init, None
+    for k, stage in enumerate(RECIPES[name]):
+        stage = dataclasses.replace(stage, **overrides.get(stage.name, {}))
+        dst = os.path.join(out, f"{k + 1}_{stage.name}")
+        policy = StageTrainer(stage, src, data, dst, policy_config, progress).run()
+        src = dst
+    save_policy(policy, os.path.join(out, "policy"), extra={"recipe": name})
+    return policy
+
+
+__all__ = ["PARTS", "RECIPES", "STAGES", "GeneralPool", "RobotFrames", "StageConfig", "StageTrainer", "format_parts",
+           "part_of", "run_recipe", "set_trainable"]
