@@ -201,18 +201,23 @@ class ChatVLA2Policy(nn.Module):
         return cls(vlm, processor, config, ActionNormalizer.from_stats(stats))
 
     # ------------------------------------------------------------------ features
-    def features(self, batch: dict, data_type: torch.Tensor | None = None, with_lm_loss: bool = False):
+    def features(self, batch: dict, data_type: torch.Tensor | None = None, with_lm_loss: bool = False,
+                 n_robot: int | None = None):
         """Run the VLM on a collated batch whose assistant turn is the reasoning (labels mark it).
 
-        Returns (:class:`Features`, LM loss or None). ``batch``: :func:`workbench.vlm.api.collate` output
-        (plus ``pixel_values`` when vision features are not cached); ``data_type``: (B,) 0/1."""
+        Returns (:class:`Features` of the first ``n_robot`` rows (default all), LM loss over all rows or
+        None). ``batch``: :func:`workbench.vlm.api.collate` output (plus ``pixel_values`` when vision
+        features are not cached); robot rows come first, each with both cameras; ``data_type``: (B,) 0/1."""
         h = self.hidden_states(batch, data_type)
         lm_loss = None
         if with_lm_loss:
             logits = self.vlm.lm_head(h[:, :-1]).float()
             lm_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                   batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-        return self.condition(*self.summaries(h, batch)), lm_loss
+        n = h.shape[0] if n_robot is None else n_robot
+        robot = {k: batch[k][:n] for k in ("input_ids", "labels", "attention_mask")}
+        robot["image_grid_thw"] = batch["image_grid_thw"][: len(CAMERA_ORDER) * n]
+        return self.condition(*self.summaries(h[:n], robot)), lm_loss
 
     def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
         """The language model's last hidden states (B, L, H), after the final norm."""
@@ -244,9 +249,8 @@ class ChatVLA2Policy(nn.Module):
 
     def table_tokens(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the last image's (the table camera's) tokens: (B, N, H), and their (N, 2) grid
-        coordinates. Every sample must show the same cameras."""
-        grids = batch["image_grid_thw"].view(h.shape[0], -1, 3)  # (B, images, 3)
-        last = grids[0, -1]
+        coordinates. Every row must show the cameras of :data:`CAMERA_ORDER`."""
+        last = batch["image_grid_thw"][len(CAMERA_ORDER) - 1]  # (3,): the table camera's grid
         n = int(last.prod()) // self.merge**2
         is_img = batch["input_ids"] == self.image_token_id  # (B, L)
         # positions of each sample's image tokens; the table camera's are the last n

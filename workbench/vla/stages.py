@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from .moe import MoEConfig, load_balancing_loss
-from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, load_policy, save_policy
+from .policy import CAMERA_ORDER, IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, load_policy, save_policy
 
 #: groups of parameters a stage may train (everything else is frozen)
 PARTS = ("vision", "embeddings", "attention", "experts", "router", "keypoints", "action_expert")
@@ -80,7 +80,7 @@ class StageConfig:
     image_text_share: float = 0.0  # share of every batch drawn from the general image–text subset
     lm_loss: bool = False
     diffusion_loss: bool = True
-    general_pool: int = 600  # image–text samples rendered and cached for the mix
+    general_pool: int = 400  # image–text samples rendered and cached for the mix
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -146,11 +146,13 @@ class RobotFrames:
     """In-domain demonstration frames, tokenised once per episode, with cached vision tokens.
 
     ``item(i)`` is an :func:`~workbench.vlm.api.encode_example` dict (+ ``feats``) whose answer is the
-    episode's reasoning; ``actions[i]`` (chunk, 4), ``is_pad[i]`` (chunk,), ``states[i]`` (4,)."""
+    episode's reasoning; ``actions[i]`` (chunk, 4), ``is_pad[i]`` (chunk,), ``states[i]`` (4,).
+    The frozen vision tower's tokens of every frame are saved under ``<root>/cache/`` (keyed by a hash of
+    the vision weights), so later stages and reruns skip them."""
 
     def __init__(self, root: str, policy: ChatVLA2Policy, progress: bool = True, batch: int = 32):
         from ..dataset import DemonstrationDataset
-        from ..vlm.api import encode_example, vision_tokens
+        from ..vlm.api import encode_example
 
         ds = DemonstrationDataset(root, chunk_size=policy.action_expert.config.chunk_size)
         splits = set(ds.hf["split"])
@@ -161,29 +163,49 @@ class RobotFrames:
         chunks = [ds.action_chunk(i) for i in range(len(ds))]
         self.actions = torch.tensor(np.stack([c[0] for c in chunks]))
         self.is_pad = torch.tensor(np.stack([c[1] for c in chunks]))
-        cams = [f"observation.images.{c}" for c in ("board", "table")]
+        self.board, self.table = self._vision_tokens(ds, policy, root, progress, batch)
+        self.encoded = {}
+        for ep in np.unique(self.episode):
+            row = ds.hf[int(np.argmax(self.episode == ep))]
+            images = [row[f"observation.images.{c}"].convert("RGB") for c in CAMERA_ORDER]
+            self.encoded[int(ep)] = encode_example(policy.processor, images, row["instruction"], row["reasoning"])
+
+    @staticmethod
+    def _vision_tokens(ds, policy, root, progress, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames, 72, H) board and (frames, 176, H) table tokens, float16, from the cache or computed."""
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+
+        from ..vlm.api import vision_tokens
+
         visual, ip = policy.vlm.model.visual.eval(), policy.processor.image_processor
-        self.feats: list[list[torch.Tensor]] = []
-        self.encoded: dict[int, dict] = {}
-        self._ep_of = self.episode
+        digest = hashlib.sha1(b"".join(p.detach().float().numpy().tobytes() for p in visual.parameters()))
+        path = os.path.join(root, "cache", f"vision-{digest.hexdigest()[:12]}-{len(ds)}.safetensors")
+        if os.path.isfile(path):
+            t = load_file(path)
+            return t["board"], t["table"]
+        out: dict[str, list] = {c: [] for c in CAMERA_ORDER}
         with torch.no_grad():
             for start in tqdm(range(0, len(ds), batch), desc="caching vision tokens", disable=not progress):
                 rows = ds.hf[start:start + batch]
-                images = [rows[c][j].convert("RGB") for j in range(len(rows[cams[0]])) for c in cams]
+                n = len(rows["episode_index"])
+                images = [rows[f"observation.images.{c}"][j].convert("RGB") for j in range(n) for c in CAMERA_ORDER]
                 tokens, per_image = vision_tokens(visual, ip, images)
-                split = list(tokens.split(per_image))
-                for j in range(len(split) // 2):
-                    self.feats.append([split[2 * j].half(), split[2 * j + 1].half()])
-                    ep = int(rows["episode_index"][j])
-                    if ep not in self.encoded:
-                        self.encoded[ep] = encode_example(policy.processor, images[2 * j: 2 * j + 2],
-                                                          rows["instruction"][j], rows["reasoning"][j])
+                split = tokens.half().split(per_image)
+                for k, c in enumerate(CAMERA_ORDER):
+                    out[c] += split[k::len(CAMERA_ORDER)]
+        tensors = {c: torch.stack(v) for c, v in out.items()}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a killed run leaves no half-written cache
+        return tensors["board"], tensors["table"]
 
     def __len__(self) -> int:
-        return len(self.feats)
+        return len(self.episode)
 
     def item(self, i: int) -> dict:
-        return {**self.encoded[int(self.episode[i])], "feats": [f.float() for f in self.feats[i]]}
+        return {**self.encoded[int(self.episode[i])], "feats": [self.board[i].float(), self.table[i].float()]}
 
     def __repr__(self) -> str:
         return f"RobotFrames(frames={len(self)}, episodes={len(self.encoded)})"
@@ -317,13 +339,13 @@ class StageTrainer:
                 if n_gen else [frames.item(i) for i in rob]
             batch = collate(items, pad)
             data_type = torch.tensor([ROBOT] * n_rob + [IMAGE_TEXT] * n_gen)
-            feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss)
+            feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=n_rob)
             terms = {}
             if st.lm_loss:
                 terms["lm"] = lm
             if st.diffusion_loss:
                 terms["diffusion"] = policy.action_expert.compute_loss(
-                    frames.actions[rob], feats.obs[:n_rob], frames.states[rob], feats.reasoning[:n_rob],
+                    frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning,
                     frames.is_pad[rob])[0]
             if moe.variant != "dense" and moe.aux_loss_coef > 0:
                 terms["aux"] = moe.aux_loss_coef * load_balancing_loss(policy.vlm)
