@@ -1,10 +1,15 @@
 """Benchmarks that print a table. Speed targets live here, never in timed tests.
 
     python -m workbench.bench sim [--steps 200] [--episodes 6]
+    python -m workbench.bench policy [--policy data_samples/policy] [--repeats 30]
 
 ``sim``: control steps per second (10 Hz control, 24 physics substeps each) with no cameras, with
 the model's two cameras, and with the overview camera as well; and dataset generation throughput
 (episodes per minute, both cameras rendered and PNG-encoded).
+
+``policy``: ChatVLA-2 latency, p50 / p90 over repeated calls on real observations: reasoning generation
+(greedy, KV cache; target <= 250 ms), one action chunk from an observation and already generated reasoning
+(VLM forward + 10 DDIM steps; target <= 50 ms), and the share of the chunk spent in the action expert.
 """
 
 from __future__ import annotations
@@ -63,6 +68,45 @@ def bench_sim(steps: int = 200, episodes: int = 6) -> list[tuple[str, str]]:
     return rows
 
 
+def bench_policy(path: str = "data_samples/policy", repeats: int = 30) -> list[tuple[str, str]]:
+    import torch
+
+    from .vla.policy import Observation, load_policy
+    from .world.env import TabletopEnv
+
+    policy = load_policy(path)
+    env = TabletopEnv("math_matching", "in_domain")
+    obs, info = env.reset(seed=0)
+    env.close()
+    obs, instruction = Observation.coerce(obs), info["instruction"]
+
+    def timed(fn) -> np.ndarray:
+        fn()  # warm-up
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            out.append(1000 * (time.perf_counter() - t0))
+        return np.array(out)
+
+    reasoning = timed(lambda: policy.generate_reasoning(obs, instruction))
+    policy.reset()
+    policy.predict_action_chunk(obs, instruction)  # generates the episode's reasoning once
+    chunk = timed(lambda: policy.predict_action_chunk(obs, instruction))
+    f = policy.last_features
+    state = torch.from_numpy(obs.state)[None]
+    expert = timed(lambda: policy.action_expert.sample(f.obs, state, f.reasoning))
+    tokens = len(policy.processor.tokenizer(policy.reasoning)["input_ids"])
+
+    def p(ms):
+        return f"{np.percentile(ms, 50):.1f} / {np.percentile(ms, 90):.1f}"
+
+    return [(f"reasoning generation, ms p50 / p90 ({tokens} tokens)", p(reasoning)),
+            ("action chunk from observation + reasoning, ms p50 / p90", p(chunk)),
+            ("  of which action expert (10 DDIM steps), ms p50 / p90", p(expert)),
+            ("torch threads", str(torch.get_num_threads()))]
+
+
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\n{title}  ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -75,12 +119,16 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["sim"])
+    ap.add_argument("what", choices=["sim", "policy"])
+    ap.add_argument("--policy", default="data_samples/policy", help="policy folder (policy benchmark)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls per policy measurement")
     ap.add_argument("--steps", type=int, default=200, help="control steps per speed measurement")
     ap.add_argument("--episodes", type=int, default=6, help="episodes for the dataset measurement")
     args = ap.parse_args(argv)
     if args.what == "sim":
         print_table("Simulation benchmark", bench_sim(args.steps, args.episodes))
+    else:
+        print_table(f"Policy latency ({args.policy})", bench_policy(args.policy, args.repeats))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@
     python -m workbench.evaluate knowledge --model data_samples/vlm [--per-skill 100] [--out outputs/knowledge.json]
     python -m workbench.evaluate policy --policy data_samples/policy --task math_matching --split open_world \
         --episodes 50 [--videos 2] [--out outputs/policy_math_open.json]
+    python -m workbench.evaluate report --policy data_samples/policy --episodes 25 \\
+        --out data_samples/policy/results.json
 
-``knowledge`` accepts a policy folder too: it then evaluates the policy's backbone (MoE layers included).
+``report``: closed-loop results on both tasks and splits plus the knowledge table of the pretrained VLM
+beside the policy's backbone (what the README shows). ``knowledge`` accepts a policy folder too: it then
+evaluates the policy's backbone (MoE layers included).
 
 Rows (each on the corpus' held-out split: held-out writing styles and hand-writing seeds, whiteboard
 equations never shown on a board in training, fresh layouts), with N:
@@ -146,12 +150,9 @@ def reasoning_scores(facts, ground_truth: dict) -> dict:
 
     if ground_truth["task"] == "math_matching":
         truth = Equation.parse(ground_truth["equation"])
-        try:
-            read = Equation.parse(facts.equation + "=?") if facts.equation else None
-        except ValueError:
-            read = None
-        ocr = sum([read is not None and read.a == truth.a, read is not None and read.op == truth.op,
-                   read is not None and read.b == truth.b, facts.card_slot == ground_truth["answer_card_slot"]])
+        read = re.fullmatch(r"(\d+)([+\-×÷])(\d+)", facts.equation or "")
+        a, op, b = (int(read[1]), read[2], int(read[3])) if read else (None, None, None)
+        ocr = sum([a == truth.a, op == truth.op, b == truth.b, facts.card_slot == ground_truth["answer_card_slot"]])
         return {"ocr": ocr, "math": int(facts.answer == truth.answer) + int(facts.card == truth.answer)}
     return {"recognition": (int(facts.object == ground_truth["object"]) + int(facts.target == ground_truth["target"]))
             / 2, "spatial": int(facts.direction == ground_truth["direction"])}
@@ -203,6 +204,41 @@ def format_policy_result(r: dict) -> str:
             f"mean steps {r['mean_steps']:.1f}")
 
 
+def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill: int = 25,
+                  progress: bool = True) -> dict:
+    """What the README reports for a trained policy: closed-loop success on both tasks and splits, and the
+    knowledge table of the pretrained VLM beside the policy's backbone (same held-out questions)."""
+    from .vla.policy import load_policy
+    from .vlm.api import load_vlm
+    from .world.catalog import SPLIT_NAMES, TASKS
+
+    policy = load_policy(policy_path)
+    closed = []
+    for task in TASKS:
+        for split in SPLIT_NAMES:
+            r = evaluate_policy(policy, task, split, episodes, progress=progress)
+            print(format_policy_result(r))
+            closed.append({**{k: v for k, v in r.items() if k != "records"}, "examples": r["records"][:3]})
+    knowledge = {"pretrained": evaluate_knowledge(*load_vlm(vlm_path), per_skill, progress=progress)["rows"],
+                 "policy": evaluate_knowledge(policy.vlm, policy.processor, per_skill, progress=progress)["rows"]}
+    return {"policy": policy_path, "pretrained_vlm": vlm_path, "episodes_per_split": episodes,
+            "eval_seeds": [EVAL_SEED, EVAL_SEED + episodes - 1], "knowledge_per_skill": per_skill,
+            "closed_loop": closed, "knowledge": knowledge}
+
+
+def format_retention(knowledge: dict) -> str:
+    """Knowledge table: pretrained VLM vs the policy's backbone, per row, with the difference."""
+    before = {r["key"]: r for r in knowledge["pretrained"]}
+    lines = [f"| {'skill':<32} | {'pretrained':>10} | {'ChatVLA-2':>9} | {'change':>7} | {'N':>4} |",
+             f"|{'-' * 34}|{'-' * 12}|{'-' * 11}|{'-' * 9}|{'-' * 6}|"]
+    for r in knowledge["policy"]:
+        b = before.get(r["key"])
+        if b is not None:
+            lines.append(f"| {r['skill']:<32} | {100 * b['accuracy']:>9.1f}% | {100 * r['accuracy']:>8.1f}% | "
+                         f"{100 * (r['accuracy'] - b['accuracy']):>+6.1f} | {r['n']:>4} |")
+    return "\n".join(lines)
+
+
 def load_backbone(path: str):
     """(VLM, processor) of a VLM checkpoint folder or of a policy folder (its MoE backbone)."""
     from .vla.policy import is_policy_folder, load_policy
@@ -222,6 +258,12 @@ def main(argv=None):
     k.add_argument("--per-skill", type=int, default=100)
     k.add_argument("--seed", type=int, default=1234)
     k.add_argument("--out", default=None, help="JSON file for the table and examples")
+    r = sub.add_parser("report", help="closed-loop results on both tasks/splits + knowledge retention (JSON)")
+    r.add_argument("--policy", required=True)
+    r.add_argument("--vlm", default="data_samples/vlm", help="the pretrained VLM the policy started from")
+    r.add_argument("--episodes", type=int, default=25, help="episodes per task and split")
+    r.add_argument("--per-skill", type=int, default=25)
+    r.add_argument("--out", required=True, help="JSON file (e.g. POLICY/results.json)")
     p = sub.add_parser("policy", help="closed-loop evaluation of a policy in the simulator")
     p.add_argument("--policy", required=True, help="policy folder")
     p.add_argument("--task", required=True, choices=["math_matching", "toy_placement"])
@@ -236,6 +278,10 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.what == "policy":
         return _main_policy(ap, args)
+    if args.what == "report":
+        result = policy_report(args.policy, args.vlm, args.episodes, args.per_skill)
+        print(format_retention(result["knowledge"]))
+        return _write_json(args.out, result)
     if args.per_skill < 1:
         ap.error("--per-skill must be at least 1")
     model, processor = load_backbone(args.model)

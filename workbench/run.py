@@ -1,9 +1,8 @@
-"""The main job (README, first command): run the scripted expert on both tasks and both splits,
-print success rates with 95% intervals, and write a GIF of one episode per task.
+"""The main job (README, first command): the shipped ChatVLA-2 policy acting in the simulator on both tasks
+and both splits (its reasoning scored against the ground truth), beside the scripted expert that made its
+training data; success rates with 95% intervals and a GIF of one open-world episode per task.
 
-    python -m workbench.run [--episodes 25] [--out outputs]
-
-Later work (the trained policy and the live demo) replaces the expert here.
+    python -m workbench.run [--episodes 25] [--policy-episodes 5] [--policy data_samples/policy] [--out outputs]
 """
 
 from __future__ import annotations
@@ -56,14 +55,34 @@ def record_gif(task: str, split: str, path: str, seed: int = 0) -> str:
     return save_gif(episode_frames(ep, steps), path)
 
 
+def run_policy(path: str, episodes: int, out: str) -> list[dict]:
+    """The shipped policy on every task and split (closed loop), and one open-world GIF per task."""
+    from .evaluate import evaluate_policy, format_policy_result
+    from .vla.policy import load_policy
+
+    policy = load_policy(path)
+    results = []
+    print(f"\nChatVLA-2 policy {path}, {episodes} seeded episodes per row (evaluation seeds, never trained on)")
+    for task in TASKS:
+        for split in SPLIT_NAMES:
+            r = evaluate_policy(policy, task, split, episodes, videos=int(split == "open_world"), video_dir=out)
+            print(format_policy_result(r))
+            results.append(r)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m workbench.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--episodes", type=int, default=25, help="episodes per task and split")
+    ap.add_argument("--episodes", type=int, default=25, help="scripted-expert episodes per task and split")
+    ap.add_argument("--policy", default="data_samples/policy", help="policy folder ('' to skip the policy)")
+    ap.add_argument("--policy-episodes", type=int, default=5, help="policy episodes per task and split")
     ap.add_argument("--out", default="outputs", help="folder for GIFs and results.json")
     ap.add_argument("--seed", type=int, default=1000)
     args = ap.parse_args(argv)
-    if args.episodes < 1:
-        ap.error("--episodes must be at least 1")
+    if args.episodes < 1 or args.policy_episodes < 1:
+        ap.error("--episodes and --policy-episodes must be at least 1")
+    if args.policy and not os.path.isdir(args.policy):
+        ap.error(f"no policy folder at {args.policy!r} (pass --policy '' to run only the scripted expert)")
     os.makedirs(args.out, exist_ok=True)
     results = [evaluate_expert(t, s, args.episodes, args.seed) for t in TASKS for s in SPLIT_NAMES]
     print(f"\nScripted expert, {args.episodes} seeded episodes per row (seeds {args.seed}..."
@@ -72,11 +91,12 @@ def main(argv=None):
     for r in results:
         print(f"{r['task']:<15} {r['split']:<11} {r['successes']:>4}/{r['episodes']:<4} "
               f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]  {r['mean_length']:>5.1f}")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
     for task in TASKS:
-        path = record_gif(task, "open_world", os.path.join(args.out, f"{task}.gif"))
+        path = record_gif(task, "open_world", os.path.join(args.out, f"expert_{task}.gif"))
         print(f"wrote {path}")
+    policy = run_policy(args.policy, args.policy_episodes, args.out) if args.policy else []
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"expert": results, "policy": policy}, f, indent=2, ensure_ascii=False)
     print(f"wrote {os.path.join(args.out, 'results.json')}")
 
 

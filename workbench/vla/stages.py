@@ -393,9 +393,23 @@ def run_recipe(name: str, init: str, data: str, out: str, policy_config: PolicyC
         dst = os.path.join(out, f"{k + 1}_{stage.name}")
         policy = StageTrainer(stage, src, data, dst, policy_config, progress).run()
         src = dst
-    save_policy(policy, os.path.join(out, "policy"), extra={"recipe": name})
+    final = os.path.join(out, "policy")
+    save_policy(policy, final, extra={"recipe": name})
+    copy_training_logs(out, final)
     return policy
 
 
-__all__ = ["PARTS", "RECIPES", "STAGES", "GeneralPool", "RobotFrames", "StageConfig", "StageTrainer", "format_parts",
-           "part_of", "run_recipe", "set_trainable"]
+def copy_training_logs(recipe_dir: str, policy_dir: str) -> None:
+    """Put each trained stage's ``log.csv`` beside the final policy as ``training/<stage>.csv``."""
+    import shutil
+
+    os.makedirs(os.path.join(policy_dir, "training"), exist_ok=True)
+    for run in sorted(d for d in os.listdir(recipe_dir) if d.endswith(".run")):
+        log = os.path.join(recipe_dir, run, "log.csv")
+        if os.path.isfile(log):
+            stage = run[: -len(".run")].split("_", 1)[1]
+            shutil.copy(log, os.path.join(policy_dir, "training", f"{stage}.csv"))
+
+
+__all__ = ["PARTS", "RECIPES", "STAGES", "GeneralPool", "RobotFrames", "StageConfig", "StageTrainer",
+           "copy_training_logs", "format_parts", "part_of", "run_recipe", "set_trainable"]

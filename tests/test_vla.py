@@ -1,0 +1,208 @@
+"""The ChatVLA-2 policy, its training stages and closed-loop evaluation (small, fast versions)."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.dataset import load_meta
+from workbench.evaluate import evaluate_policy, load_backbone, reasoning_scores
+from workbench.vla.policy import ChatVLA2Policy, Observation, PolicyConfig, load_policy, save_policy
+from workbench.vla.stages import PARTS, RECIPES, STAGES, StageConfig, StageTrainer, part_of, set_trainable
+from workbench.vlm.api import ask, load_vlm
+from workbench.world.language import parse_reasoning
+
+INSTRUCTION = "Pick the red cube and place it to the left of the yellow duck"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demos(root):
+    return os.path.join(root, "data_samples", "demos")
+
+
+@pytest.fixture(scope="module")
+def policy(root, demos):
+    vlm, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
+    torch.manual_seed(0)
+    return ChatVLA2Policy.from_vlm(vlm, processor, load_meta(demos).stats)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def test_observation_validates_its_fields():
+    obs = Observation.fake()
+    assert obs.board.shape == (96, 192, 3) and obs.table.shape == (176, 256, 3) and obs.state.dtype == np.float32
+    with pytest.raises(ValueError, match="board camera"):
+        Observation(obs.table, obs.table, obs.state)
+    with pytest.raises(ValueError, match="uint8"):
+        Observation(obs.board.astype(np.float32), obs.table, obs.state)
+    with pytest.raises(ValueError, match="finite"):
+        Observation(obs.board, obs.table, np.array([0, 0, np.nan, 0]))
+    with pytest.raises(ValueError, match="lacks"):
+        Observation.coerce({"board": obs.board, "state": obs.state})
+    with pytest.raises(TypeError):
+        Observation.coerce([obs.board])
+
+
+def test_policy_config_validates():
+    with pytest.raises(ValueError, match="n_action_steps"):
+        PolicyConfig(n_action_steps=17)
+    with pytest.raises(ValueError, match="num_keypoints"):
+        PolicyConfig(num_keypoints=-1)
+    with pytest.raises(ValueError):
+        PolicyConfig(moe={"variant": "sparse"})
+
+
+# ---------------------------------------------------------------------------------------------- acting
+def test_predict_action_chunk_and_action_queue(policy):
+    policy.reset()
+    obs = Observation.fake(1)
+    actions, reasoning = policy.predict_action_chunk(obs, INSTRUCTION)
+    assert actions.shape == (16, 4) and actions.dtype == np.float32 and np.isfinite(actions).all()
+    assert isinstance(reasoning, str) and reasoning == policy.reasoning and policy.facts is not None
+    assert policy.last_features.obs.shape == (1, 128 + 2 * policy.config.num_keypoints)
+    assert policy.last_features.attention.shape == (1, policy.config.num_keypoints, 176)  # 11 x 16 table tokens
+    policy.reset()
+    assert policy.reasoning is None
+    calls = []
+    original = policy.predict_action_chunk
+    policy.predict_action_chunk = lambda o, i: (calls.append(1), original(o, i))[1]
+    try:
+        for _ in range(policy.config.n_action_steps + 1):
+            assert policy.select_action({"board": obs.board, "table": obs.table, "state": obs.state},
+                                        INSTRUCTION).shape == (4,)
+    finally:
+        del policy.predict_action_chunk
+    assert len(calls) == 2  # a new chunk only when the queue of n_action_steps runs out
+    with pytest.raises(ValueError, match="instruction"):
+        policy.predict_action_chunk(obs, "  ")
+
+
+def test_upcycled_backbone_still_answers_like_the_pretrained_vlm(root, policy):
+    vlm, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
+    obs = Observation.fake(2)
+    question = "What is written on the whiteboard?"
+    assert ask(policy.vlm, processor, [obs.board], question) == ask(vlm, processor, [obs.board], question)
+
+
+def test_save_load_round_trip_and_bad_folders(policy, tmp_path, root):
+    path = str(tmp_path / "policy")
+    save_policy(policy, path)
+    loaded = load_policy(path)
+    obs = Observation.fake(3)
+    out = []
+    for p in (policy, loaded):
+        p.reset()
+        p.reasoning, p._instruction, p.facts = "I see the red cube.", INSTRUCTION, parse_reasoning("")
+        out.append(p.predict_action_chunk(obs, INSTRUCTION, generator=torch.Generator().manual_seed(0))[0])
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="VLM checkpoint"):
+        load_policy(os.path.join(root, "data_samples", "vlm"))
+    with pytest.raises(FileNotFoundError, match="no policy folder"):
+        load_policy(str(tmp_path / "missing"))
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(ValueError, match="could not load the policy"):
+        load_policy(path)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def test_stage_configs_validate_and_recipes_chain_stages():
+    with pytest.raises(ValueError, match="unknown parts"):
+        StageConfig("x", train=("brain",))
+    with pytest.raises(ValueError, match="trains nothing"):
+        StageConfig("x", steps=5)
+    with pytest.raises(ValueError, match="image_text_share"):
+        StageConfig("x", steps=5, train=("experts",), image_text_share=1.5)
+    assert STAGES["reasoning_alignment"].image_text_share == 0.25  # 1:3
+    assert STAGES["action_finetuning"].caches_vlm and not STAGES["reasoning_alignment"].caches_vlm
+    assert [s.name for s in RECIPES["chatvla2"]] == ["knowledge_freezing", "reasoning_alignment", "action_finetuning"]
+    assert RECIPES["two_stage"][0].upcycle and len(RECIPES["two_stage"]) == 2
+
+
+def test_every_parameter_belongs_to_a_part_and_freezing_follows_the_stage(policy):
+    names = dict(policy.named_parameters())
+    parts = {part_of(n) for n in names}
+    assert parts == set(PARTS)
+    table = set_trainable(policy, STAGES["action_finetuning"].train)
+    assert table["action_expert"]["frozen"] == 0 and table["experts"]["trainable"] == 0
+    assert all(p.requires_grad == (part_of(n) in ("keypoints", "action_expert")) for n, p in names.items())
+    assert {part_of(n) for n in names if ".router." in n} == {"router"}
+
+
+def test_stages_train_save_and_resume(root, demos, tmp_path):
+    vlm_dir = os.path.join(root, "data_samples", "vlm")
+    s1 = str(tmp_path / "s1")
+    StageTrainer(STAGES["knowledge_freezing"], vlm_dir, demos, s1, progress=False).run()
+    align = dataclasses.replace(STAGES["reasoning_alignment"], steps=2, batch_size=4, general_pool=4,
+                                checkpoint_every=1)
+    s2 = str(tmp_path / "s2")
+    StageTrainer(align, s1, demos, s2, progress=False).run()
+    with open(os.path.join(s2 + ".run", "log.csv")) as f:
+        rows = f.read().splitlines()
+    assert rows[0].split(",")[4:7] == ["lm", "diffusion", "aux"] and len(rows) == 3
+    assert all(float(r.split(",")[5]) > 0 for r in rows[1:])  # diffusion term logged each step
+    # resume: the same run asked for 3 steps continues from the step-2 checkpoint
+    StageTrainer(dataclasses.replace(align, steps=3), s1, demos, s2, progress=False).run()
+    with open(os.path.join(s2 + ".run", "log.csv")) as f:
+        steps = [int(r.split(",")[2]) for r in f.read().splitlines()[1:]]
+    assert steps == [1, 2, 3]
+    act = dataclasses.replace(STAGES["action_finetuning"], steps=2, batch_size=8)
+    s3 = str(tmp_path / "s3")
+    trained = StageTrainer(act, s2, demos, s3, progress=False).run()
+    before = load_policy(s2)
+    # stage 3 freezes the whole VLM: its weights are unchanged, the action expert's are not
+    assert torch.equal(trained.vlm.lm_head.weight, before.vlm.lm_head.weight)
+    a, b = trained.action_expert.state_dict(), before.action_expert.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with open(os.path.join(s3 + ".run", "summary.json")) as f:
+        assert json.load(f)["stage"]["name"] == "action_finetuning"
+
+
+def test_robot_training_data_must_be_in_domain(tmp_path, policy):
+    from workbench.dataset import generate_dataset
+    from workbench.vla.stages import RobotFrames
+
+    path = str(tmp_path / "ow")
+    generate_dataset(path, tasks=["toy_placement"], splits=["open_world"], episodes=1, progress=False)
+    with pytest.raises(ValueError, match="in-domain only"):
+        RobotFrames(path, policy, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_reasoning_scores():
+    gt = {"task": "math_matching", "equation": "3+4=?", "answer_card_slot": "back left"}
+    good = parse_reasoning("The whiteboard shows 3 + 4 = ?. 3 + 4 = 7, so I need the card 7. The card 7 is at "
+                           "the back left.")
+    assert reasoning_scores(good, gt) == {"ocr": 4, "math": 2}
+    bad = parse_reasoning("The whiteboard shows 3 × 5 = ?. The card 8 is at the front right.")
+    assert reasoning_scores(bad, gt) == {"ocr": 1, "math": 0}
+    toy = {"task": "toy_placement", "object": "red cube", "target": "yellow duck", "direction": "left"}
+    assert reasoning_scores(parse_reasoning("I see the red cube and the blue mug. The red cube must go to the "
+                                            "left of the blue mug."), toy) == {"recognition": 0.5, "spatial": 1}
+
+
+def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_path):
+    result = evaluate_policy(policy, "toy_placement", "in_domain", episodes=1, videos=1,
+                             video_dir=str(tmp_path), progress=False)
+    assert result["episodes"] == 1 and 0 <= result["success_rate"] <= 1 and len(result["ci95"]) == 2
+    rec = result["records"][0]
+    assert rec["reasoning"] and set(rec["scores"]) == {"recognition", "spatial"} and rec["steps"] > 0
+    assert os.listdir(tmp_path)  # one GIF
+
+
+def test_knowledge_suite_accepts_a_policy_folder(policy, tmp_path):
+    path = str(tmp_path / "p")
+    save_policy(policy, path)
+    vlm, processor = load_backbone(path)
+    assert ask(vlm, processor, [Observation.fake().board], "What is written on the whiteboard?") is not None
