@@ -106,6 +106,10 @@ def test_save_load_round_trip_and_bad_folders(policy, tmp_path, root):
         p.reasoning, p._instruction, p.facts = "I see the red cube.", INSTRUCTION, parse_reasoning("")
         out.append(p.predict_action_chunk(obs, INSTRUCTION, generator=torch.Generator().manual_seed(0))[0])
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+    half = load_policy(save_policy(policy, str(tmp_path / "half"), half=True))
+    assert half.action_expert.normalizer.action_min.dtype == torch.float32
+    assert os.path.getsize(tmp_path / "half" / "model.safetensors") < 0.6 * os.path.getsize(
+        os.path.join(path, "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="VLM checkpoint"):
         load_policy(os.path.join(root, "data_samples", "vlm"))
     with pytest.raises(FileNotFoundError, match="no policy folder"):

@@ -159,25 +159,31 @@ def reasoning_scores(facts, ground_truth: dict) -> dict:
 
 
 def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int = EVAL_SEED, videos: int = 0,
-                    video_dir: str | None = None, progress: bool = True) -> dict:
+                    video_dir: str | None = None, progress: bool = True, oracle_reasoning: bool = False) -> dict:
     """Closed-loop success of ``policy`` on ``episodes`` seeded episodes (seeds ``seed`` .. ``seed + episodes - 1``),
     with a Wilson 95% interval and the mean reasoning scores (:func:`reasoning_scores`). The first ``videos``
-    episodes are saved as GIFs in ``video_dir``."""
+    episodes are saved as GIFs in ``video_dir``. ``oracle_reasoning``: the policy is handed the ground-truth
+    reasoning (as annotated in the datasets) instead of generating it, which measures the action side alone."""
     import numpy as np
 
     from .run import wilson_interval
     from .viz import episode_frames, save_gif
     from .world.env import TabletopEnv
     from .world.expert import rollout
-    from .world.language import ReasoningFacts
+    from .world.language import ReasoningFacts, episode_reasoning
 
     env = TabletopEnv(task, split)
     records = []
     for i in tqdm(range(episodes), desc=f"{task}/{split}", disable=not progress):
         policy.reset()
         env_seed = seed + i
-        ep = rollout(env, lambda obs: (policy.select_action(obs, env.ground_truth()["instruction"]), "policy"),
-                     seed=env_seed, record_overview=i < videos)
+
+        def act(obs, env_seed=env_seed):
+            gt = env.ground_truth()
+            oracle = episode_reasoning(gt, np.random.default_rng(env_seed)) if oracle_reasoning else None
+            return policy.select_action(obs, gt["instruction"], reasoning=oracle), "policy"
+
+        ep = rollout(env, act, seed=env_seed, record_overview=i < videos)
         instruction = ep.ground_truth["instruction"]
         facts = policy.facts or ReasoningFacts()
         records.append({"seed": env_seed, "success": ep.success, "steps": len(ep), "error": ep.error,
@@ -191,7 +197,8 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
     wins = sum(r["success"] for r in records)
     lo, hi = wilson_interval(wins, len(records))
     keys = records[0]["scores"] if records else {}
-    return {"task": task, "split": split, "episodes": len(records), "successes": wins,
+    return {"task": task, "split": split, "oracle_reasoning": oracle_reasoning, "episodes": len(records),
+            "successes": wins,
             "success_rate": wins / max(1, len(records)), "ci95": [lo, hi],
             "scores": {k: float(np.mean([r["scores"][k] for r in records])) for k in keys},
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
@@ -199,7 +206,8 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
 
 def format_policy_result(r: dict) -> str:
     scores = ", ".join(f"{k} {v:.2f}" for k, v in r["scores"].items())
-    return (f"{r['task']} / {r['split']}: {r['successes']}/{r['episodes']} = {100 * r['success_rate']:.1f}% "
+    oracle = " (oracle reasoning)" if r.get("oracle_reasoning") else ""
+    return (f"{r['task']} / {r['split']}{oracle}: {r['successes']}/{r['episodes']} = {100 * r['success_rate']:.1f}% "
             f"(95% CI {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%); reasoning scores: {scores}; "
             f"mean steps {r['mean_steps']:.1f}")
 
@@ -271,6 +279,8 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--videos", type=int, default=0, help="save this many episodes as GIFs next to --out")
+    p.add_argument("--oracle-reasoning", action="store_true",
+                   help="hand the policy the ground-truth reasoning (measures the action side alone)")
     p.add_argument("--out", default=None, help="JSON file for the result and every episode's reasoning")
     args = ap.parse_args(argv)
     import torch
@@ -299,7 +309,8 @@ def _main_policy(ap, args):
         ap.error("--episodes must be at least 1")
     policy = load_policy(args.policy)
     video_dir = os.path.splitext(args.out)[0] + "_videos" if args.out and args.videos else None
-    result = evaluate_policy(policy, args.task, args.split, args.episodes, args.seed, args.videos, video_dir)
+    result = evaluate_policy(policy, args.task, args.split, args.episodes, args.seed, args.videos, video_dir,
+                             oracle_reasoning=args.oracle_reasoning)
     result["policy"] = args.policy
     print(format_policy_result(result))
     if args.out:

@@ -4,6 +4,7 @@
 
     python -m workbench.train stage reasoning_alignment --init runs/s1 --data outputs/robot_data --out runs/s2
     python -m workbench.train recipe chatvla2 --init data_samples/vlm --data outputs/robot_data --out runs/chatvla2
+    python -m workbench.train package --policy runs/chatvla2/policy --out data_samples/policy
 
 ``vlm``: pretrain the tiny Qwen2-VL (phases in :mod:`workbench.vlm.pretrain`). ``stage``: one ChatVLA-2
 training stage; ``recipe``: a chain of stages (:mod:`workbench.vla.stages`). Kill any of them and run the
@@ -45,10 +46,16 @@ def main(argv=None):
         a.add_argument("--seed", type=int, default=None)
         a.add_argument("--steps", type=int, default=None, help="override the steps of every trained stage")
         a.add_argument("--batch-size", type=int, default=None)
+        a.add_argument("--general-pool", type=int, default=None, help="image–text samples rendered for the mix")
+    k = sub.add_parser("package", help="copy a trained policy (float16 weights) and its training logs")
+    k.add_argument("--policy", required=True, help="trained policy folder (e.g. RECIPE_OUT/policy)")
+    k.add_argument("--out", required=True, help="where to write it (e.g. data_samples/policy)")
     args = ap.parse_args(argv)
 
     import torch
 
+    if args.what == "package":
+        return _package(args.policy, args.out)
     if args.what in ("stage", "recipe"):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         return _main_vla(ap, args, StageConfig)
@@ -78,6 +85,22 @@ def main(argv=None):
     print(f"saved {args.out}; log {os.path.join(args.work, 'log.csv')}")
 
 
+def _package(src: str, out: str) -> None:
+    import shutil
+
+    from .vla.policy import load_policy, save_policy
+
+    policy = load_policy(src)
+    with open(os.path.join(src, "policy_config.json")) as f:
+        extra = {k: v for k, v in json.load(f).items()
+                 if k not in ("policy", "vlm_config", "action_expert", "weights_dtype")}
+    save_policy(policy, out, extra={**extra, "packaged_from": src}, half=True)
+    if os.path.isdir(os.path.join(src, "training")):
+        shutil.copytree(os.path.join(src, "training"), os.path.join(out, "training"))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    print(f"wrote {out} ({size / 2**20:.1f} MB)")
+
+
 def _main_vla(ap, args, StageConfig):
     from .vla.moe import MoEConfig
     from .vla.policy import PolicyConfig
@@ -85,7 +108,8 @@ def _main_vla(ap, args, StageConfig):
 
     moe = {k: v for k, v in (("variant", args.moe_variant), ("num_experts", args.num_experts),
                               ("top_k", args.top_k)) if v is not None}
-    stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size)) if v is not None}
+    stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
+                                    ("general_pool", args.general_pool)) if v is not None}
     try:
         pcfg = PolicyConfig(moe=MoEConfig(**moe).to_dict(), action={"reasoning_injection": args.reasoning_injection}
                             if args.reasoning_injection else {})
@@ -94,7 +118,12 @@ def _main_vla(ap, args, StageConfig):
                      for s in stages}
         for s in stages:
             StageConfig(**{**dataclasses.asdict(s), **per_stage[s.name]})  # validate early
-    except (ValueError, TypeError) as exc:
+        from .dataset import load_meta
+
+        load_meta(args.data)  # a clear error if --data is not a dataset folder
+        if not os.path.isdir(args.init):
+            raise FileNotFoundError(f"--init {args.init!r} is not a folder (a pretrained VLM or a policy)")
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         ap.error(str(exc))
     t0 = time.time()
     if args.what == "stage":

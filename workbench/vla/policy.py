@@ -266,6 +266,7 @@ class ChatVLA2Policy(nn.Module):
         self.facts: ReasoningFacts | None = None
         self._instruction: str | None = None
         self.last_features: Features | None = None
+        self.last_chunk: np.ndarray | None = None  # (chunk_size, 4): the latest predicted chunk
 
     def images(self, obs: Observation) -> list:
         return [getattr(obs, n) for n in CAMERA_ORDER]
@@ -281,12 +282,15 @@ class ChatVLA2Policy(nn.Module):
                        max_new_tokens=self.config.max_reasoning_tokens)
 
     @torch.no_grad()
-    def predict_action_chunk(self, observation, instruction: str, generator: torch.Generator | None = None):
+    def predict_action_chunk(self, observation, instruction: str, generator: torch.Generator | None = None,
+                             reasoning: str | None = None):
         """Actions for the next ``chunk_size`` steps, and the episode's reasoning text.
 
         Args:
             observation: :class:`Observation` or the env's observation dict.
             instruction: the task text.
+            reasoning: use this reasoning for the episode instead of generating it (counterfactuals, or
+                ground-truth "oracle" reasoning to separate reasoning errors from action errors).
         Returns:
             (actions (chunk_size, 4) float32 numpy array [dx, dy, dz, grip] per 10 Hz step, reasoning str).
             ``self.facts`` holds the parsed conclusion (:class:`~workbench.world.language.ReasoningFacts`).
@@ -297,7 +301,10 @@ class ChatVLA2Policy(nn.Module):
         instruction = _check_instruction(instruction)
         was_training = self.training
         self.eval()
-        if self.reasoning is None or instruction != self._instruction:
+        if reasoning is not None:
+            self.reasoning, self._instruction = reasoning, instruction
+            self.facts = parse_reasoning(reasoning)
+        elif self.reasoning is None or instruction != self._instruction:
             self.reasoning = self.generate_reasoning(obs, instruction) or "."
             self.facts, self._instruction = parse_reasoning(self.reasoning), instruction
         batch = build_inputs(self.processor, self.images(obs), instruction, answer=self.reasoning)
@@ -307,12 +314,14 @@ class ChatVLA2Policy(nn.Module):
         state = torch.from_numpy(obs.state)[None]
         actions = self.action_expert.sample(feats.obs, state, feats.reasoning, generator=generator)[0]
         self.train(was_training)
-        return actions.numpy().astype(np.float32), self.reasoning
+        self.last_chunk = actions.numpy().astype(np.float32)
+        return self.last_chunk, self.reasoning
 
-    def select_action(self, observation, instruction: str) -> np.ndarray:
-        """The next (4,) action; predicts a new chunk when the queue of ``n_action_steps`` runs out."""
+    def select_action(self, observation, instruction: str, reasoning: str | None = None) -> np.ndarray:
+        """The next (4,) action; predicts a new chunk when the queue of ``n_action_steps`` runs out
+        (``reasoning``: see :meth:`predict_action_chunk`)."""
         if not self._queue:
-            chunk, _ = self.predict_action_chunk(observation, instruction)
+            chunk, _ = self.predict_action_chunk(observation, instruction, reasoning=reasoning)
             self._queue.extend(chunk[: self.config.n_action_steps])
         return self._queue.popleft()
 
@@ -323,19 +332,23 @@ class ChatVLA2Policy(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- files
-def save_policy(policy: ChatVLA2Policy, path: str, extra: dict | None = None) -> str:
+def save_policy(policy: ChatVLA2Policy, path: str, extra: dict | None = None, half: bool = False) -> str:
     """Write the policy as one folder, atomically: ``policy_config.json`` (policy, MoE, action expert and
-    VLM configs), ``model.safetensors`` (every weight, the action normaliser included) and the processor."""
+    VLM configs), ``model.safetensors`` (every weight, the action normaliser included) and the processor.
+    ``half=True`` stores the weights in float16 (half the size; :func:`load_policy` loads them into float32)."""
+    import copy
+
     from safetensors.torch import save_model
 
     from ..checkpoint import atomic_folder
 
     with atomic_folder(path) as tmp:
         meta = {"policy": policy.config.to_dict(), "vlm_config": policy.vlm.config.to_dict(),
-                "action_expert": policy.action_expert.config.to_dict(), **(extra or {})}
+                "action_expert": policy.action_expert.config.to_dict(),
+                "weights_dtype": "float16" if half else "float32", **(extra or {})}
         with open(os.path.join(tmp, "policy_config.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        save_model(policy, os.path.join(tmp, "model.safetensors"))
+        save_model(copy.deepcopy(policy).half() if half else policy, os.path.join(tmp, "model.safetensors"))
         policy.processor.save_pretrained(tmp)
     return path
 
