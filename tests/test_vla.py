@@ -76,7 +76,7 @@ def test_predict_action_chunk_and_action_queue(policy):
     assert policy.reasoning is None
     calls = []
     original = policy.predict_action_chunk
-    policy.predict_action_chunk = lambda o, i: (calls.append(1), original(o, i))[1]
+    policy.predict_action_chunk = lambda o, i, **kw: (calls.append(1), original(o, i, **kw))[1]
     try:
         for _ in range(policy.config.n_action_steps + 1):
             assert policy.select_action({"board": obs.board, "table": obs.table, "state": obs.state},
@@ -86,6 +86,12 @@ def test_predict_action_chunk_and_action_queue(policy):
     assert len(calls) == 2  # a new chunk only when the queue of n_action_steps runs out
     with pytest.raises(ValueError, match="instruction"):
         policy.predict_action_chunk(obs, "  ")
+    # a given reasoning replaces the generated one, and its facts are parsed
+    policy.reset()
+    text = "I see the red cube and the yellow duck. The red cube must go to the left of the yellow duck."
+    _, reasoning = policy.predict_action_chunk(obs, INSTRUCTION, reasoning=text)
+    assert reasoning == text and policy.facts.object == "red cube" and policy.facts.direction == "left"
+    assert policy.last_chunk.shape == (16, 4)
 
 
 def test_upcycled_backbone_still_answers_like_the_pretrained_vlm(root, policy):
@@ -197,11 +203,13 @@ def test_reasoning_scores():
 
 
 def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_path):
+    # oracle reasoning: the policy is handed the annotation, which must score perfectly against ground truth
     result = evaluate_policy(policy, "toy_placement", "in_domain", episodes=1, videos=1,
-                             video_dir=str(tmp_path), progress=False)
+                             video_dir=str(tmp_path), progress=False, oracle_reasoning=True)
     assert result["episodes"] == 1 and 0 <= result["success_rate"] <= 1 and len(result["ci95"]) == 2
     rec = result["records"][0]
-    assert rec["reasoning"] and set(rec["scores"]) == {"recognition", "spatial"} and rec["steps"] > 0
+    assert rec["scores"] == {"recognition": 1.0, "spatial": 1} and rec["steps"] > 0
+    assert rec["instruction"] and rec["reasoning"] and result["oracle_reasoning"]
     assert os.listdir(tmp_path)  # one GIF
 
 

@@ -361,7 +361,9 @@ def load_policy(path: str) -> ChatVLA2Policy:
     """A policy from a :func:`save_policy` folder (safetensors only; never unpickles). Raises
     ``FileNotFoundError`` / ``ValueError`` saying what is missing or wrong."""
     from safetensors.torch import load_model
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from ..vlm.processing import TinyQwen2VLProcessor
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no policy folder at {path!r}")
@@ -376,7 +378,7 @@ def load_policy(path: str) -> ChatVLA2Policy:
         config = PolicyConfig(**meta["policy"])
         vlm = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(meta["vlm_config"]))
         upcycle(vlm, MoEConfig.from_dict(config.moe))
-        processor = AutoProcessor.from_pretrained(path)
+        processor = TinyQwen2VLProcessor.from_pretrained(path)
         policy = ChatVLA2Policy(vlm, processor, config)
         load_model(policy, os.path.join(path, "model.safetensors"), strict=True)
     except Exception as exc:
