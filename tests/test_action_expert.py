@@ -13,13 +13,7 @@ from workbench.vla.action_expert import ActionExpert, ActionExpertConfig, Action
 SMALL = dict(obs_dim=16, reasoning_dim=8, hidden=32, depth=4, heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (and many times slower when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from workbench.world.language import parse_reasoning
 INSTRUCTION = "Pick the red cube and place it to the left of the yellow duck"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
