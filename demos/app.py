@@ -144,10 +144,8 @@ def policy_status(path: str | None) -> str | None:
         return "no policy folder given (--policy)"
     if not os.path.isdir(path):
         return f"no policy folder at {path!r}"
-    try:
-        from workbench.vla.policy import is_policy_folder
-    except ImportError as exc:
-        return f"the policy code does not import ({exc})"
+    from workbench.vla.policy import is_policy_folder
+
     return None if is_policy_folder(path) else f"{path!r} is not a policy folder (no policy_config.json)"
 
 

@@ -212,4 +212,7 @@ def test_knowledge_suite_accepts_a_policy_folder(policy, tmp_path):
     path = str(tmp_path / "p")
     save_policy(policy, path)
     vlm, processor = load_backbone(path)
-    assert ask(vlm, processor, [Observation.fake().board], "What is written on the whiteboard?") is not None
+    board, question = Observation.fake().board, "What is written on the whiteboard?"
+    answer = ask(vlm, processor, [board], question)
+    assert answer is not None
+    assert answer == ask(policy.vlm, policy.processor, [board], question)  # the saved backbone, MoE included

@@ -166,7 +166,6 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
     reasoning (as annotated in the datasets) instead of generating it, which measures the action side alone."""
     import numpy as np
 
-    from .run import wilson_interval
     from .viz import episode_frames, save_gif
     from .world.env import TabletopEnv
     from .world.expert import rollout
@@ -178,10 +177,15 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
         policy.reset()
         env_seed = seed + i
 
-        def act(obs, env_seed=env_seed):
-            gt = env.ground_truth()
-            oracle = episode_reasoning(gt, np.random.default_rng(env_seed)) if oracle_reasoning else None
-            return policy.select_action(obs, gt["instruction"], reasoning=oracle), "policy"
+        episode: dict = {}  # instruction (and oracle reasoning), read once after rollout's reset
+
+        def act(obs, env_seed=env_seed, episode=episode):
+            if not episode:
+                gt = env.ground_truth()
+                episode["instruction"] = gt["instruction"]
+                episode["reasoning"] = episode_reasoning(gt, np.random.default_rng(env_seed)) \
+                    if oracle_reasoning else None
+            return policy.select_action(obs, episode["instruction"], reasoning=episode["reasoning"]), "policy"
 
         ep = rollout(env, act, seed=env_seed, record_overview=i < videos)
         instruction = ep.ground_truth["instruction"]
@@ -204,6 +208,34 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a success rate (sensible at 0% and 100%)."""
+    import numpy as np
+
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def evaluate_policy_everywhere(policy, episodes: int, open_world_videos: int = 0, video_dir: str | None = None,
+                               progress: bool = True) -> list[dict]:
+    """:func:`evaluate_policy` on both tasks and both splits, each result printed as it comes."""
+    from .world.catalog import SPLIT_NAMES, TASKS
+
+    results = []
+    for task in TASKS:
+        for split in SPLIT_NAMES:
+            videos = open_world_videos if split == "open_world" else 0
+            results.append(evaluate_policy(policy, task, split, episodes, videos=videos, video_dir=video_dir,
+                                           progress=progress))
+            print(format_policy_result(results[-1]))
+    return results
+
+
 def format_policy_result(r: dict) -> str:
     scores = ", ".join(f"{k} {v:.2f}" for k, v in r["scores"].items())
     oracle = " (oracle reasoning)" if r.get("oracle_reasoning") else ""
@@ -218,15 +250,10 @@ def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill
     knowledge table of the pretrained VLM beside the policy's backbone (same held-out questions)."""
     from .vla.policy import load_policy
     from .vlm.api import load_vlm
-    from .world.catalog import SPLIT_NAMES, TASKS
 
     policy = load_policy(policy_path)
-    closed = []
-    for task in TASKS:
-        for split in SPLIT_NAMES:
-            r = evaluate_policy(policy, task, split, episodes, progress=progress)
-            print(format_policy_result(r))
-            closed.append({**{k: v for k, v in r.items() if k != "records"}, "examples": r["records"][:3]})
+    closed = [{**{k: v for k, v in r.items() if k != "records"}, "examples": r["records"][:3]}
+              for r in evaluate_policy_everywhere(policy, episodes, progress=progress)]
     knowledge = {"pretrained": evaluate_knowledge(*load_vlm(vlm_path), per_skill, progress=progress)["rows"],
                  "policy": evaluate_knowledge(policy.vlm, policy.processor, per_skill, progress=progress)["rows"]}
     return {"policy": policy_path, "pretrained_vlm": vlm_path, "episodes_per_split": episodes,

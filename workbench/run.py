@@ -15,21 +15,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .dataset import annotate
+from .evaluate import evaluate_policy_everywhere, wilson_interval
 from .viz import episode_frames, save_gif
 from .world.catalog import SPLIT_NAMES, TASKS
 from .world.env import TabletopEnv
 from .world.expert import rollout
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a success rate (sensible at 0% and 100%)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def evaluate_expert(task: str, split: str, episodes: int, seed: int = 1000, progress: bool = True) -> dict:
@@ -57,18 +47,10 @@ def record_gif(task: str, split: str, path: str, seed: int = 0) -> str:
 
 def run_policy(path: str, episodes: int, out: str) -> list[dict]:
     """The shipped policy on every task and split (closed loop), and one open-world GIF per task."""
-    from .evaluate import evaluate_policy, format_policy_result
     from .vla.policy import load_policy
 
-    policy = load_policy(path)
-    results = []
     print(f"\nChatVLA-2 policy {path}, {episodes} seeded episodes per row (evaluation seeds, never trained on)")
-    for task in TASKS:
-        for split in SPLIT_NAMES:
-            r = evaluate_policy(policy, task, split, episodes, videos=int(split == "open_world"), video_dir=out)
-            print(format_policy_result(r))
-            results.append(r)
-    return results
+    return evaluate_policy_everywhere(load_policy(path), episodes, open_world_videos=1, video_dir=out)
 
 
 def main(argv=None):

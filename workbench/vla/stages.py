@@ -34,7 +34,6 @@ cached; in action fine-tuning the whole VLM is frozen, so its per-frame summarie
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -46,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from ..training import CsvLog, lr_at, optimizer_step
 from .moe import MoEConfig, load_balancing_loss
 from .policy import CAMERA_ORDER, IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, load_policy, save_policy
 
@@ -253,21 +253,14 @@ class StageTrainer:
         self.run_dir = out.rstrip("/") + ".run"
         os.makedirs(self.run_dir, exist_ok=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.log_path = os.path.join(self.run_dir, "log.csv")
+        self.log = CsvLog(os.path.join(self.run_dir, "log.csv"),
+                          ["stage", "step", "loss", "lm", "diffusion", "aux", "lr"])
 
-    def log(self, **row) -> None:
-        new = not os.path.exists(self.log_path)
-        with open(self.log_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["time", "stage", "step", "loss", "lm", "diffusion", "aux", "lr"])
-            if new:
-                w.writeheader()
-            w.writerow({"time": round(time.time(), 1), "stage": self.stage.name, **row})
-
-    def initial_policy(self) -> ChatVLA2Policy:
+    def initial_policy(self, ckpt: str | None) -> ChatVLA2Policy:
+        """The policy to train: from checkpoint ``ckpt`` (resume), else built from ``init``."""
         from ..dataset import load_meta
         from ..vlm.api import load_vlm
 
-        ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:
             return load_policy(os.path.join(ckpt, "policy"))
         if self.stage.upcycle:
@@ -279,11 +272,11 @@ class StageTrainer:
         st = self.stage
         torch.manual_seed(st.seed)
         t0 = time.time()
-        policy = self.initial_policy()
+        ckpt = latest_checkpoint(self.run_dir)
+        policy = self.initial_policy(ckpt)
         parts = set_trainable(policy, st.train)
         if self.progress:
             print(f"stage {st.name}: {st.steps} steps\n{format_parts(parts)}")
-        ckpt = latest_checkpoint(self.run_dir)
         start = load_checkpoint_state(ckpt)[0]["step"] if ckpt else 0
         if st.steps > start:
             (self.train_cached if st.caches_vlm else self.train_joint)(policy, start, ckpt)
@@ -303,19 +296,12 @@ class StageTrainer:
         return params, opt
 
     def _update(self, policy, step, terms: dict, params, opt, bar) -> None:
-        from ..vlm.pretrain import lr_at
-
         lr = lr_at(step, self.stage.steps, self.stage.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
         loss = sum(terms.values())
-        opt.zero_grad()
-        self.accelerator.backward(loss)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(self.accelerator, loss, opt, params, lr)
         vals = {k: round(v.item(), 5) for k, v in terms.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()})
-        self.log(step=step + 1, loss=round(loss.item(), 5), lr=lr, **vals)
+        self.log(stage=self.stage.name, step=step + 1, loss=round(loss.item(), 5), lr=lr, **vals)
         if (step + 1) % self.stage.checkpoint_every == 0 or step + 1 == self.stage.steps:
             save_checkpoint(self.run_dir, step + 1, lambda d: save_policy(policy, os.path.join(d, "policy")), opt,
                             {"stage": self.stage.name})
@@ -338,8 +324,8 @@ class StageTrainer:
         for step in bar:
             rng = np.random.default_rng([st.seed, step])
             rob = rng.choice(len(frames), n_rob, replace=False)
-            items = [frames.item(i) for i in rob] + [pool.items[j] for j in rng.choice(len(pool), n_gen)] \
-                if n_gen else [frames.item(i) for i in rob]
+            gen = rng.choice(len(pool), n_gen) if n_gen else []
+            items = [frames.item(i) for i in rob] + [pool.items[j] for j in gen]
             batch = collate(items, pad)
             data_type = torch.tensor([ROBOT] * n_rob + [IMAGE_TEXT] * n_gen)
             feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=n_rob)

@@ -17,12 +17,9 @@ restarted run resumes from the newest checkpoint; ``<work>/log.csv`` logs losses
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
-import math
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from ..training import CsvLog, lr_at, optimizer_step
 from .api import collate, encode_example, vision_tokens
 from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample
 
@@ -79,15 +77,6 @@ class PretrainConfig:
         base = dict(corpus_size=48, vocab_size=400, batch_size=8, see_steps=6, answer_steps=6, checkpoint_every=4,
                     eval_every=1000, eval_per_skill=2, fresh_board=2, fresh_text=1)
         return cls(**{**base, **kw})
-
-
-def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05) -> float:
-    """Linear warm-up then cosine decay to 5% of ``peak`` (a pure function of the step: resumable)."""
-    warm = max(1, int(warmup_frac * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _qa(sample: Sample) -> tuple[str, str]:
@@ -171,7 +160,7 @@ class Pretrainer:
         os.makedirs(work_dir, exist_ok=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
-        self.log_path = os.path.join(work_dir, "log.csv")
+        self.log = CsvLog(os.path.join(work_dir, "log.csv"), ["phase", "step", "loss", "lr", "metric", "value"])
         cfg_path = os.path.join(work_dir, "config.json")
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
@@ -182,14 +171,6 @@ class Pretrainer:
         else:
             with open(cfg_path, "w") as f:
                 json.dump(dataclasses.asdict(config), f, indent=2)
-
-    def log(self, **row) -> None:
-        new = not os.path.exists(self.log_path)
-        with open(self.log_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["time", "phase", "step", "loss", "lr", "metric", "value"])
-            if new:
-                w.writeheader()
-            w.writerow({"time": round(time.time(), 1), **row})
 
     # -- pieces --------------------------------------------------------------------------------
     def corpus(self) -> Corpus:
@@ -218,12 +199,7 @@ class Pretrainer:
     def _step(self, phase, step, loss, opt, params, total, peak_lr, bar) -> None:
         """One optimizer update with the scheduled learning rate, then progress bar and log."""
         lr = lr_at(step, total, peak_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad()
-        self.accelerator.backward(loss)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(self.accelerator, loss, opt, params, lr)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         self.log(phase=phase, step=step + 1, loss=round(loss.item(), 5), lr=lr)
 
