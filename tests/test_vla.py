@@ -10,7 +10,17 @@ import torch
 
 from workbench.dataset import load_meta
 from workbench.evaluate import evaluate_policy, load_backbone, reasoning_scores
-from workbench.vla.policy import ChatVLA2Policy, Observation, PolicyConfig, load_policy, save_policy
+from workbench.vla.policy import (
+    ChatVLA2Policy,
+    Features,
+    Observation,
+    PolicyConfig,
+    SpatialKeypoints,
+    Summaries,
+    grid_coords,
+    load_policy,
+    save_policy,
+)
 from workbench.vla.stages import PARTS, RECIPES, STAGES, StageConfig, StageTrainer, part_of, set_trainable
 from workbench.vlm.api import ask, load_vlm
 from workbench.world.language import parse_reasoning
@@ -56,6 +66,68 @@ def test_policy_config_validates():
         PolicyConfig(num_keypoints=-1)
     with pytest.raises(ValueError):
         PolicyConfig(moe={"variant": "sparse"})
+    with pytest.raises(ValueError, match="num_keypoints must be >= 2"):
+        PolicyConfig(num_keypoints=1)
+    with pytest.raises(ValueError, match="keypoint_loss_coef"):
+        PolicyConfig(keypoint_loss_coef=-1.0)
+    PolicyConfig(num_keypoints=0, keypoint_loss_coef=0.0)  # keypoints off is allowed
+
+
+# ---------------------------------------------------------------------------------------------- keypoints
+def test_keypoints_read_words_and_point_at_grid_positions():
+    torch.manual_seed(0)
+    kp = SpatialKeypoints(hidden=16, num_keypoints=3)
+    coords = grid_coords(torch.tensor([1, 22, 32]), merge=2)  # 11 x 16 tokens
+    assert coords.shape == (176, 2) and coords.min() == -1 and coords.max() == 1
+    words, tokens = torch.randn(2, 5, 16), torch.randn(2, 176, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    points, att, read = kp(words, mask, tokens, coords)
+    assert points.shape == (2, 6) and att.shape == (2, 3, 176) and read.shape == (2, 3, 5)
+    assert torch.allclose(att.sum(-1), torch.ones(2, 3)) and (points.abs() <= 1).all()
+    assert read[0, :, 3:].abs().max() == 0  # padding words are never read
+    words2 = words.clone()
+    words2[0, 3:] = 100.0  # changing padding changes nothing
+    assert torch.allclose(kp(words2, mask, tokens, coords)[0][0], points[0])
+
+
+def test_keypoint_targets_and_heatmap_loss(policy):
+    """Targets follow the table camera's geometry; the loss is smallest when the map peaks on the target."""
+    # the camera looks straight down at x = 0.55, y = 0: image up = +x, image left = +y
+    centre, ahead, left = policy.keypoint_targets(np.array([[0.55, 0.0], [0.65, 0.0], [0.55, 0.1]]))
+    assert centre.abs().max() < 0.1
+    assert ahead[0] < centre[0] - 0.3 and abs(ahead[1] - centre[1]) < 0.01
+    assert left[1] < centre[1] - 0.3 and abs(left[0] - centre[0]) < 0.01
+    coords = grid_coords(torch.tensor([1, 22, 32]), merge=2)
+    target = coords[40]  # a token centre
+    onehot = torch.zeros(1, 2, 176)
+    onehot[0, :, 40] = 1.0
+    def loss(att, mask=(True, True)):
+        f = Features(torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(1, 4), att, coords)
+        return policy.keypoint_loss(f, target.expand(1, 2, 2), torch.tensor([mask])).item()
+
+    peaked = 0.9 * onehot + 0.1 / 176
+    uniform = torch.full((1, 2, 176), 1 / 176)
+    elsewhere = torch.roll(peaked, 60, dims=-1)
+    assert loss(peaked) < loss(uniform) < loss(elsewhere)
+    assert loss(elsewhere, (False, False)) == 0.0  # masked out: no loss
+
+
+def test_summaries_cache_round_trip(policy):
+    """Summaries.rows (what stage 3 caches, float16, words unpadded) -> Summaries.stack gives the same
+    keypoints as the live summaries."""
+    from workbench.vlm.api import collate, encode_example
+
+    obs = [Observation.fake(s) for s in (3, 4)]
+    reasons = ["The card 7 is at the back left.", "I see the red cube and the yellow duck; the red cube goes left."]
+    items = [encode_example(policy.processor, [o.board, o.table], INSTRUCTION, r) for o, r in zip(obs, reasons)]
+    batch = collate(items, policy.processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        live = policy.vlm_summaries(batch)
+        assert live.words.shape[:2] == live.word_mask.shape and live.word_mask.sum(1).tolist()[0] < live.words.shape[1]
+        again = Summaries.stack(live.rows(), live.coords)
+        a, b = policy.condition(live), policy.condition(again)
+    assert torch.equal(again.word_mask, live.word_mask)
+    assert torch.allclose(a.keypoints, b.keypoints, atol=2e-2) and torch.allclose(a.obs, b.obs, atol=2e-2)
 
 
 # ---------------------------------------------------------------------------------------------- acting
@@ -155,7 +227,7 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
     StageTrainer(align, s1, demos, s2, progress=False).run()
     with open(os.path.join(s2 + ".run", "log.csv")) as f:
         rows = f.read().splitlines()
-    assert rows[0].split(",")[4:7] == ["lm", "diffusion", "aux"] and len(rows) == 3
+    assert rows[0].split(",")[4:8] == ["lm", "diffusion", "keypoints", "aux"] and len(rows) == 3
     assert all(float(r.split(",")[5]) > 0 for r in rows[1:])  # diffusion term logged each step
     # resume: the same run asked for 3 steps continues from the step-2 checkpoint
     StageTrainer(dataclasses.replace(align, steps=3), s1, demos, s2, progress=False).run()

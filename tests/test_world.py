@@ -15,8 +15,9 @@ from workbench.world.catalog import (
     Equation,
     get_split,
 )
-from workbench.world.env import TabletopEnv
+from workbench.world.env import TabletopEnv, anchor_points
 from workbench.world.expert import ScriptedExpert, rollout
+from workbench.world.scene import CAMERAS
 from workbench.world.writing import render_text
 
 TASK_SPLITS = [("math_matching", "in_domain"), ("math_matching", "open_world"),
@@ -258,3 +259,24 @@ def test_grasp_holds_while_carrying(envs):
         if term or trunc:
             break
     assert heights and min(heights) > 0.08  # lifted and carried, not dragged or dropped
+
+
+@pytest.mark.parametrize("task", ["math_matching", "toy_placement"])
+def test_table_camera_projection_lands_on_the_named_objects(envs, task):
+    """anchor_points -> Camera.project: the pixel under each projected anchor shows that object."""
+    env = envs(task, cameras=("table",))
+    obs, _ = env.reset(seed=5)
+    gt = env.ground_truth()
+    pick, ref = anchor_points(gt)
+    body, _ = env.pick_and_place_targets()
+    assert np.linalg.norm(env.scene.body_position(body)[:2] - pick) < 0.02  # the anchor is the object to pick
+    rows, cols = CAMERAS["table"].project(np.c_[np.stack([pick, ref]), np.full(2, 0.02)]).T
+    table = obs["table"].astype(int)
+    background = table[2, 2]  # the table's colour, far from every object
+    for r, c in zip(rows, cols):
+        assert 0 <= r < 176 and 0 <= c < 256
+        assert np.abs(table[int(r), int(c)] - background).sum() > 60  # something other than bare table
+    with pytest.raises(ValueError, match="neither"):
+        anchor_points({"instruction": "x"})
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        CAMERAS["table"].project([[0.5, 0.0]])

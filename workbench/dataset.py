@@ -33,7 +33,7 @@ from PIL import Image
 from .checkpoint import atomic_folder
 from .world import language
 from .world.catalog import SPLIT_NAMES, TASKS
-from .world.env import ACTION_DIM, MAX_STEP, STATE_DIM, TabletopEnv
+from .world.env import ACTION_DIM, MAX_STEP, STATE_DIM, TabletopEnv, commanded_targets
 from .world.expert import Episode, rollout
 from .world.scene import CAMERAS, CONTROL_HZ
 
@@ -257,6 +257,11 @@ class DemonstrationDataset:
                         if c.startswith("observation.images.")]
         ep = np.asarray(ds["episode_index"])
         self._actions = np.asarray(ds["action"], dtype=np.float32).reshape(-1, ACTION_DIM)
+        # the commanded end-effector target after each action (episodes start at the home pose)
+        self._targets = np.empty_like(self._actions)
+        for e in np.unique(ep):
+            idx = np.nonzero(ep == e)[0]
+            self._targets[idx] = commanded_targets(self._actions[idx])
         # index of each frame's episode end (exclusive), for chunking
         self._ep_end = np.zeros(len(ep), dtype=np.int64)
         for e in np.unique(ep):
@@ -277,6 +282,16 @@ class DemonstrationDataset:
         n_pad = self.chunk_size - len(chunk)
         pad = np.tile(np.array([0, 0, 0, chunk[-1, 3]], np.float32), (n_pad, 1))
         return np.concatenate([chunk, pad]), np.arange(self.chunk_size) >= len(chunk)
+
+    def target_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk_size, 4) commanded targets [x, y, z, grip] after actions i .. i + chunk_size - 1 (absolute,
+        metres; :func:`~workbench.world.env.commanded_targets`), padded with the last one, and the padding
+        mask. What the policy's action expert predicts; :func:`~workbench.world.env.actions_towards` turns
+        them back into env actions."""
+        end = min(i + self.chunk_size, self._ep_end[i])
+        chunk = self._targets[i:end]
+        n_pad = self.chunk_size - len(chunk)
+        return np.concatenate([chunk, np.tile(chunk[-1], (n_pad, 1))]), np.arange(self.chunk_size) >= len(chunk)
 
     def __getitem__(self, i: int) -> dict:
         import torch

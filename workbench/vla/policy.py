@@ -16,8 +16,12 @@ the current images, so its hidden states (and the keypoints they query) follow t
 
 Deviation from the paper, stated plainly: the paper pools the VLM's hidden states into one vector. A
 mean-pooled vector of a tiny VLM keeps too little of *where* things are, so the observation vector here
-also carries K soft-argmax keypoints on the table camera, whose queries come from the reasoning
-(:class:`SpatialKeypoints`, ~70 k parameters; K = 0 turns it off).
+also carries K soft-argmax keypoints on the table camera (:class:`SpatialKeypoints`; K = 0 turns it off).
+Each keypoint reads the reasoning's words and looks for what it read among the table camera's tokens. In
+training, keypoint 0 is supervised to land on the object to pick and keypoint 1 on the place reference (math:
+the answer pad; toys: the target object), from the simulator's ground truth (:meth:`ChatVLA2Policy.keypoint_loss`,
+a heat-map cross-entropy; ``keypoint_loss_coef = 0`` turns it off). Without that supervision the action side
+memorised the 200 training layouts and went to the wrong card on every new episode.
 """
 
 from __future__ import annotations
@@ -32,15 +36,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..world.env import STATE_DIM
+from ..world.env import STATE_DIM, actions_towards, commanded_targets
 from ..world.language import ReasoningFacts, parse_reasoning
-from ..world.scene import CAMERAS
+from ..world.scene import CAMERAS, WORKSPACE_HIGH, WORKSPACE_LOW
 from .action_expert import ActionExpert, ActionExpertConfig, ActionNormalizer
 from .moe import MoEConfig, moe_config_of, routing_context, upcycle
 
 #: data types for static routing and logging
 IMAGE_TEXT, ROBOT = 0, 1
 CAMERA_ORDER = ("board", "table")
+#: height (metres) at which anchor points are projected into the table camera (cards are flat, toys ~4 cm)
+ANCHOR_HEIGHT = 0.02
+#: width (in tokens) of the Gaussian heat map that supervises a keypoint
+HEATMAP_SIGMA = 0.6
+#: reasoning tokens are placed on a [0, 1] scale of this length for the keypoints' word positions
+MAX_WORDS = 128
 POLICY_FILES = ("policy_config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
 
 
@@ -112,11 +122,18 @@ class PolicyConfig:
     num_keypoints: int = 4
     n_action_steps: int = 8  # actions executed from each predicted chunk before predicting again
     max_reasoning_tokens: int = 72
+    #: weight of the auxiliary loss pulling keypoints 0 / 1 to the pick object / place reference (0 = off)
+    keypoint_loss_coef: float = 1.0
 
     def __post_init__(self):
         MoEConfig.from_dict(self.moe)  # validates
         if not (isinstance(self.num_keypoints, int) and self.num_keypoints >= 0):
             raise ValueError(f"num_keypoints must be an int >= 0, got {self.num_keypoints!r}")
+        if not (isinstance(self.keypoint_loss_coef, (int, float)) and self.keypoint_loss_coef >= 0):
+            raise ValueError(f"keypoint_loss_coef must be a number >= 0, got {self.keypoint_loss_coef!r}")
+        if self.keypoint_loss_coef and self.num_keypoints < 2:
+            raise ValueError(f"keypoint_loss_coef > 0 supervises keypoints 0 and 1: num_keypoints must be >= 2, "
+                             f"got {self.num_keypoints} (or set keypoint_loss_coef=0)")
         chunk = self.action.get("chunk_size", ActionExpertConfig().chunk_size)
         if not (isinstance(self.n_action_steps, int) and 1 <= self.n_action_steps <= chunk):
             raise ValueError(f"n_action_steps must be an int in [1, chunk_size={chunk}], got {self.n_action_steps!r}")
@@ -129,27 +146,58 @@ class PolicyConfig:
 
 # ---------------------------------------------------------------------------------------------- model
 class SpatialKeypoints(nn.Module):
-    """Language-queried soft-argmax: K (x, y) keypoints on an image's token grid.
+    """Language-queried soft-argmax: K (row, col) keypoints on an image's token grid.
+
+    Keypoint k first *reads* the reasoning: a learned query attends over the reasoning's words (their token
+    embeddings, keyed also by their place in the sentence), so keypoint 0 can pick out "back left" or
+    "purple ball" rather than a mean of the whole text. Words, not the LM's contextual hidden states: with a
+    few hundred demonstrations, a reader of hidden states learned to recognise *episodes* (it read "the" and
+    ",", whose states mix in the whole scene) and missed on new ones. What it read becomes a query over the
+    image tokens, whose keys are their hidden states plus a learned embedding of their grid position (Fourier
+    features of ``coords``: Qwen2-VL keeps position only in its rotary embeddings, so hidden states alone do
+    not say *where* a token is). The keypoint is the attention-weighted mean of the token positions.
 
     Args (forward):
-        query: (B, H) — pooled reasoning (or prompt) hidden states.
+        words: (B, R, H) — embeddings of the reasoning tokens; ``word_mask``: (B, R) true where real.
         tokens: (B, N, H) — hidden states of the image's N merged tokens, in raster order.
         coords: (N, 2) — each token's (row, col) position scaled to [-1, 1].
     Returns:
-        (B, 2K) keypoints, and the (B, K, N) attention maps (for plots).
+        (B, 2K) keypoints [row_0, col_0, row_1, ...] in the same [-1, 1] scale, the (B, K, N) attention maps
+        over the image and the (B, K, R) attention over the reasoning words, averaged over the read heads
+        (both for plots).
     """
+
+    FREQUENCIES = (1.0, 2.0, 4.0, 8.0)
+    #: words each keypoint reads at once ("back" and "left"; "soccer" and "ball"): one attention each
+    READ_HEADS = 2
 
     def __init__(self, hidden: int, num_keypoints: int):
         super().__init__()
         self.k = num_keypoints
-        self.q = nn.Linear(hidden, num_keypoints * hidden)
+        self.read = nn.Parameter(torch.randn(num_keypoints, self.READ_HEADS, hidden))  # (K, heads, H) word queries
+        self.word_key = nn.Linear(hidden, hidden)
+        self.word_pos = nn.Linear(4 * len(self.FREQUENCIES), hidden)
+        self.q = nn.Linear(self.READ_HEADS * hidden, hidden)
+        self.q_bias = nn.Parameter(torch.zeros(num_keypoints, hidden))  # (K, H): tells keypoints apart
         self.key = nn.Linear(hidden, hidden)
+        self.pos = nn.Linear(4 * len(self.FREQUENCIES), hidden)
 
-    def forward(self, query, tokens, coords):
+    def position_features(self, coords: torch.Tensor) -> torch.Tensor:
+        """(N, 2) coords -> (N, 4F) sines and cosines at :attr:`FREQUENCIES` (times pi)."""
+        f = torch.tensor(self.FREQUENCIES, dtype=coords.dtype, device=coords.device) * torch.pi
+        angles = (coords.unsqueeze(-1) * f).flatten(1)  # (N, 2F)
+        return torch.cat([angles.sin(), angles.cos()], -1)
+
+    def forward(self, words, word_mask, tokens, coords):
         b, n, h = tokens.shape
-        q = self.q(query).view(b, self.k, h)  # (B, K, H)
-        att = torch.einsum("bkh,bnh->bkn", q, self.key(tokens)).div(h**0.5).softmax(-1)  # (B, K, N)
-        return torch.einsum("bkn,nc->bkc", att, coords).reshape(b, 2 * self.k), att
+        place = torch.linspace(0, 1, MAX_WORDS, device=words.device)[: words.shape[1], None].expand(-1, 2)
+        word_keys = self.word_key(words) + self.word_pos(self.position_features(place))  # (B, R, H)
+        scores = torch.einsum("kah,brh->bkar", self.read, word_keys).div(h**0.5)  # (B, K, heads, R)
+        read = scores.masked_fill(~word_mask.bool()[:, None, None], float("-inf")).softmax(-1)
+        q = self.q(torch.einsum("bkar,brh->bkah", read, words).flatten(2)) + self.q_bias  # (B, K, H)
+        keys = self.key(tokens) + self.pos(self.position_features(coords))  # (B, N, H)
+        att = torch.einsum("bkh,bnh->bkn", q, keys).div(h**0.5).softmax(-1)  # (B, K, N)
+        return torch.einsum("bkn,nc->bkc", att, coords).reshape(b, 2 * self.k), att, read.mean(2)
 
 
 def grid_coords(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -160,13 +208,52 @@ def grid_coords(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
 
 
 @dataclass
+class Summaries:
+    """What the action side reads from the VLM's last hidden states for a batch of B robot frames (cacheable
+    when the VLM is frozen).
+
+    prompt: (B, H) mean over the prompt (images + instruction); reasoning: (B, H) mean over the reasoning;
+    words: (B, R, H) the reasoning tokens' (frozen) input embeddings, left-aligned, with word_mask (B, R)
+    true where real;
+    table: (B, N, H) the table camera's merged tokens; coords: (N, 2) their grid positions in [-1, 1].
+    """
+
+    prompt: torch.Tensor
+    reasoning: torch.Tensor
+    words: torch.Tensor
+    word_mask: torch.Tensor
+    table: torch.Tensor
+    coords: torch.Tensor
+
+    def rows(self) -> list[dict]:
+        """One float16 dict per frame, with the padding of ``words`` cut off (for caches)."""
+        n = self.word_mask.sum(1).tolist()
+        return [{"prompt": self.prompt[i].half(), "reasoning": self.reasoning[i].half(),
+                 "words": self.words[i, : n[i]].half(), "table": self.table[i].half()} for i in range(len(n))]
+
+    @classmethod
+    def stack(cls, rows: list[dict], coords: torch.Tensor) -> Summaries:
+        """The inverse of :meth:`rows` (float32, words padded again)."""
+        words = nn.utils.rnn.pad_sequence([r["words"].float() for r in rows], batch_first=True)
+        lengths = torch.tensor([len(r["words"]) for r in rows])
+        stacked = {k: torch.stack([r[k].float() for r in rows]) for k in ("prompt", "reasoning", "table")}
+        mask = torch.arange(words.shape[1])[None] < lengths[:, None]
+        return cls(stacked["prompt"], stacked["reasoning"], words, mask, stacked["table"], coords)
+
+
+@dataclass
 class Features:
-    """What the action expert is conditioned on. obs: (B, H + 2K); reasoning: (B, H); attention:
-    (B, K, N) keypoint maps over the table camera's N tokens (None without keypoints)."""
+    """What the action expert is conditioned on. obs: (B, H + 2K); reasoning: (B, H); keypoints: (B, 2K),
+    the last 2K entries of ``obs``; attention: (B, K, N) keypoint maps over the table camera's N tokens at
+    ``coords`` (N, 2); reading: (B, K, R) each keypoint's attention over the reasoning tokens (the last four
+    are None without keypoints)."""
 
     obs: torch.Tensor
     reasoning: torch.Tensor
+    keypoints: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    coords: torch.Tensor | None = None
+    reading: torch.Tensor | None = None
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -195,10 +282,14 @@ class ChatVLA2Policy(nn.Module):
     @classmethod
     def from_vlm(cls, vlm, processor, stats: dict, config: PolicyConfig | None = None) -> ChatVLA2Policy:
         """Stage 1 ("knowledge freezing"): upcycle the pretrained VLM's MLPs into experts (per
-        ``config.moe``) and attach a fresh action expert whose normaliser comes from dataset ``stats``."""
+        ``config.moe``) and attach a fresh action expert; its normaliser scales targets by the workspace and
+        states by dataset ``stats`` (``meta/stats.json``)."""
         config = config or PolicyConfig()
         upcycle(vlm, MoEConfig.from_dict(config.moe))
-        return cls(vlm, processor, config, ActionNormalizer.from_stats(stats))
+        state = stats["observation.state"]
+        # the action expert predicts commanded targets [x, y, z, grip]: always inside the workspace
+        normalizer = ActionNormalizer([*WORKSPACE_LOW, 0.0], [*WORKSPACE_HIGH, 1.0], state["min"], state["max"])
+        return cls(vlm, processor, config, normalizer)
 
     # ------------------------------------------------------------------ features
     def features(self, batch: dict, data_type: torch.Tensor | None = None, with_lm_loss: bool = False,
@@ -217,7 +308,7 @@ class ChatVLA2Policy(nn.Module):
         n = h.shape[0] if n_robot is None else n_robot
         robot = {k: batch[k][:n] for k in ("input_ids", "labels", "attention_mask")}
         robot["image_grid_thw"] = batch["image_grid_thw"][: len(CAMERA_ORDER) * n]
-        return self.condition(*self.summaries(h[:n], robot)), lm_loss
+        return self.condition(self.summaries(h[:n], robot)), lm_loss
 
     def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
         """The language model's last hidden states (B, L, H), after the final norm."""
@@ -227,25 +318,56 @@ class ChatVLA2Policy(nn.Module):
         with routing_context(self.vlm, attention_mask=batch["attention_mask"], data_type=data_type):
             return self.vlm.model(**inputs).last_hidden_state
 
-    def vlm_summaries(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        """What the action side reads from the VLM for a robot batch: :meth:`summaries` of its hidden states
-        (cacheable when the VLM is frozen)."""
+    def vlm_summaries(self, batch: dict) -> Summaries:
+        """What the action side reads from the VLM for a robot batch: :meth:`summaries` of its hidden states."""
         return self.summaries(self.hidden_states(batch), batch)
 
-    def summaries(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, ...]:
-        """(prompt mean (B, H), reasoning mean (B, H), table-camera tokens (B, N, H), their (N, 2) coords)
-        from the last hidden states h (B, L, H) of a collated batch."""
+    def summaries(self, h: torch.Tensor, batch: dict) -> Summaries:
+        """:class:`Summaries` from the last hidden states h (B, L, H) of a collated batch (labels mark the
+        reasoning)."""
         reasoning = batch["labels"] != -100  # (B, L)
         prompt = batch["attention_mask"].bool() & (reasoning.long().cumsum(1) == 0)
         tokens, coords = self.table_tokens(h, batch)
-        return masked_mean(h, prompt), masked_mean(h, reasoning), tokens, coords
+        lengths = reasoning.sum(1)
+        # each row's reasoning tokens moved to the front (a stable sort keeps their order)
+        order = torch.sort((~reasoning).long(), dim=1, stable=True).indices[:, : int(lengths.max())]
+        ids = torch.gather(batch["input_ids"], 1, order)  # (B, R)
+        words = self.vlm.get_input_embeddings()(ids)  # (B, R, H)
+        word_mask = torch.arange(words.shape[1], device=h.device)[None] < lengths[:, None]
+        return Summaries(masked_mean(h, prompt), masked_mean(h, reasoning), words, word_mask, tokens, coords)
 
-    def condition(self, prompt, why, table_tokens, coords) -> Features:
-        """:class:`Features` for the action expert from :meth:`summaries`."""
+    def condition(self, s: Summaries) -> Features:
+        """:class:`Features` for the action expert from :class:`Summaries`."""
         if self.keypoints is None:
-            return Features(prompt, why)
-        kp, att = self.keypoints(why, table_tokens, coords)
-        return Features(torch.cat([prompt, kp], -1), why, att)
+            return Features(s.prompt, s.reasoning)
+        kp, att, read = self.keypoints(s.words, s.word_mask, s.table, s.coords)
+        return Features(torch.cat([s.prompt, kp], -1), s.reasoning, kp, att, s.coords, read)
+
+    # ------------------------------------------------------------------ keypoint supervision
+    def keypoint_targets(self, anchors_xy) -> torch.Tensor:
+        """Where keypoints 0 and 1 should land for table positions ``anchors_xy`` (..., 2, 2) (x, y) metres
+        (:func:`~workbench.world.env.anchor_points`): (..., 2, 2) (row, col) in the token-grid scale of
+        :func:`grid_coords` (-1 / +1 = the centres of the first / last token row or column)."""
+        cam = CAMERAS[CAMERA_ORDER[-1]]
+        xy = np.asarray(anchors_xy, dtype=np.float64)
+        pts = np.concatenate([xy.reshape(-1, 2), np.full((xy.size // 2, 1), ANCHOR_HEIGHT)], -1)
+        token_px = self.vlm.config.vision_config.patch_size * self.merge
+        grid = np.array([cam.height, cam.width]) / token_px  # (rows, cols) of merged tokens
+        rc = (cam.project(pts) / token_px - 0.5) / (grid - 1) * 2 - 1
+        return torch.tensor(rc.reshape(xy.shape), dtype=torch.float32)
+
+    def keypoint_loss(self, feats: Features, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Heat-map supervision of keypoints 0 and 1: cross-entropy between their attention maps over the
+        table tokens and a Gaussian (sigma = :data:`HEATMAP_SIGMA` tokens) around ``targets`` (B, 2, 2), where
+        ``mask`` (B, 2) is true; times ``config.keypoint_loss_coef``. (Cross-entropy on the map trains a
+        near-uniform attention far faster than a distance on its soft-argmax.)"""
+        coords = feats.coords  # (N, 2)
+        spacing = torch.stack([c.unique().diff().min() for c in coords.T])  # (2,) one token in coords units
+        d2 = (((coords[None, None] - targets[:, :, None]) / spacing) ** 2).sum(-1)  # (B, 2, N) tokens^2
+        want = (-d2 / (2 * HEATMAP_SIGMA**2)).softmax(-1)
+        ce = -(want * feats.attention[:, :2].clamp_min(1e-8).log()).sum(-1)  # (B, 2)
+        m = mask.to(ce.dtype)
+        return self.config.keypoint_loss_coef * (ce * m).sum() / m.sum().clamp_min(1.0)
 
     def table_tokens(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the last image's (the table camera's) tokens: (B, N, H), and their (N, 2) grid
@@ -266,7 +388,9 @@ class ChatVLA2Policy(nn.Module):
         self.facts: ReasoningFacts | None = None
         self._instruction: str | None = None
         self.last_features: Features | None = None
-        self.last_chunk: np.ndarray | None = None  # (chunk_size, 4): the latest predicted chunk
+        self.last_chunk: np.ndarray | None = None  # (chunk_size, 4): the latest chunk, as env actions
+        self.last_targets: np.ndarray | None = None  # (chunk_size, 4): the same chunk as commanded targets
+        self._command: np.ndarray | None = None  # (3,) the end-effector target commanded so far
 
     def images(self, obs: Observation) -> list:
         return [getattr(obs, n) for n in CAMERA_ORDER]
@@ -293,6 +417,9 @@ class ChatVLA2Policy(nn.Module):
                 ground-truth "oracle" reasoning to separate reasoning errors from action errors).
         Returns:
             (actions (chunk_size, 4) float32 numpy array [dx, dy, dz, grip] per 10 Hz step, reasoning str).
+            The action expert predicts *commanded targets* [x, y, z, grip] (``self.last_targets``); they are
+            turned into the env's delta actions from the target commanded so far (tracked by
+            :meth:`select_action`; at an episode's start, the measured end-effector position).
             ``self.facts`` holds the parsed conclusion (:class:`~workbench.world.language.ReasoningFacts`).
         """
         from ..vlm.api import answer_labels, build_inputs
@@ -312,18 +439,26 @@ class ChatVLA2Policy(nn.Module):
         feats, _ = self.features(batch)
         self.last_features = feats
         state = torch.from_numpy(obs.state)[None]
-        actions = self.action_expert.sample(feats.obs, state, feats.reasoning, generator=generator)[0]
+        targets = self.action_expert.sample(feats.obs, state, feats.reasoning, generator=generator)[0]
         self.train(was_training)
-        self.last_chunk = actions.numpy().astype(np.float32)
+        self.last_targets = targets.numpy().astype(np.float32)
+        start = obs.state[:3] if self._command is None else self._command
+        self.last_chunk = actions_towards(start, self.last_targets)
         return self.last_chunk, self.reasoning
 
     def select_action(self, observation, instruction: str, reasoning: str | None = None) -> np.ndarray:
         """The next (4,) action; predicts a new chunk when the queue of ``n_action_steps`` runs out
-        (``reasoning``: see :meth:`predict_action_chunk`)."""
+        (``reasoning``: see :meth:`predict_action_chunk`). Keeps track of the commanded target, as the env
+        does, so that chunks are turned into actions from where the command really is."""
+        obs = Observation.coerce(observation)
+        if self._command is None:  # an episode's first step: the command is where the hand is (home)
+            self._command = obs.state[:3].astype(np.float64)
         if not self._queue:
-            chunk, _ = self.predict_action_chunk(observation, instruction, reasoning=reasoning)
+            chunk, _ = self.predict_action_chunk(obs, instruction, reasoning=reasoning)
             self._queue.extend(chunk[: self.config.n_action_steps])
-        return self._queue.popleft()
+        action = self._queue.popleft()
+        self._command = commanded_targets(action[None], self._command)[0, :3]
+        return action
 
     def extra_repr(self) -> str:
         moe = moe_config_of(self.vlm)
@@ -386,5 +521,5 @@ def load_policy(path: str) -> ChatVLA2Policy:
     return policy.eval()
 
 
-__all__ = ["ChatVLA2Policy", "Features", "Observation", "PolicyConfig", "SpatialKeypoints", "is_policy_folder",
-           "load_policy", "save_policy", "IMAGE_TEXT", "ROBOT"]
+__all__ = ["ChatVLA2Policy", "Features", "Observation", "PolicyConfig", "SpatialKeypoints", "Summaries",
+           "is_policy_folder", "load_policy", "save_policy", "IMAGE_TEXT", "ROBOT"]

@@ -9,10 +9,14 @@ knowledge_freezing     upcycle the pretrained VLM's MLPs into experts (each   no
 reasoning_alignment    co-train on the *general* image–text subset (no        attention, experts,
                        digits) mixed 1:3 with in-domain robot frames whose    routers, keypoints,
                        target is the reasoning text; loss = LM CE + diffusion action expert
-                       (+ router load balancing)
+                       (+ router load balancing + keypoint heat maps)
 action_finetuning      the whole VLM frozen; the action expert learns to      keypoints, action expert
-                       follow the reasoning (diffusion loss only)
+                       follow the reasoning (diffusion + keypoint heat maps)
 =====================  =====================================================  ==========================
+
+The keypoint term (:meth:`~workbench.vla.policy.ChatVLA2Policy.keypoint_loss`) is an auxiliary loss of this
+project, not the paper's: it pulls keypoint 0 onto the object to pick and keypoint 1 onto the place reference,
+read from each episode's ground truth (:func:`~workbench.world.env.anchor_points`).
 
 Recipes (:data:`RECIPES`) chain stages: ``chatvla2`` (all three, the default), ``two_stage`` (the camera-ready
 paper's view: upcycling folded into co-training, then action fine-tuning), and the ablations
@@ -47,7 +51,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step
 from .moe import MoEConfig, load_balancing_loss
-from .policy import CAMERA_ORDER, IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, load_policy, save_policy
+from .policy import CAMERA_ORDER, IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
 
 #: groups of parameters a stage may train (everything else is frozen)
 PARTS = ("vision", "embeddings", "attention", "experts", "router", "keypoints", "action_expert")
@@ -149,13 +153,18 @@ class RobotFrames:
     """In-domain demonstration frames, tokenised once per episode, with cached vision tokens.
 
     ``item(i)`` is an :func:`~workbench.vlm.api.encode_example` dict (+ ``feats``) whose answer is the
-    episode's reasoning; ``actions[i]`` (chunk, 4), ``is_pad[i]`` (chunk,), ``states[i]`` (4,).
+    episode's reasoning; ``actions[i]`` (chunk, 4): commanded targets
+    (:meth:`~workbench.dataset.DemonstrationDataset.target_chunk`), ``is_pad[i]`` (chunk,), ``states[i]`` (4,);
+    ``anchors[i]`` (2, 2): where keypoints 0 / 1 should land (:meth:`ChatVLA2Policy.keypoint_targets` of the
+    episode's pick object and place reference), ``anchor_mask[i]`` (2,): the pick object counts only until
+    it is grasped (afterwards it is in the hand, not at its spot).
     The frozen vision tower's tokens of every frame are saved under ``<root>/cache/`` (keyed by a hash of
     the vision weights), so later stages and reruns skip them."""
 
     def __init__(self, root: str, policy: ChatVLA2Policy, progress: bool = True, batch: int = 32):
         from ..dataset import DemonstrationDataset
         from ..vlm.api import encode_example
+        from ..world.env import anchor_points
 
         ds = DemonstrationDataset(root, chunk_size=policy.action_expert.config.chunk_size)
         splits = set(ds.hf["split"])
@@ -163,9 +172,14 @@ class RobotFrames:
             raise ValueError(f"robot training data must be in-domain only; {root} has splits {sorted(splits)}")
         self.episode = np.asarray(ds.hf["episode_index"])
         self.states = torch.tensor(np.asarray(ds.hf["observation.state"], np.float32))
-        chunks = [ds.action_chunk(i) for i in range(len(ds))]
+        chunks = [ds.target_chunk(i) for i in range(len(ds))]  # the action expert predicts targets
         self.actions = torch.tensor(np.stack([c[0] for c in chunks]))
         self.is_pad = torch.tensor(np.stack([c[1] for c in chunks]))
+        truth = {e["episode_index"]: e["ground_truth"] for e in ds.meta.episodes}
+        xy = np.stack([anchor_points(truth[int(e)]) for e in self.episode])  # (frames, 2, 2) metres
+        self.anchors = policy.keypoint_targets(xy)
+        before_grasp = np.isin(np.asarray(ds.hf["phase"]), ("reach", "grasp"))
+        self.anchor_mask = torch.tensor(np.stack([before_grasp, np.ones_like(before_grasp)], -1))
         self.board, self.table = self._vision_tokens(ds, policy, root, progress, batch)
         self.encoded = {}
         for ep in np.unique(self.episode):
@@ -254,7 +268,7 @@ class StageTrainer:
         os.makedirs(self.run_dir, exist_ok=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.log = CsvLog(os.path.join(self.run_dir, "log.csv"),
-                          ["stage", "step", "loss", "lm", "diffusion", "aux", "lr"])
+                          ["stage", "step", "loss", "lm", "diffusion", "keypoints", "aux", "lr"])
 
     def initial_policy(self, ckpt: str | None) -> ChatVLA2Policy:
         """The policy to train: from checkpoint ``ckpt`` (resume), else built from ``init``."""
@@ -336,6 +350,8 @@ class StageTrainer:
                 terms["diffusion"] = policy.action_expert.compute_loss(
                     frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning,
                     frames.is_pad[rob])[0]
+            if policy.config.keypoint_loss_coef and st.diffusion_loss:
+                terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[rob], frames.anchor_mask[rob])
             if moe.variant != "dense" and moe.aux_loss_coef > 0:
                 terms["aux"] = moe.aux_loss_coef * load_balancing_loss(policy.vlm)
             self._update(policy, step, terms, params, opt, bar)
@@ -348,13 +364,13 @@ class StageTrainer:
         frames = RobotFrames(self.data, policy, self.progress)
         pad = policy.processor.tokenizer.pad_token_id
         policy.eval()
-        cache = []
+        cache, coords = [], None
         with torch.no_grad():
             for i in tqdm(range(0, len(frames), 32), desc="caching VLM summaries", disable=not self.progress):
                 idx = range(i, min(i + 32, len(frames)))
-                batch = collate([frames.item(j) for j in idx], pad)
-                prompt, why, table, coords = policy.vlm_summaries(batch)
-                cache += [(prompt[k].half(), why[k].half(), table[k].half()) for k in range(len(idx))]
+                summaries = policy.vlm_summaries(collate([frames.item(j) for j in idx], pad))
+                cache += summaries.rows()
+                coords = summaries.coords
         params, opt = self._optimizer(policy, ckpt)
         policy, opt = self.accelerator.prepare(policy, opt)
         policy.train()
@@ -362,11 +378,12 @@ class StageTrainer:
         for step in bar:
             rng = np.random.default_rng([st.seed, step])
             idx = rng.choice(len(frames), min(st.batch_size, len(frames)), replace=False)
-            prompt, why, table = (torch.stack([cache[i][k].float() for i in idx]) for k in range(3))
-            feats = policy.condition(prompt, why, table, coords)
-            loss = policy.action_expert.compute_loss(frames.actions[idx], feats.obs, frames.states[idx],
-                                                     feats.reasoning, frames.is_pad[idx])[0]
-            self._update(policy, step, {"diffusion": loss}, params, opt, bar)
+            feats = policy.condition(Summaries.stack([cache[i] for i in idx], coords))
+            terms = {"diffusion": policy.action_expert.compute_loss(
+                frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning, frames.is_pad[idx])[0]}
+            if policy.config.keypoint_loss_coef:
+                terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[idx], frames.anchor_mask[idx])
+            self._update(policy, step, terms, params, opt, bar)
 
 
 def run_recipe(name: str, init: str, data: str, out: str, policy_config: PolicyConfig | None = None,

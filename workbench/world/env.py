@@ -49,7 +49,7 @@ from .catalog import (
     Equation,
     get_split,
 )
-from .scene import CAMERAS, CONTROL_HZ, OVERVIEW, TabletopScene
+from .scene import CAMERAS, CONTROL_HZ, HOME_EE, OVERVIEW, WORKSPACE_HIGH, WORKSPACE_LOW, TabletopScene
 from .writing import as_rgb_image, render_text
 
 MAX_STEP = 0.04
@@ -338,6 +338,46 @@ class TabletopEnv(gym.Env):
 
     def close(self):
         self.scene.close()
+
+
+def commanded_targets(actions, start=HOME_EE) -> np.ndarray:
+    """What the env makes of a sequence of actions (T, 4): the commanded end-effector target after each one,
+    with the gripper command, (T, 4) = [x, y, z, grip]. ``start`` is the commanded target before the first
+    action (after ``reset`` it is the home pose). Deltas are clipped to ``MAX_STEP`` and targets to the
+    workspace, exactly as :meth:`TabletopEnv.step` does."""
+    a = np.asarray(actions, dtype=np.float64).reshape(-1, ACTION_DIM)
+    cmd, out = np.asarray(start, dtype=np.float64)[:3].copy(), np.empty_like(a)
+    for t, step in enumerate(a):
+        cmd = np.clip(cmd + np.clip(step[:3], -MAX_STEP, MAX_STEP), WORKSPACE_LOW, WORKSPACE_HIGH)
+        out[t] = [*cmd, step[3]]
+    return out.astype(np.float32)
+
+
+def actions_towards(start, targets) -> np.ndarray:
+    """The inverse of :func:`commanded_targets`: actions (T, 4) that move the commanded target from ``start``
+    (3,) through ``targets`` (T, 4) [x, y, z, grip], each step at most ``MAX_STEP`` per axis (a target out of
+    reach is approached, and the next step starts from where the command really is)."""
+    t = np.asarray(targets, dtype=np.float64).reshape(-1, ACTION_DIM)
+    cmd, out = np.asarray(start, dtype=np.float64)[:3].copy(), np.empty_like(t)
+    for k, goal in enumerate(t):
+        nxt = np.clip(goal[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
+        step = np.clip(nxt - cmd, -MAX_STEP, MAX_STEP)
+        cmd = cmd + step
+        out[k] = [*step, np.clip(goal[3], 0.0, 1.0)]
+    return out.astype(np.float32)
+
+
+def anchor_points(ground_truth: dict) -> np.ndarray:
+    """(2, 2) table positions (x, y) in metres that an episode's ground truth names: the object to pick
+    (math: the answer card's slot centre; toys: the object) and the reference of the place (math: the answer
+    pad; toys: the target object). They supervise the policy's keypoints."""
+    if "answer_card_slot" in ground_truth:
+        return np.array([CARD_SLOTS[ground_truth["answer_card_slot"]], ANSWER_PAD], dtype=np.float32)
+    if "toys" in ground_truth:
+        toys = ground_truth["toys"]
+        return np.array([toys[ground_truth["object"]][:2], toys[ground_truth["target"]][:2]], dtype=np.float32)
+    raise ValueError(f"ground truth has neither 'answer_card_slot' (math) nor 'toys' (toy placement): "
+                     f"keys {sorted(ground_truth)}")
 
 
 def _check_xy(where, what: str) -> tuple[float, float]:

@@ -59,6 +59,17 @@ class Camera:
         proj = p.computeProjectionMatrixFOV(self.fov, self.width / self.height, 0.05, 3.0)
         return view, proj
 
+    def project(self, points) -> np.ndarray:
+        """Pixel coordinates (N, 2) = (row, col), floats, of world points (N, 3) in metres (pinhole model
+        of :meth:`matrices`; row 0 is the image's top edge, col 0 its left edge)."""
+        pts = np.atleast_2d(np.asarray(points, dtype=np.float64))
+        if pts.shape[-1] != 3:
+            raise ValueError(f"points must be (N, 3) world coordinates, got shape {pts.shape}")
+        view, proj = (np.asarray(m, dtype=np.float64).reshape(4, 4).T for m in self.matrices())  # column-major
+        clip = (proj @ view @ np.c_[pts, np.ones(len(pts))].T).T  # (N, 4)
+        ndc = clip[:, :2] / clip[:, 3:4]  # x right, y up, in [-1, 1]
+        return np.stack([(1 - ndc[:, 1]) / 2 * self.height, (ndc[:, 0] + 1) / 2 * self.width], -1)
+
 
 #: The model's cameras. Resolutions are multiples of 16 (Qwen2-VL: 8-px patches, 2x2 merge), and
 #: chosen so digits on the board and on the cards are ~24-26 px tall, i.e. about three patches.
