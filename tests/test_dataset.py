@@ -54,6 +54,29 @@ def test_chunks_pad_at_episode_end(small):
     np.testing.assert_allclose(y["action"][0].numpy(), ds._actions[ep_end + 1])
 
 
+def test_target_chunks_replay_the_demonstration(small):
+    """Commanded targets, turned back into actions from the home pose, are the demonstrated actions; and the
+    env really ends where the targets say (the commanded target, not the lagging measured hand)."""
+    from workbench.world.env import TabletopEnv, actions_towards, commanded_targets
+    from workbench.world.scene import HOME_EE
+
+    out, _ = small
+    ds = wds.DemonstrationDataset(out, chunk_size=16)
+    meta = wds.load_meta(out)
+    n = meta.episodes[0]["length"]
+    targets = np.concatenate([ds.target_chunk(i)[0][:1] for i in range(n)])  # (T, 4): the target after each step
+    np.testing.assert_allclose(actions_towards(HOME_EE, targets), ds._actions[:n], atol=1e-6)
+    np.testing.assert_allclose(commanded_targets(ds._actions[:n]), targets, atol=1e-6)
+    chunk, pad = ds.target_chunk(n - 3)
+    assert pad.tolist() == [False] * 3 + [True] * 13 and (chunk[3:] == chunk[2]).all()
+    env = TabletopEnv(meta.episodes[0]["task"], cameras=())
+    env.reset(seed=meta.episodes[0]["seed"])
+    for a in ds._actions[: n // 2]:
+        env.step(a)
+    np.testing.assert_allclose(env.scene.ee_target, targets[n // 2 - 1, :3], atol=1e-6)
+    env.close()
+
+
 def test_filtering_and_errors(small, tmp_path):
     out, _ = small
     assert wds.DemonstrationDataset(out, tasks=["toy_placement"]).num_episodes == 1

@@ -132,10 +132,16 @@ def test_summaries_cache_round_trip(policy):
 
 # ---------------------------------------------------------------------------------------------- acting
 def test_predict_action_chunk_and_action_queue(policy):
+    from workbench.world.env import MAX_STEP, actions_towards, commanded_targets
+
     policy.reset()
     obs = Observation.fake(1)
     actions, reasoning = policy.predict_action_chunk(obs, INSTRUCTION)
     assert actions.shape == (16, 4) and actions.dtype == np.float32 and np.isfinite(actions).all()
+    assert np.abs(actions[:, :3]).max() <= MAX_STEP + 1e-6  # targets become env actions within bounds
+    # outside an episode the command starts at the hand: the actions lead from there through the targets
+    assert policy.last_targets.shape == (16, 4)
+    np.testing.assert_allclose(actions, actions_towards(obs.state[:3], policy.last_targets), atol=1e-6)
     assert isinstance(reasoning, str) and reasoning == policy.reasoning and policy.facts is not None
     assert policy.last_features.obs.shape == (1, 128 + 2 * policy.config.num_keypoints)
     assert policy.last_features.attention.shape == (1, policy.config.num_keypoints, 176)  # 11 x 16 table tokens
@@ -144,13 +150,17 @@ def test_predict_action_chunk_and_action_queue(policy):
     calls = []
     original = policy.predict_action_chunk
     policy.predict_action_chunk = lambda o, i, **kw: (calls.append(1), original(o, i, **kw))[1]
+    sent = []
     try:
         for _ in range(policy.config.n_action_steps + 1):
-            assert policy.select_action({"board": obs.board, "table": obs.table, "state": obs.state},
-                                        INSTRUCTION).shape == (4,)
+            sent.append(policy.select_action({"board": obs.board, "table": obs.table, "state": obs.state},
+                                             INSTRUCTION))
+            assert sent[-1].shape == (4,)
     finally:
         del policy.predict_action_chunk
     assert len(calls) == 2  # a new chunk only when the queue of n_action_steps runs out
+    # the policy tracks the command as the env integrates it (from the hand at the episode's first step)
+    np.testing.assert_allclose(policy._command, commanded_targets(np.stack(sent), obs.state[:3])[-1, :3], atol=1e-6)
     with pytest.raises(ValueError, match="instruction"):
         policy.predict_action_chunk(obs, "  ")
     # a given reasoning replaces the generated one, and its facts are parsed

@@ -3,7 +3,7 @@ an action chunk, conditioned on the pooled VLM hidden states, the robot state an
 *reasoning-following enhancement*, on the pooled reasoning hidden states.
 
     >>> expert = ActionExpert(ActionExpertConfig(), ActionNormalizer.from_stats(stats))
-    >>> loss, terms = expert.compute_loss(actions, obs, state, reasoning, action_is_pad)   # training
+    >>> loss, terms = expert.compute_loss(actions, obs, state, reasoning)   # training
     >>> chunk = expert.sample(obs, state, reasoning)                                       # (B, 16, 4) raw
 
 Conditioning, per block: c = timestep embedding + (observation embedding, or in the blocks chosen by
@@ -196,16 +196,16 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def attn(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def attn(self, x: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, H))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H), c (B, H), keep (B, 1, 1, T) bool keys that may be attended, or None -> (B, T, H)."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, T, H), c (B, H) -> (B, T, H)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, H)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), keep)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -267,22 +267,20 @@ class ActionExpert(nn.Module):
                 f"reasoning_blocks={list(self.reasoning_blocks)}")
 
     def forward(self, noisy_actions: torch.Tensor, timesteps: torch.Tensor, obs: torch.Tensor, state: torch.Tensor,
-                reasoning: torch.Tensor | None = None, action_is_pad: torch.Tensor | None = None) -> torch.Tensor:
+                reasoning: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise (or x0 / v, per ``prediction_type``) of a normalised noisy chunk.
 
         noisy_actions (B, chunk, A), timesteps (B,) int, obs (B, obs_dim), state (B, S) raw,
-        reasoning (B, reasoning_dim) or None (then every block is conditioned on the observation), and
-        action_is_pad (B, chunk) bool or None: padded steps are hidden from attention as keys, so they
-        cannot influence the real steps. Returns (B, chunk, A).
+        reasoning (B, reasoning_dim) or None (then every block is conditioned on the observation).
+        Returns (B, chunk, A). Every step of the chunk attends to every other, in training as in sampling.
         """
         t = self.time_embed(timesteps)  # (B, H)
         c_obs = t + self.obs_proj(obs, self.normalizer.normalize_state(state))  # (B, H)
         c_rsn = c_obs if reasoning is None or self.reasoning_proj is None else t + self.reasoning_proj(reasoning)
-        keep = None if action_is_pad is None else ~action_is_pad[:, None, None, :]  # (B, 1, 1, chunk)
         x = self.action_in(noisy_actions) + self.pos_emb  # (B, chunk, H)
         for i, block in enumerate(self.blocks):
             c = c_rsn if i in self.reasoning_blocks else c_obs  # reasoning *replaces* the observation
-            x = block(x, c, keep)
+            x = block(x, c)
         return self.final(x, c)  # the final layer shares the last block's condition
 
     def _check(self, obs, state, reasoning):
@@ -293,34 +291,31 @@ class ActionExpert(nn.Module):
                 raise ValueError(f"{name} must have shape (B={B}, {d}), got {tuple(x.shape)}")
 
     def compute_loss(self, actions: torch.Tensor, obs: torch.Tensor, state: torch.Tensor,
-                     reasoning: torch.Tensor | None = None, action_is_pad: torch.Tensor | None = None,
+                     reasoning: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Diffusion loss: MSE between the prediction and its target (the noise, for epsilon) on the real steps.
+        """Diffusion loss: MSE between the prediction and its target (the noise, for epsilon) over the chunk.
 
         actions (B, chunk, A) raw; obs (B, obs_dim); state (B, S) raw; reasoning (B, reasoning_dim) or None;
-        action_is_pad (B, chunk) bool or None (True past the episode's end); generator draws noise and
-        timesteps (on the tensors' device). Returns (loss, {"diffusion": float}).
+        generator draws noise and timesteps (on the tensors' device). Returns (loss, {"diffusion": float}).
+
+        Chunks that run past an episode's end are trained on their padding (the last target held), like
+        LeRobot's diffusion policy by default. Hiding padded steps from attention, as this module once did,
+        trains a model that :meth:`sample` (which sees whole chunks) never runs: its chunks near an episode's
+        end were wrong even on training frames whose loss was tiny.
         """
         self._check(obs, state, reasoning)
         B, T, A = actions.shape
         if (T, A) != (self.config.chunk_size, self.config.action_dim):
             raise ValueError(f"actions must be (B, {self.config.chunk_size}, {self.config.action_dim}), "
                              f"got {tuple(actions.shape)}")
-        if action_is_pad is not None and action_is_pad.all(dim=1).any():
-            raise ValueError("every chunk needs at least one real (non-padded) step")
         x0 = self.normalizer.normalize_action(actions)  # (B, chunk, A) in [-1, 1]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.config.num_train_timesteps, (B,), generator=generator, device=x0.device)
-        pred = self(self.scheduler.add_noise(x0, noise, t), t, obs, state, reasoning, action_is_pad)
+        pred = self(self.scheduler.add_noise(x0, noise, t), t, obs, state, reasoning)
         target = {"epsilon": noise, "sample": x0}.get(self.config.prediction_type)
         if target is None:  # v_prediction
             target = self.scheduler.get_velocity(x0, noise, t)
-        per_step = F.mse_loss(pred, target, reduction="none").mean(-1)  # (B, chunk)
-        if action_is_pad is None:
-            loss = per_step.mean()
-        else:
-            real = (~action_is_pad).to(per_step.dtype)
-            loss = (per_step * real).sum() / real.sum()
+        loss = F.mse_loss(pred, target)
         return loss, {"diffusion": loss.item()}
 
     @torch.no_grad()

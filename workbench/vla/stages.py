@@ -154,7 +154,7 @@ class RobotFrames:
 
     ``item(i)`` is an :func:`~workbench.vlm.api.encode_example` dict (+ ``feats``) whose answer is the
     episode's reasoning; ``actions[i]`` (chunk, 4): commanded targets
-    (:meth:`~workbench.dataset.DemonstrationDataset.target_chunk`), ``is_pad[i]`` (chunk,), ``states[i]`` (4,);
+    (:meth:`~workbench.dataset.DemonstrationDataset.target_chunk`, padded by holding the last), ``states[i]`` (4,);
     ``anchors[i]`` (2, 2): where keypoints 0 / 1 should land (:meth:`ChatVLA2Policy.keypoint_targets` of the
     episode's pick object and place reference), ``anchor_mask[i]`` (2,): the pick object counts only until
     it is grasped (afterwards it is in the hand, not at its spot).
@@ -172,9 +172,8 @@ class RobotFrames:
             raise ValueError(f"robot training data must be in-domain only; {root} has splits {sorted(splits)}")
         self.episode = np.asarray(ds.hf["episode_index"])
         self.states = torch.tensor(np.asarray(ds.hf["observation.state"], np.float32))
-        chunks = [ds.target_chunk(i) for i in range(len(ds))]  # the action expert predicts targets
-        self.actions = torch.tensor(np.stack([c[0] for c in chunks]))
-        self.is_pad = torch.tensor(np.stack([c[1] for c in chunks]))
+        # the action expert predicts commanded targets
+        self.actions = torch.tensor(np.stack([ds.target_chunk(i)[0] for i in range(len(ds))]))
         truth = {e["episode_index"]: e["ground_truth"] for e in ds.meta.episodes}
         xy = np.stack([anchor_points(truth[int(e)]) for e in self.episode])  # (frames, 2, 2) metres
         self.anchors = policy.keypoint_targets(xy)
@@ -348,8 +347,7 @@ class StageTrainer:
                 terms["lm"] = lm
             if st.diffusion_loss:
                 terms["diffusion"] = policy.action_expert.compute_loss(
-                    frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning,
-                    frames.is_pad[rob])[0]
+                    frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning)[0]
             if policy.config.keypoint_loss_coef and st.diffusion_loss:
                 terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[rob], frames.anchor_mask[rob])
             if moe.variant != "dense" and moe.aux_loss_coef > 0:
@@ -380,7 +378,7 @@ class StageTrainer:
             idx = rng.choice(len(frames), min(st.batch_size, len(frames)), replace=False)
             feats = policy.condition(Summaries.stack([cache[i] for i in idx], coords))
             terms = {"diffusion": policy.action_expert.compute_loss(
-                frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning, frames.is_pad[idx])[0]}
+                frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning)[0]}
             if policy.config.keypoint_loss_coef:
                 terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[idx], frames.anchor_mask[idx])
             self._update(policy, step, terms, params, opt, bar)
