@@ -43,3 +43,18 @@ def test_bench_table_prints(capsys):
     bench.print_table("t", [("a", "1.0"), ("bb", "2")])
     out = capsys.readouterr().out
     assert "| a " in out and "| bb" in out and os.linesep in out
+
+
+def test_bench_training_leaves_out_pauses_and_resumed_repeats(tmp_path):
+    rows = ["time,stage,step,loss"]
+    rows += [f"{1000 + 2 * s},action_finetuning,{s},0.1" for s in range(1, 11)]      # steps 1-10, 2 s apart
+    rows += [f"{5000 + 2 * (s - 8)},action_finetuning,{s},0.1" for s in range(9, 21)]  # resumed at 8, an hour later
+    (tmp_path / "action_finetuning.csv").write_text("\n".join(rows) + "\n")
+    table = dict(bench.bench_training(str(tmp_path)))
+    # steps 1-8 of the first run (7 gaps) and steps 9-20 of the second (11 gaps): 18 gaps of 2 s
+    assert table["action_finetuning: 20 steps, min, 1 pause(s) left out"] == f"{36 / 60:.1f}"
+    (tmp_path / "action_finetuning.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="'time' and 'step'"):
+        bench.bench_training(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no training logs"):
+        bench.bench_training(str(tmp_path / "nothing"))

@@ -285,7 +285,8 @@ def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_pat
                              video_dir=str(tmp_path), progress=False, oracle_reasoning=True)
     assert result["episodes"] == 1 and 0 <= result["success_rate"] <= 1 and len(result["ci95"]) == 2
     rec = result["records"][0]
-    assert rec["scores"] == {"recognition": 1.0, "spatial": 1} and rec["steps"] > 0
+    assert rec["scores"] == {"recognition": 1.0, "spatial": 1} and rec["steps"] > 0 and rec["conclusion_right"]
+    assert result["conclusion_right"] == 1 and result["successes_when_right"] == result["successes"]
     assert rec["instruction"] and rec["reasoning"] and result["oracle_reasoning"]
     assert os.listdir(tmp_path)  # one GIF
 

@@ -2,6 +2,7 @@
 
     python -m workbench.bench sim [--steps 200] [--episodes 6]
     python -m workbench.bench policy [--policy data_samples/policy] [--repeats 30]
+    python -m workbench.bench training [--logs data_samples/policy/training]
 
 ``sim``: control steps per second (10 Hz control, 24 physics substeps each) with no cameras, with
 the model's two cameras, and with the overview camera as well; and dataset generation throughput
@@ -10,6 +11,11 @@ the model's two cameras, and with the overview camera as well; and dataset gener
 ``policy``: ChatVLA-2 latency, p50 / p90 over repeated calls on real observations: reasoning generation
 (greedy, KV cache; target <= 250 ms), one action chunk from an observation and already generated reasoning
 (VLM forward + 10 DDIM steps; target <= 50 ms), and the share of the chunk spent in the action expert.
+
+``training``: the wall time of each training stage, read from the per-step timestamps of the stages'
+``log.csv`` files (the shipped policy's are in ``data_samples/policy/training/``). Pauses longer than
+``--max-gap`` seconds between two logged steps (a run stopped and resumed later) are left out and counted.
+Work done before a stage's first step (caching the frozen VLM's outputs) has no timestamp and is not included.
 """
 
 from __future__ import annotations
@@ -107,6 +113,39 @@ def bench_policy(path: str = "data_samples/policy", repeats: int = 30) -> list[t
             ("torch threads", str(torch.get_num_threads()))]
 
 
+def bench_training(logs: str = "data_samples/policy/training", max_gap: float = 120.0) -> list[tuple[str, str]]:
+    import csv
+    import glob
+
+    files = sorted(glob.glob(os.path.join(logs, "*.csv"))) or sorted(glob.glob(os.path.join(logs, "*", "log.csv")))
+    if not files:
+        raise FileNotFoundError(f"no training logs in {logs!r}: expected <stage>.csv files (a packaged policy's "
+                                f"training/ folder) or <stage>.run/log.csv files (a train --out folder)")
+    logs_by_start = []
+    for path in files:
+        with open(path, newline="") as f:
+            records = list(csv.DictReader(f))
+        if not records or "time" not in records[0] or "step" not in records[0]:
+            raise ValueError(f"{path} is not a training log: expected a CSV with 'time' and 'step' columns")
+        # a resumed run logs again the steps after its last checkpoint: keep each step's last record
+        records = list({int(r["step"]): r for r in records}.values())
+        logs_by_start.append((float(records[0]["time"]), path, records))
+    rows, total = [], 0.0
+    for _, path, records in sorted(logs_by_start):
+        times = np.array([float(r["time"]) for r in records])
+        gaps = np.diff(times)
+        paused = gaps > max_gap
+        seconds = float(gaps[~paused].sum())
+        total += seconds
+        steps = int(records[-1]["step"])
+        note = f", {int(paused.sum())} pause(s) left out" if paused.any() else ""
+        rows.append((f"{records[-1].get('stage', os.path.basename(path))}: {steps:,} steps, min{note}",
+                     f"{seconds / 60:.1f}"))
+        rows.append((f"  steps/s", f"{len(records) / max(seconds, 1e-9):.1f}"))
+    rows.append(("all logged steps, min", f"{total / 60:.1f}"))
+    return rows
+
+
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\n{title}  ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -119,14 +158,20 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["sim", "policy"])
+    ap.add_argument("what", choices=["sim", "policy", "training"])
     ap.add_argument("--policy", default="data_samples/policy", help="policy folder (policy benchmark)")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per policy measurement")
     ap.add_argument("--steps", type=int, default=200, help="control steps per speed measurement")
     ap.add_argument("--episodes", type=int, default=6, help="episodes for the dataset measurement")
+    ap.add_argument("--logs", default="data_samples/policy/training",
+                    help="folder of training logs (training benchmark)")
+    ap.add_argument("--max-gap", type=float, default=120.0,
+                    help="seconds between logged steps above which a pause is left out (training benchmark)")
     args = ap.parse_args(argv)
     if args.what == "sim":
         print_table("Simulation benchmark", bench_sim(args.steps, args.episodes))
+    elif args.what == "training":
+        print_table(f"Training wall time ({args.logs})", bench_training(args.logs, args.max_gap))
     else:
         print_table(f"Policy latency ({args.policy})", bench_policy(args.policy, args.repeats))
 

@@ -7,8 +7,8 @@
     python -m workbench.evaluate report --policy data_samples/policy --episodes 25 \\
         --out data_samples/policy/results.json
 
-``report``: closed-loop results on both tasks and splits plus the knowledge table of the pretrained VLM
-beside the policy's backbone (what the README shows). ``knowledge`` accepts a policy folder too: it then
+``report``: closed-loop results on both tasks and splits, with generated and then with true (oracle) reasoning,
+plus the knowledge table of the pretrained VLM beside the policy's backbone (what the README shows). ``knowledge`` accepts a policy folder too: it then
 evaluates the policy's backbone (MoE layers included).
 
 Rows (each on the corpus' held-out split: held-out writing styles and hand-writing seeds, whiteboard
@@ -158,10 +158,23 @@ def reasoning_scores(facts, ground_truth: dict) -> dict:
             / 2, "spatial": int(facts.direction == ground_truth["direction"])}
 
 
+def conclusion_right(facts, ground_truth: dict) -> bool:
+    """Whether the reasoning's conclusion names what the robot must do: math matching, the answer card and
+    its slot; toy placement, the object, the target and the side. Success without it is luck or a shortcut."""
+    if ground_truth["task"] == "math_matching":
+        from .world.catalog import Equation
+
+        return facts.card == Equation.parse(ground_truth["equation"]).answer \
+            and facts.card_slot == ground_truth["answer_card_slot"]
+    return (facts.object, facts.target, facts.direction) == \
+        (ground_truth["object"], ground_truth["target"], ground_truth["direction"])
+
+
 def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int = EVAL_SEED, videos: int = 0,
                     video_dir: str | None = None, progress: bool = True, oracle_reasoning: bool = False) -> dict:
     """Closed-loop success of ``policy`` on ``episodes`` seeded episodes (seeds ``seed`` .. ``seed + episodes - 1``),
-    with a Wilson 95% interval and the mean reasoning scores (:func:`reasoning_scores`). The first ``videos``
+    with a Wilson 95% interval, the mean reasoning scores (:func:`reasoning_scores`), and success split by
+    whether the reasoning's conclusion was right (:func:`conclusion_right`). The first ``videos``
     episodes are saved as GIFs in ``video_dir``. ``oracle_reasoning``: the policy is handed the ground-truth
     reasoning (as annotated in the datasets) instead of generating it, which measures the action side alone."""
     import numpy as np
@@ -192,7 +205,8 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
         facts = policy.facts or ReasoningFacts()
         records.append({"seed": env_seed, "success": ep.success, "steps": len(ep), "error": ep.error,
                         "instruction": instruction, "reasoning": policy.reasoning, "facts": facts.to_dict(),
-                        "scores": reasoning_scores(facts, ep.ground_truth)})
+                        "scores": reasoning_scores(facts, ep.ground_truth),
+                        "conclusion_right": conclusion_right(facts, ep.ground_truth)})
         if i < videos and video_dir:
             os.makedirs(video_dir, exist_ok=True)
             frames = episode_frames(ep, [policy.reasoning or ""] * len(ep))
@@ -201,8 +215,10 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
     wins = sum(r["success"] for r in records)
     lo, hi = wilson_interval(wins, len(records))
     keys = records[0]["scores"] if records else {}
+    right = [r for r in records if r["conclusion_right"]]
     return {"task": task, "split": split, "oracle_reasoning": oracle_reasoning, "episodes": len(records),
-            "successes": wins,
+            "successes": wins, "conclusion_right": len(right),
+            "successes_when_right": sum(r["success"] for r in right),
             "success_rate": wins / max(1, len(records)), "ci95": [lo, hi],
             "scores": {k: float(np.mean([r["scores"][k] for r in records])) for k in keys},
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
@@ -222,7 +238,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def evaluate_policy_everywhere(policy, episodes: int, open_world_videos: int = 0, video_dir: str | None = None,
-                               progress: bool = True) -> list[dict]:
+                               progress: bool = True, oracle_reasoning: bool = False) -> list[dict]:
     """:func:`evaluate_policy` on both tasks and both splits, each result printed as it comes."""
     from .world.catalog import SPLIT_NAMES, TASKS
 
@@ -231,7 +247,7 @@ def evaluate_policy_everywhere(policy, episodes: int, open_world_videos: int = 0
         for split in SPLIT_NAMES:
             videos = open_world_videos if split == "open_world" else 0
             results.append(evaluate_policy(policy, task, split, episodes, videos=videos, video_dir=video_dir,
-                                           progress=progress))
+                                           progress=progress, oracle_reasoning=oracle_reasoning))
             print(format_policy_result(results[-1]))
     return results
 
@@ -241,19 +257,24 @@ def format_policy_result(r: dict) -> str:
     oracle = " (oracle reasoning)" if r.get("oracle_reasoning") else ""
     return (f"{r['task']} / {r['split']}{oracle}: {r['successes']}/{r['episodes']} = {100 * r['success_rate']:.1f}% "
             f"(95% CI {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%); reasoning scores: {scores}; "
-            f"mean steps {r['mean_steps']:.1f}")
+            f"mean steps {r['mean_steps']:.1f}; conclusion right in {r['conclusion_right']}, success "
+            f"{r['successes_when_right']}/{r['conclusion_right']} when right, "
+            f"{r['successes'] - r['successes_when_right']}/{r['episodes'] - r['conclusion_right']} when wrong")
 
 
 def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill: int = 25,
-                  progress: bool = True) -> dict:
-    """What the README reports for a trained policy: closed-loop success on both tasks and splits, and the
-    knowledge table of the pretrained VLM beside the policy's backbone (same held-out questions)."""
+                  progress: bool = True, oracle: bool = True) -> dict:
+    """What the README reports for a trained policy: closed-loop success on both tasks and splits with the
+    reasoning it generates and, if ``oracle``, again with the true reasoning handed to it (the action side
+    alone); and the knowledge table of the pretrained VLM beside the policy's backbone (same held-out
+    questions)."""
     from .vla.policy import load_policy
     from .vlm.api import load_vlm
 
     policy = load_policy(policy_path)
-    closed = [{**{k: v for k, v in r.items() if k != "records"}, "examples": r["records"][:3]}
-              for r in evaluate_policy_everywhere(policy, episodes, progress=progress)]
+    closed = evaluate_policy_everywhere(policy, episodes, progress=progress)  # every episode's record kept
+    if oracle:
+        closed += evaluate_policy_everywhere(policy, episodes, progress=progress, oracle_reasoning=True)
     knowledge = {"pretrained": evaluate_knowledge(*load_vlm(vlm_path), per_skill, progress=progress)["rows"],
                  "policy": evaluate_knowledge(policy.vlm, policy.processor, per_skill, progress=progress)["rows"]}
     return {"policy": policy_path, "pretrained_vlm": vlm_path, "episodes_per_split": episodes,
@@ -299,6 +320,8 @@ def main(argv=None):
     r.add_argument("--episodes", type=int, default=25, help="episodes per task and split")
     r.add_argument("--per-skill", type=int, default=25)
     r.add_argument("--out", required=True, help="JSON file (e.g. POLICY/results.json)")
+    r.add_argument("--no-oracle", action="store_true",
+                   help="skip the second pass with the true reasoning handed to the policy")
     p = sub.add_parser("policy", help="closed-loop evaluation of a policy in the simulator")
     p.add_argument("--policy", required=True, help="policy folder")
     p.add_argument("--task", required=True, choices=["math_matching", "toy_placement"])
@@ -316,7 +339,7 @@ def main(argv=None):
     if args.what == "policy":
         return _main_policy(ap, args)
     if args.what == "report":
-        result = policy_report(args.policy, args.vlm, args.episodes, args.per_skill)
+        result = policy_report(args.policy, args.vlm, args.episodes, args.per_skill, oracle=not args.no_oracle)
         print(format_retention(result["knowledge"]))
         return _write_json(args.out, result)
     if args.per_skill < 1:
