@@ -64,7 +64,7 @@ class PolicyController(Controller):
         self.policy = policy
 
     def start(self, env, obs, info, seed):
-        self.policy.reset()
+        self.policy.reset(seed=seed)  # the same seed replays the same episode
         self.instruction = info["instruction"]
         self.first = self.policy.select_action(obs, self.instruction)  # generates policy.reasoning
         return self.policy.reasoning

@@ -187,8 +187,8 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
     env = TabletopEnv(task, split)
     records = []
     for i in tqdm(range(episodes), desc=f"{task}/{split}", disable=not progress):
-        policy.reset()
         env_seed = seed + i
+        policy.reset(seed=env_seed)
 
         episode: dict = {}  # instruction (and oracle reasoning), read once after rollout's reset
 

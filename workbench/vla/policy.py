@@ -381,8 +381,11 @@ class ChatVLA2Policy(nn.Module):
         return tokens, grid_coords(last, self.merge).to(h)
 
     # ------------------------------------------------------------------ acting
-    def reset(self) -> None:
-        """Forget the episode: the next call generates new reasoning; the action queue is emptied."""
+    def reset(self, seed: int | None = None) -> None:
+        """Forget the episode: the next call generates new reasoning; the action queue is emptied.
+        ``seed``: the diffusion noise of this episode's chunks (:meth:`select_action`) is drawn from a generator
+        seeded with it, so a seeded episode is reproduced exactly; ``None`` draws from torch's global RNG."""
+        self._generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         self._queue: deque = deque()
         self.reasoning: str | None = None
         self.facts: ReasoningFacts | None = None
@@ -454,7 +457,7 @@ class ChatVLA2Policy(nn.Module):
         if self._command is None:  # an episode's first step: the command is where the hand is (home)
             self._command = obs.state[:3].astype(np.float64)
         if not self._queue:
-            chunk, _ = self.predict_action_chunk(obs, instruction, reasoning=reasoning)
+            chunk, _ = self.predict_action_chunk(obs, instruction, generator=self._generator, reasoning=reasoning)
             self._queue.extend(chunk[: self.config.n_action_steps])
         action = self._queue.popleft()
         self._command = commanded_targets(action[None], self._command)[0, :3]
