@@ -304,6 +304,34 @@ def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_pat
     assert os.listdir(tmp_path)  # one GIF
 
 
+def test_keypoint_evaluation_measures_where_keypoints_land(policy, monkeypatch):
+    from workbench.evaluate import EVAL_SEED, evaluate_keypoints
+    from workbench.world.env import TabletopEnv, anchor_points
+
+    env = TabletopEnv("toy_placement", "in_domain")
+    env.reset(seed=EVAL_SEED)
+    gt = env.ground_truth()
+    env.close()
+    right = policy.keypoint_targets(anchor_points(gt)).reshape(-1)  # (4,) pick (row, col), place ref (row, col)
+    other = np.array(next(xy for name, xy in gt["toys"].items() if name != gt["object"]), dtype=np.float32)
+    wrong = right.clone()
+    wrong[:2] = policy.keypoint_targets(np.stack([other, other])[None])[0, 0]  # pick keypoint on another toy
+    original = policy.predict_action_chunk
+
+    def scored(keypoints):
+        def predict(*args, **kwargs):
+            out = original(*args, **kwargs)
+            policy.last_features.keypoints[0, :4] = keypoints
+            return out
+        monkeypatch.setattr(policy, "predict_action_chunk", predict)
+        return evaluate_keypoints(policy, "toy_placement", "in_domain", episodes=1, progress=False)
+
+    hit = scored(right)
+    assert hit["hits"] == 1 and hit["pick_error_median"] < 1e-3 and hit["ref_error_median"] < 1e-3
+    miss = scored(wrong)
+    assert miss["hits"] == 0 and miss["pick_error_median"] > 1 and miss["ref_error_median"] < 1e-3
+
+
 def test_knowledge_suite_accepts_a_policy_folder(policy, tmp_path):
     path = str(tmp_path / "p")
     save_policy(policy, path)

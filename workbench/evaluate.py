@@ -4,12 +4,15 @@
     python -m workbench.evaluate knowledge --model data_samples/vlm [--per-skill 100] [--out outputs/knowledge.json]
     python -m workbench.evaluate policy --policy data_samples/policy --task math_matching --split open_world \
         --episodes 50 [--videos 2] [--out outputs/policy_math_open.json]
+    python -m workbench.evaluate keypoints --policy data_samples/policy --episodes 50
     python -m workbench.evaluate report --policy data_samples/policy --episodes 25 \\
         --out data_samples/policy/results.json
 
+``keypoints``: where the policy's pick and place-reference keypoints land against the simulator's ground truth.
 ``report``: closed-loop results on both tasks and splits, with generated and then with true (oracle) reasoning,
-plus the knowledge table of the pretrained VLM beside the policy's backbone (what the README shows). ``knowledge`` accepts a policy folder too: it then
-evaluates the policy's backbone (MoE layers included).
+the keypoints, and the knowledge table of the pretrained VLM beside the policy's backbone (what the README
+shows). ``knowledge`` accepts a policy folder too: it then evaluates the policy's backbone (MoE layers
+included).
 
 Rows (each on the corpus' held-out split: held-out writing styles and hand-writing seeds, whiteboard
 equations never shown on a board in training, fresh layouts), with N:
@@ -224,6 +227,54 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
 
 
+def evaluate_keypoints(policy, task: str, split: str, episodes: int = 50, seed: int = EVAL_SEED,
+                       oracle_reasoning: bool = True, progress: bool = True) -> dict:
+    """Where the policy's keypoints 0 (pick) and 1 (place reference) land at each episode's first step, against
+    the simulator's ground truth projected into the table camera (:func:`~workbench.world.env.anchor_points`),
+    in table-camera tokens (one token is about 3 cm of table). ``hits``: episodes whose pick keypoint is nearer
+    the thing to pick than any other card or toy on the table. Seeds as in :func:`evaluate_policy`."""
+    import numpy as np
+
+    from .vla.policy import token_spacing
+    from .world.env import CARD_SLOTS, TabletopEnv, anchor_points
+    from .world.language import episode_reasoning
+
+    if not getattr(policy.config, "num_keypoints", 0):
+        raise ValueError("this policy has no keypoints (num_keypoints=0)")
+    env = TabletopEnv(task, split)
+    records = []
+    for i in tqdm(range(episodes), desc=f"keypoints {task}/{split}", disable=not progress):
+        env_seed = seed + i
+        obs, info = env.reset(seed=env_seed)
+        gt = env.ground_truth()
+        policy.reset(seed=env_seed)
+        reasoning = episode_reasoning(gt, np.random.default_rng(env_seed)) if oracle_reasoning else None
+        policy.predict_action_chunk(obs, gt["instruction"], reasoning=reasoning)
+        feats = policy.last_features
+        token = token_spacing(feats.coords).numpy()  # (2,) one token in grid units (row, col)
+        found = feats.keypoints[0, :4].view(2, 2).numpy() / token
+        wanted = policy.keypoint_targets(anchor_points(gt)).numpy() / token
+        things = [CARD_SLOTS[s] for s in gt["cards"].values()] if task == "math_matching" \
+            else list(gt["toys"].values())
+        others = policy.keypoint_targets(np.stack([things, things], 1))[:, 0].numpy() / token  # (M, 2)
+        nearest = np.linalg.norm(others - found[0], axis=-1).argmin()
+        records.append({"seed": env_seed, "pick_error": float(np.linalg.norm(found[0] - wanted[0])),
+                        "ref_error": float(np.linalg.norm(found[1] - wanted[1])),
+                        "hit": bool(np.allclose(others[nearest], wanted[0], atol=1e-4))})
+    env.close()
+    return {"task": task, "split": split, "oracle_reasoning": oracle_reasoning, "episodes": len(records),
+            "pick_error_median": float(np.median([r["pick_error"] for r in records])),
+            "ref_error_median": float(np.median([r["ref_error"] for r in records])),
+            "hits": sum(r["hit"] for r in records), "records": records}
+
+
+def format_keypoint_result(r: dict) -> str:
+    oracle = " (oracle reasoning)" if r["oracle_reasoning"] else ""
+    return (f"keypoints {r['task']} / {r['split']}{oracle}: pick error median {r['pick_error_median']:.2f} tokens, "
+            f"nearest the right one in {r['hits']}/{r['episodes']}; place-reference error median "
+            f"{r['ref_error_median']:.2f} tokens")
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a success rate (sensible at 0% and 100%)."""
     import numpy as np
@@ -266,20 +317,27 @@ def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill
                   progress: bool = True, oracle: bool = True) -> dict:
     """What the README reports for a trained policy: closed-loop success on both tasks and splits with the
     reasoning it generates and, if ``oracle``, again with the true reasoning handed to it (the action side
-    alone); and the knowledge table of the pretrained VLM beside the policy's backbone (same held-out
-    questions)."""
+    alone); where its keypoints land (:func:`evaluate_keypoints`, true reasoning); and the knowledge table of
+    the pretrained VLM beside the policy's backbone (same held-out questions)."""
     from .vla.policy import load_policy
     from .vlm.api import load_vlm
+    from .world.catalog import SPLIT_NAMES, TASKS
 
     policy = load_policy(policy_path)
     closed = evaluate_policy_everywhere(policy, episodes, progress=progress)  # every episode's record kept
     if oracle:
         closed += evaluate_policy_everywhere(policy, episodes, progress=progress, oracle_reasoning=True)
+    keypoints = []
+    if policy.config.num_keypoints:
+        for task in TASKS:
+            for split in SPLIT_NAMES:
+                keypoints.append(evaluate_keypoints(policy, task, split, episodes, progress=progress))
+                print(format_keypoint_result(keypoints[-1]))
     knowledge = {"pretrained": evaluate_knowledge(*load_vlm(vlm_path), per_skill, progress=progress)["rows"],
                  "policy": evaluate_knowledge(policy.vlm, policy.processor, per_skill, progress=progress)["rows"]}
     return {"policy": policy_path, "pretrained_vlm": vlm_path, "episodes_per_split": episodes,
             "eval_seeds": [EVAL_SEED, EVAL_SEED + episodes - 1], "knowledge_per_skill": per_skill,
-            "closed_loop": closed, "knowledge": knowledge}
+            "closed_loop": closed, "keypoints": keypoints, "knowledge": knowledge}
 
 
 def format_retention(knowledge: dict) -> str:
@@ -322,6 +380,12 @@ def main(argv=None):
     r.add_argument("--out", required=True, help="JSON file (e.g. POLICY/results.json)")
     r.add_argument("--no-oracle", action="store_true",
                    help="skip the second pass with the true reasoning handed to the policy")
+    kp = sub.add_parser("keypoints", help="where a policy's keypoints land, on both tasks and splits")
+    kp.add_argument("--policy", required=True, help="policy folder")
+    kp.add_argument("--episodes", type=int, default=50)
+    kp.add_argument("--generated-reasoning", action="store_true",
+                    help="let the policy generate its reasoning (default: hand it the true reasoning)")
+    kp.add_argument("--out", default=None, help="JSON file for the results and every episode's errors")
     p = sub.add_parser("policy", help="closed-loop evaluation of a policy in the simulator")
     p.add_argument("--policy", required=True, help="policy folder")
     p.add_argument("--task", required=True, choices=["math_matching", "toy_placement"])
@@ -338,6 +402,8 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.what == "policy":
         return _main_policy(ap, args)
+    if args.what == "keypoints":
+        return _main_keypoints(ap, args)
     if args.what == "report":
         result = policy_report(args.policy, args.vlm, args.episodes, args.per_skill, oracle=not args.no_oracle)
         print(format_retention(result["knowledge"]))
@@ -365,6 +431,23 @@ def _main_policy(ap, args):
     print(format_policy_result(result))
     if args.out:
         _write_json(args.out, result)
+
+
+def _main_keypoints(ap, args):
+    from .vla.policy import load_policy
+    from .world.catalog import SPLIT_NAMES, TASKS
+
+    if args.episodes < 1:
+        ap.error("--episodes must be at least 1")
+    policy = load_policy(args.policy)
+    results = []
+    for task in TASKS:
+        for split in SPLIT_NAMES:
+            results.append(evaluate_keypoints(policy, task, split, args.episodes,
+                                              oracle_reasoning=not args.generated_reasoning))
+            print(format_keypoint_result(results[-1]))
+    if args.out:
+        _write_json(args.out, {"policy": args.policy, "keypoints": results})
 
 
 def _write_json(path: str, obj) -> None:

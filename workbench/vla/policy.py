@@ -207,6 +207,11 @@ def grid_coords(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     return torch.stack([rows.flatten(), cols.flatten()], -1)
 
 
+def token_spacing(coords: torch.Tensor) -> torch.Tensor:
+    """(2,) the distance between neighbouring tokens, per axis (row, col), of (N, 2) :func:`grid_coords`."""
+    return torch.stack([c.unique().diff().min() for c in coords.T])
+
+
 @dataclass
 class Summaries:
     """What the action side reads from the VLM's last hidden states for a batch of B robot frames (cacheable
@@ -362,7 +367,7 @@ class ChatVLA2Policy(nn.Module):
         ``mask`` (B, 2) is true; times ``config.keypoint_loss_coef``. (Cross-entropy on the map trains a
         near-uniform attention far faster than a distance on its soft-argmax.)"""
         coords = feats.coords  # (N, 2)
-        spacing = torch.stack([c.unique().diff().min() for c in coords.T])  # (2,) one token in coords units
+        spacing = token_spacing(coords)  # (2,) one token in coords units
         d2 = (((coords[None, None] - targets[:, :, None]) / spacing) ** 2).sum(-1)  # (B, 2, N) tokens^2
         want = (-d2 / (2 * HEATMAP_SIGMA**2)).softmax(-1)
         ce = -(want * feats.attention[:, :2].clamp_min(1e-8).log()).sum(-1)  # (B, 2)
