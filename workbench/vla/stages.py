@@ -120,7 +120,7 @@ STAGES: dict[str, StageConfig] = {
     "reasoning_alignment": StageConfig(
         "reasoning_alignment", steps=1200, batch_size=16, lr=1e-3, image_text_share=0.25, lm_loss=True,
         train=("attention", "experts", "router", "keypoints", "action_expert"), checkpoint_every=200),
-    "action_finetuning": StageConfig("action_finetuning", steps=10000, batch_size=64, lr=1e-3,
+    "action_finetuning": StageConfig("action_finetuning", steps=20000, batch_size=64, lr=1e-3,
                                      train=("keypoints", "action_expert"), checkpoint_every=500),
 }
 
