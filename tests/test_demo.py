@@ -64,8 +64,8 @@ def test_inputs_are_validated(app):
 
 def test_policy_adapter_and_availability(app, tmp_path):
     class FakePolicy:  # the ChatVLA-2 policy's interface
-        def reset(self):
-            self.reasoning, self.calls = None, 0
+        def reset(self, seed=None):
+            self.reasoning, self.calls, self.seed = None, 0, seed
 
         def select_action(self, obs, instruction):
             self.reasoning, self.calls = f"I read the board for: {instruction}", self.calls + 1
@@ -73,7 +73,8 @@ def test_policy_adapter_and_availability(app, tmp_path):
 
     policy = FakePolicy()
     controller = app.PolicyController(policy)
-    assert controller.start(None, {}, {"instruction": "Solve it."}, 0) == "I read the board for: Solve it."
+    assert controller.start(None, {}, {"instruction": "Solve it."}, 7) == "I read the board for: Solve it."
+    assert policy.seed == 7  # the demo's seed also seeds the policy's diffusion noise
     action, text = controller.act({})
     assert policy.calls == 1 and text == "moving left and down, gripper closed"  # the first action is not recomputed
     controller.act({})
