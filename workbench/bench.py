@@ -141,7 +141,7 @@ def bench_training(logs: str = "data_samples/policy/training", max_gap: float = 
         note = f", {int(paused.sum())} pause(s) left out" if paused.any() else ""
         rows.append((f"{records[-1].get('stage', os.path.basename(path))}: {steps:,} steps, min{note}",
                      f"{seconds / 60:.1f}"))
-        rows.append((f"  steps/s", f"{len(records) / max(seconds, 1e-9):.1f}"))
+        rows.append(("  steps/s", f"{len(records) / max(seconds, 1e-9):.1f}"))
     rows.append(("all logged steps, min", f"{total / 60:.1f}"))
     return rows
 

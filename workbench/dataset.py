@@ -257,15 +257,13 @@ class DemonstrationDataset:
                         if c.startswith("observation.images.")]
         ep = np.asarray(ds["episode_index"])
         self._actions = np.asarray(ds["action"], dtype=np.float32).reshape(-1, ACTION_DIM)
-        # the commanded end-effector target after each action (episodes start at the home pose)
+        # per frame: the commanded end-effector target after its action (episodes start at the home pose), and
+        # the index of its episode's end (exclusive), for chunking
         self._targets = np.empty_like(self._actions)
-        for e in np.unique(ep):
-            idx = np.nonzero(ep == e)[0]
-            self._targets[idx] = commanded_targets(self._actions[idx])
-        # index of each frame's episode end (exclusive), for chunking
         self._ep_end = np.zeros(len(ep), dtype=np.int64)
         for e in np.unique(ep):
             idx = np.nonzero(ep == e)[0]
+            self._targets[idx] = commanded_targets(self._actions[idx])
             self._ep_end[idx] = idx.max() + 1
 
     def __len__(self) -> int:
@@ -275,23 +273,25 @@ class DemonstrationDataset:
     def num_episodes(self) -> int:
         return len(set(self.hf["episode_index"]))
 
+    def _chunk(self, values: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk_size, 4) rows of ``values`` from frame i on, padded past the episode's end by repeating its
+        last row, and the (chunk_size,) padding mask."""
+        rows = values[i:min(i + self.chunk_size, self._ep_end[i])]
+        n_pad = self.chunk_size - len(rows)
+        return np.concatenate([rows, np.tile(rows[-1], (n_pad, 1))]), np.arange(self.chunk_size) >= len(rows)
+
     def action_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(chunk_size, 4) actions from frame i and the (chunk_size,) padding mask."""
-        end = min(i + self.chunk_size, self._ep_end[i])
-        chunk = self._actions[i:end]
-        n_pad = self.chunk_size - len(chunk)
-        pad = np.tile(np.array([0, 0, 0, chunk[-1, 3]], np.float32), (n_pad, 1))
-        return np.concatenate([chunk, pad]), np.arange(self.chunk_size) >= len(chunk)
+        chunk, is_pad = self._chunk(self._actions, i)
+        chunk[is_pad, :3] = 0.0  # padding: no motion, the last gripper command held
+        return chunk, is_pad
 
     def target_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(chunk_size, 4) commanded targets [x, y, z, grip] after actions i .. i + chunk_size - 1 (absolute,
         metres; :func:`~workbench.world.env.commanded_targets`), padded with the last one, and the padding
         mask. What the policy's action expert predicts; :func:`~workbench.world.env.actions_towards` turns
         them back into env actions."""
-        end = min(i + self.chunk_size, self._ep_end[i])
-        chunk = self._targets[i:end]
-        n_pad = self.chunk_size - len(chunk)
-        return np.concatenate([chunk, np.tile(chunk[-1], (n_pad, 1))]), np.arange(self.chunk_size) >= len(chunk)
+        return self._chunk(self._targets, i)
 
     def __getitem__(self, i: int) -> dict:
         import torch

@@ -239,13 +239,13 @@ def evaluate_keypoints(policy, task: str, split: str, episodes: int = 50, seed: 
     from .world.env import CARD_SLOTS, TabletopEnv, anchor_points
     from .world.language import episode_reasoning
 
-    if not getattr(policy.config, "num_keypoints", 0):
+    if not policy.config.num_keypoints:
         raise ValueError("this policy has no keypoints (num_keypoints=0)")
     env = TabletopEnv(task, split)
     records = []
     for i in tqdm(range(episodes), desc=f"keypoints {task}/{split}", disable=not progress):
         env_seed = seed + i
-        obs, info = env.reset(seed=env_seed)
+        obs, _ = env.reset(seed=env_seed)
         gt = env.ground_truth()
         policy.reset(seed=env_seed)
         reasoning = episode_reasoning(gt, np.random.default_rng(env_seed)) if oracle_reasoning else None
@@ -254,13 +254,16 @@ def evaluate_keypoints(policy, task: str, split: str, episodes: int = 50, seed: 
         token = token_spacing(feats.coords).numpy()  # (2,) one token in grid units (row, col)
         found = feats.keypoints[0, :4].view(2, 2).numpy() / token
         wanted = policy.keypoint_targets(anchor_points(gt)).numpy() / token
-        things = [CARD_SLOTS[s] for s in gt["cards"].values()] if task == "math_matching" \
-            else list(gt["toys"].values())
-        others = policy.keypoint_targets(np.stack([things, things], 1))[:, 0].numpy() / token  # (M, 2)
-        nearest = np.linalg.norm(others - found[0], axis=-1).argmin()
+        if task == "math_matching":  # every card on the table, and which one is the answer
+            names, right = list(gt["cards"].values()), gt["answer_card_slot"]
+            things = [CARD_SLOTS[slot] for slot in names]
+        else:
+            names, right = list(gt["toys"]), gt["object"]
+            things = list(gt["toys"].values())
+        places = policy.keypoint_targets(np.stack([things, things], 1))[:, 0].numpy() / token  # (M, 2)
+        nearest = names[int(np.linalg.norm(places - found[0], axis=-1).argmin())]
         records.append({"seed": env_seed, "pick_error": float(np.linalg.norm(found[0] - wanted[0])),
-                        "ref_error": float(np.linalg.norm(found[1] - wanted[1])),
-                        "hit": bool(np.allclose(others[nearest], wanted[0], atol=1e-4))})
+                        "ref_error": float(np.linalg.norm(found[1] - wanted[1])), "hit": nearest == right})
     env.close()
     return {"task": task, "split": split, "oracle_reasoning": oracle_reasoning, "episodes": len(records),
             "pick_error_median": float(np.median([r["pick_error"] for r in records])),
@@ -288,19 +291,27 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def evaluate_policy_everywhere(policy, episodes: int, open_world_videos: int = 0, video_dir: str | None = None,
-                               progress: bool = True, oracle_reasoning: bool = False) -> list[dict]:
-    """:func:`evaluate_policy` on both tasks and both splits, each result printed as it comes."""
+def on_every_task_and_split(evaluate, format_result) -> list[dict]:
+    """``evaluate(task, split)`` on both tasks and both splits, each result printed (``format_result``) as it
+    comes."""
     from .world.catalog import SPLIT_NAMES, TASKS
 
     results = []
     for task in TASKS:
         for split in SPLIT_NAMES:
-            videos = open_world_videos if split == "open_world" else 0
-            results.append(evaluate_policy(policy, task, split, episodes, videos=videos, video_dir=video_dir,
-                                           progress=progress, oracle_reasoning=oracle_reasoning))
-            print(format_policy_result(results[-1]))
+            results.append(evaluate(task, split))
+            print(format_result(results[-1]))
     return results
+
+
+def evaluate_policy_everywhere(policy, episodes: int, open_world_videos: int = 0, video_dir: str | None = None,
+                               progress: bool = True, oracle_reasoning: bool = False) -> list[dict]:
+    """:func:`evaluate_policy` on both tasks and both splits, each result printed as it comes."""
+    return on_every_task_and_split(
+        lambda task, split: evaluate_policy(
+            policy, task, split, episodes, videos=open_world_videos if split == "open_world" else 0,
+            video_dir=video_dir, progress=progress, oracle_reasoning=oracle_reasoning),
+        format_policy_result)
 
 
 def format_policy_result(r: dict) -> str:
@@ -321,18 +332,14 @@ def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill
     the pretrained VLM beside the policy's backbone (same held-out questions)."""
     from .vla.policy import load_policy
     from .vlm.api import load_vlm
-    from .world.catalog import SPLIT_NAMES, TASKS
 
     policy = load_policy(policy_path)
     closed = evaluate_policy_everywhere(policy, episodes, progress=progress)  # every episode's record kept
     if oracle:
         closed += evaluate_policy_everywhere(policy, episodes, progress=progress, oracle_reasoning=True)
-    keypoints = []
-    if policy.config.num_keypoints:
-        for task in TASKS:
-            for split in SPLIT_NAMES:
-                keypoints.append(evaluate_keypoints(policy, task, split, episodes, progress=progress))
-                print(format_keypoint_result(keypoints[-1]))
+    keypoints = on_every_task_and_split(
+        lambda task, split: evaluate_keypoints(policy, task, split, episodes, progress=progress),
+        format_keypoint_result) if policy.config.num_keypoints else []
     knowledge = {"pretrained": evaluate_knowledge(*load_vlm(vlm_path), per_skill, progress=progress)["rows"],
                  "policy": evaluate_knowledge(policy.vlm, policy.processor, per_skill, progress=progress)["rows"]}
     return {"policy": policy_path, "pretrained_vlm": vlm_path, "episodes_per_split": episodes,
@@ -435,17 +442,14 @@ def _main_policy(ap, args):
 
 def _main_keypoints(ap, args):
     from .vla.policy import load_policy
-    from .world.catalog import SPLIT_NAMES, TASKS
 
     if args.episodes < 1:
         ap.error("--episodes must be at least 1")
     policy = load_policy(args.policy)
-    results = []
-    for task in TASKS:
-        for split in SPLIT_NAMES:
-            results.append(evaluate_keypoints(policy, task, split, args.episodes,
-                                              oracle_reasoning=not args.generated_reasoning))
-            print(format_keypoint_result(results[-1]))
+    results = on_every_task_and_split(
+        lambda task, split: evaluate_keypoints(policy, task, split, args.episodes,
+                                               oracle_reasoning=not args.generated_reasoning),
+        format_keypoint_result)
     if args.out:
         _write_json(args.out, {"policy": args.policy, "keypoints": results})
 
