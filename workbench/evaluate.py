@@ -43,7 +43,10 @@ from tqdm.auto import tqdm
 from .vlm.corpus import CorpusGenerator, CorpusRenderer, Sample
 from .world.language import find_objects, parse_equation
 
-KNOWLEDGE_ROWS = ("ocr", "solve", "arithmetic", "cards", "objects", "spatial", "colour", "count")
+KNOWLEDGE_ROWS = ("ocr", "solve", "arithmetic", "cards", "objects", "spatial", "colour", "count", "ground_card",
+                  "ground_toy", "affordance")
+#: whiteboard rows repeated under each robustness condition (``"ocr no_frame"``, ``"solve sketch"``, ...)
+ROBUSTNESS_KINDS = ("ocr", "solve")
 
 
 def parse_cards(text: str) -> dict[int, str]:
@@ -52,9 +55,23 @@ def parse_cards(text: str) -> dict[int, str]:
                                                    text or "")}
 
 
+def _box_hit(box, truth) -> bool:
+    """A predicted box finds an object when its centre lies inside the true box or IoU >= 0.5."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    if truth[0] <= cx <= truth[2] and truth[1] <= cy <= truth[3]:
+        return True
+    ix = max(0.0, min(box[2], truth[2]) - max(box[0], truth[0]))
+    iy = max(0.0, min(box[3], truth[3]) - max(box[1], truth[1]))
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (truth[2] - truth[0]) * (truth[3] - truth[1]) - ix * iy
+    return union > 0 and ix * iy / union >= 0.5
+
+
 def score(sample: Sample, output: str) -> bool:
     """Whether ``output`` answers ``sample`` correctly (lenient parsing, strict facts)."""
-    f, out = sample.facts, (output or "").strip().lower()
+    from .vlm.corpus import affordance_ok, parse_boxes, table_point
+
+    f, raw = sample.facts, (output or "").strip()
+    out = raw.lower()
     if sample.kind == "ocr":
         eq = parse_equation(out)
         return eq is not None and eq == (f["equation"], "?")
@@ -80,22 +97,48 @@ def score(sample: Sample, output: str) -> bool:
         from .vlm.corpus import NUMBER_WORDS
 
         return out.split()[:1] == [NUMBER_WORDS[f["count"]]]
+    if sample.kind in ("ground_card", "ground_toy"):
+        boxes = parse_boxes(raw)
+        return len(boxes) == 1 and _box_hit(boxes[0], f["box"])
+    if sample.kind == "affordance":
+        boxes = parse_boxes(raw)
+        if len(boxes) != 1:
+            return False
+        x1, y1, x2, y2 = boxes[0]
+        return affordance_ok(table_point((x1 + x2) / 2, (y1 + y2) / 2), f["target_xy"], f["direction"])
     raise ValueError(f"cannot score kind {sample.kind!r}")
 
 
-def knowledge_samples(per_skill: int, seed: int = 1234) -> list[Sample]:
-    """The fixed held-out evaluation set: ``per_skill`` samples of each row's kind."""
+def knowledge_samples(per_skill: int, seed: int = 1234, robustness: bool = True) -> list[Sample]:
+    """The fixed held-out evaluation set: ``per_skill`` samples of each row (``sample.facts["row"]``): every
+    kind of :data:`KNOWLEDGE_ROWS` and, with ``robustness``, OCR and solving under every condition."""
+    from .vlm.corpus import CONDITIONS
+
+    out = []
     gen = CorpusGenerator("heldout", seed=seed)
-    return [gen.sample(kind) for kind in KNOWLEDGE_ROWS for _ in range(per_skill)]
+    for kind in KNOWLEDGE_ROWS:
+        for _ in range(per_skill):
+            s = gen.sample(kind)
+            s.facts["row"] = kind
+            out.append(s)
+    for condition in CONDITIONS if robustness else ():
+        gen = CorpusGenerator("heldout", seed=seed, condition=condition)
+        for kind in ROBUSTNESS_KINDS:
+            for _ in range(per_skill):
+                s = gen.sample(kind)
+                s.facts["row"] = f"{kind} {condition}"
+                out.append(s)
+    return out
 
 
 def evaluate_knowledge(model, processor, per_skill: int = 100, seed: int = 1234, progress: bool = True,
-                       samples: list[Sample] | None = None, renderer: CorpusRenderer | None = None) -> dict:
-    """Run the knowledge suite; returns ``{"rows": [{"skill", "correct", "n", "accuracy"}...],
-    "examples": [...]}``. Arithmetic is also broken down per operator."""
+                       samples: list[Sample] | None = None, renderer: CorpusRenderer | None = None,
+                       robustness: bool = True) -> dict:
+    """Run the knowledge suite; returns ``{"rows": [{"skill", "key", "correct", "n", "accuracy", "ci"}...],
+    "examples": [...]}``. Solving is also broken down per operator."""
     from .vlm.api import ask
 
-    samples = samples if samples is not None else knowledge_samples(per_skill, seed)
+    samples = samples if samples is not None else knowledge_samples(per_skill, seed, robustness)
     own = renderer is None
     renderer = renderer or CorpusRenderer()
     tally: dict[str, list[int]] = {}
@@ -103,21 +146,21 @@ def evaluate_knowledge(model, processor, per_skill: int = 100, seed: int = 1234,
     for s in tqdm(samples, desc="knowledge", disable=not progress):
         out = ask(model, processor, renderer(s), s.question, max_new_tokens=64)
         ok = score(s, out)
-        keys = [s.kind]
-        if s.kind == "solve":
+        keys = [s.facts.get("row", s.kind)]
+        if keys[0] == "solve":
             keys.append(f"solve {_op(s)}")
         for k in keys:
             c = tally.setdefault(k, [0, 0])
             c[0] += ok
             c[1] += 1
-        if len(examples) < 40 and (not ok or len(examples) < 10):
-            examples.append({"kind": s.kind, "question": s.question, "expected": s.answer, "output": out, "ok": ok})
+        if len(examples) < 60 and (not ok or len(examples) < 15):
+            examples.append({"row": keys[0], "question": s.question, "expected": s.answer, "output": out, "ok": ok})
     if own:
         renderer.close()
-    rows = [{"skill": LABELS.get(k.split()[0], k) + (f" ({k.split()[1]})" if " " in k else ""), "key": k,
-             "correct": c, "n": n, "accuracy": c / n} for k, (c, n) in tally.items()]
+    rows = [{"skill": row_label(k), "key": k, "correct": c, "n": n, "accuracy": c / n,
+             "ci": wilson_interval(c, n)} for k, (c, n) in tally.items()]
     order = {k: i for i, k in enumerate(KNOWLEDGE_ROWS)}
-    rows.sort(key=lambda r: (order.get(r["key"].split()[0], 99), r["key"]))
+    rows.sort(key=lambda r: (order.get(r["key"].split()[0], 99), len(r["key"].split()[-1]) == 1, r["key"]))
     return {"rows": rows, "examples": examples, "per_skill": per_skill, "seed": seed}
 
 
@@ -128,13 +171,30 @@ def _op(sample: Sample) -> str:
 
 LABELS = {"ocr": "OCR exact match", "solve": "Arithmetic on the board", "arithmetic": "Arithmetic, text",
           "cards": "Card reading + position", "objects": "Object recognition", "spatial": "Spatial relations",
-          "colour": "Colour", "count": "Count"}
+          "colour": "Colour", "count": "Count", "ground_card": "Grounding: cards", "ground_toy": "Grounding: toys",
+          "affordance": "Placement affordance"}
+CONDITION_LABELS = {"no_frame": "no frame", "coloured_ink": "coloured ink", "tilted": "tilted", "sketch": "mouse sketch",
+                    "env": "caller's image via env"}
+
+
+def row_label(key: str) -> str:
+    """``"ocr sketch"`` -> ``"OCR exact match, mouse sketch"``; ``"solve +"`` -> ``"Arithmetic on the board (+)"``."""
+    kind, _, rest = key.partition(" ")
+    label = LABELS.get(kind, kind)
+    if not rest:
+        return label
+    return f"{label} ({rest})" if len(rest) == 1 else f"{label}, {CONDITION_LABELS.get(rest, rest)}"
 
 
 def format_table(result: dict, title: str = "Knowledge (held-out)") -> str:
-    lines = [title, f"| {'skill':<32} | {'accuracy':>8} | {'N':>5} |", f"|{'-' * 34}|{'-' * 10}|{'-' * 7}|"]
+    """A markdown table of a knowledge result: skill, accuracy, 95% Wilson interval, N."""
+    w = max([36] + [len(r["skill"]) for r in result["rows"]])
+    lines = [title, f"| {'skill':<{w}} | {'accuracy':>8} | {'95% CI':>13} | {'N':>5} |",
+             f"|{'-' * (w + 2)}|{'-' * 10}|{'-' * 15}|{'-' * 7}|"]
     for r in result["rows"]:
-        lines.append(f"| {r['skill']:<32} | {100 * r['accuracy']:>7.1f}% | {r['n']:>5} |")
+        lo, hi = r.get("ci") or wilson_interval(r["correct"], r["n"])
+        lines.append(f"| {r['skill']:<{w}} | {100 * r['accuracy']:>7.1f}% | {100 * lo:>5.1f}–{100 * hi:>5.1f}% | "
+                     f"{r['n']:>5} |")
     return "\n".join(lines)
 
 

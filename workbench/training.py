@@ -22,9 +22,10 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05) -> floa
 
 
 def optimizer_step(accelerator, loss: torch.Tensor, optimizer, params, lr: float, max_norm: float = 1.0) -> None:
-    """One update at learning rate ``lr``: backward (through ``accelerator``), clip the gradient norm, step."""
+    """One update at learning rate ``lr`` (times a param group's ``lr_scale``, if it has one): backward
+    (through ``accelerator``), clip the gradient norm, step."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     optimizer.zero_grad()
     accelerator.backward(loss)
     torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -128,7 +128,17 @@ def ask(model, processor: TinyQwen2VLProcessor, images, question: str, max_new_t
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                          pad_token_id=processor.tokenizer.pad_token_id)
     model.train(was_training)
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return decode_answer(processor.tokenizer, out[0, inputs["input_ids"].shape[1]:])
+
+
+def decode_answer(tokenizer, ids) -> str:
+    """Generated ids -> text, keeping Qwen2-VL's grounding tokens (``<|box_start|>`` ...) and dropping the
+    other special tokens (end of turn, padding)."""
+    from .processing import GROUNDING_TOKENS
+
+    keep = {tokenizer.convert_tokens_to_ids(t) for t in GROUNDING_TOKENS} - {None, tokenizer.unk_token_id}
+    drop = set(tokenizer.all_special_ids) - keep
+    return tokenizer.decode([int(i) for i in ids if int(i) not in drop]).strip()
 
 
 def save_vlm(model, processor, path: str) -> str:

@@ -12,12 +12,25 @@ Skills (``kind``) and the images they use (one image per camera, as in the paper
     colour     [table]          What colour is the yellow duck?           -> "yellow"
     count      [table]          How many toys are on the table?           -> "three"
     spatial    [table]          Where is the red cube relative to the duck? -> "left"
+    ground_card [table]         Locate the card 7.                        -> "<|object_ref_start|>the card 7<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>"
+    ground_toy  [table]         Locate the teddy bear.                    -> (the same grounding format)
+    affordance  [table]         Where should the duck go to be left of the red cube? -> a box on the table
 
-The *general* subset (``GENERAL_KINDS``) has no digits and no arithmetic at all: it is what the robot
-co-training stage mixes in later (the paper's filtered COCO/GQA/TextVQA).
+Boxes use Qwen2-VL's grounding format: corners in 0-1000 of the table image (x right, y down).
+
+The *general* subset (``GENERAL_KINDS``) has no number reading and no arithmetic: it is what the robot
+co-training stage mixes in later (the paper's filtered COCO/GQA/TextVQA, plus RoboPoint-like grounding).
+Its only digits are box coordinates.
+
+Boards: in training, a quarter are drawn exactly as the robot world draws them (its writing styles, grey
+frame, black ink) and the rest in a fresh :class:`~workbench.vlm.boards.BoardLook` from the training font
+families (:mod:`workbench.vlm.boards`); some are shown as the raw image instead of the board camera's view.
+Tables get a random arm pose now and then (occlusion) and photometric jitter.
 
 Held out from training, for the knowledge evaluation (``split="heldout"``):
-  * writing styles ``sans_bold`` and ``stix`` (fonts no robot split uses) and fresh hand-writing seeds;
+  * whole font families (``boards.FAMILIES["heldout"]``) and fresh hand-writing seeds, optionally under a
+    robustness ``condition`` (no frame, coloured ink, tilted, a mouse sketch, or a caller's image through
+    the real PyBullet whiteboard: ``"env"``);
   * whiteboard equations: every 5th equation (sorted) is never shown on a whiteboard in training
     (its arithmetic fact is still taught in text form: evaluation tests reading *then* solving);
   * scene layouts: different random seeds (training and held-out seeds come from disjoint streams).
@@ -25,21 +38,29 @@ Held out from training, for the knowledge evaluation (``split="heldout"``):
 
 from __future__ import annotations
 
+import functools
 import itertools
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
-from ..world.catalog import CARD_SLOTS, EQUATIONS, OBJECTS, WRITING_STYLES, Equation
+from ..world.catalog import CARD_SLOTS, DIRECTION_PHRASES, DIRECTIONS, EQUATIONS, OBJECTS, WRITING_STYLES, Equation
 from ..world.env import TOY_REGION
 from ..world.language import describe_position, equation_words
 
 KINDS = ("ocr", "solve", "arithmetic", "cards", "card_where", "answer_card", "objects", "colour", "count",
-         "spatial")
-GENERAL_KINDS = ("objects", "colour", "count", "spatial")
+         "spatial", "ground_card", "ground_toy", "affordance")
+GENERAL_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance")
+BOARD_KINDS = ("ocr", "solve", "answer_card")
+CARD_KINDS = ("cards", "card_where", "ground_card")
+TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance")
+#: robustness conditions of held-out boards (``boards.CONDITIONS`` plus the real PyBullet whiteboard)
+CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env")
 SPLITS = ("train", "heldout")
 
-HELDOUT_STYLES = ("sans_bold", "stix")
+HELDOUT_STYLES = ("stix",)  # the world's styles in a held-out font family
 TRAIN_STYLES = tuple(s for s in WRITING_STYLES if s not in HELDOUT_STYLES)
 #: every equation with a card answer (0-9) that the robot world uses
 ALL_EQUATIONS = sorted(set(EQUATIONS["in_domain"]) | set(EQUATIONS["open_world"]))
@@ -69,7 +90,14 @@ _Q = {
     "count": ("How many toys are on the table?", "Count the toys on the table.", "How many objects do you see?"),
     "spatial": ("Where is the {a} relative to the {b}?", "Is the {a} left, right, in front of or behind the {b}?",
                 "Describe where the {a} is compared with the {b}."),
+    "ground_card": ("Locate the card {d}.", "Where is the card {d}? Give its box.",
+                    "Give the bounding box of the card {d}."),
+    "ground_toy": ("Locate the {o}.", "Where is the {o}? Give its box.", "Give the bounding box of the {o}."),
+    "affordance": ("Where should the {o} go to be {phrase} the {t}?", "Point to where the {o} goes {phrase} the {t}.",
+                   "Give the box where the {o} should be placed {phrase} the {t}."),
 }
+#: where a placed toy goes: this far from the target, a box this wide (metres) -- inside the success zone
+AFFORDANCE_HALF = 0.035
 _SPATIAL_WORD = {"left": "left", "right": "right", "front": "in front", "behind": "behind"}
 
 
@@ -82,8 +110,8 @@ class Sample:
     question: str
     answer: str
     views: tuple[str, ...]
-    board: dict | None = None  # {"text": "3+4=?", "style": name, "seed": int}
-    table: dict | None = None  # {"cards": {digit: [x, y]}, "toys": {name: [x, y, yaw]}}
+    board: dict | None = None  # {"text": "3+4=?", "seed": int, "view": v} + "style": world style | "look": BoardLook dict
+    table: dict | None = None  # {"cards": {digit: [x, y]}, "toys": {name: [x, y, yaw]}, "arm": None | [x, y, z]}
     facts: dict = field(default_factory=dict)  # ground truth for scoring
 
 
@@ -135,41 +163,183 @@ def spatial_relation(a_xy, b_xy) -> str | None:
     return None
 
 
+def format_box(box) -> str:
+    """Qwen2-VL's box text for ``(x1, y1, x2, y2)`` in 0-1000 image coordinates."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+
+
+def grounded(phrase: str, box) -> str:
+    """``<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``."""
+    return f"<|object_ref_start|>{phrase}<|object_ref_end|>{format_box(box)}"
+
+
+_BOX = re.compile(r"<\|box_start\|>\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*<\|box_end\|>")
+
+
+def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
+    """Every ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` in ``text``, in order."""
+    return [tuple(int(v) for v in m) for m in _BOX.findall(text or "")]
+
+
+def table_box(points) -> tuple[float, float, float, float]:
+    """The 0-1000 box ``(x1, y1, x2, y2)`` in the table camera's image around world points (N, 3)."""
+    from ..world.scene import CAMERAS
+
+    cam = CAMERAS["table"]
+    rc = cam.project(np.asarray(points, float))
+    v0, u0 = rc.min(0)
+    v1, u1 = rc.max(0)
+    sx, sy = 1000 / cam.width, 1000 / cam.height
+    return (float(np.clip(u0 * sx, 0, 1000)), float(np.clip(v0 * sy, 0, 1000)),
+            float(np.clip(u1 * sx, 0, 1000)), float(np.clip(v1 * sy, 0, 1000)))
+
+
+def table_point(u: float, v: float, z: float = 0.0) -> np.ndarray:
+    """The table point (x, y) in metres seen at 0-1000 image coordinates ``(u, v)`` of the table camera
+    (the camera looks straight down, so the map is affine; fitted once per height)."""
+    return _table_affine(round(z, 3)) @ np.array([u, v, 1.0])
+
+
+@functools.cache
+def _table_affine(z: float) -> np.ndarray:
+    xs, ys = np.meshgrid(np.linspace(0.3, 0.8, 4), np.linspace(-0.3, 0.3, 4))
+    world = np.c_[xs.ravel(), ys.ravel(), np.full(xs.size, z)]
+    box_uv = np.array([table_box(w[None]) for w in world])[:, :2]
+    A, *_ = np.linalg.lstsq(np.c_[box_uv, np.ones(len(box_uv))], world[:, :2], rcond=None)
+    return A.T  # (2, 3)
+
+
+def card_box(xy) -> tuple[float, ...]:
+    from ..world.scene import CARD_SIZE
+
+    hx, hy, hz = (v / 2 for v in CARD_SIZE)
+    return table_box([[xy[0] + sx * hx, xy[1] + sy * hy, z] for sx in (-1, 1) for sy in (-1, 1) for z in (0, 2 * hz)])
+
+
+def toy_box(name: str, pose) -> tuple[float, ...]:
+    """The 0-1000 box of toy ``name`` at ``pose`` = (x, y, yaw): its bounding box as the scene spawns it
+    (centred on (x, y), resting on the table)."""
+    lo, hi = toy_extents(name, pose[2])
+    return table_box([[pose[0] + x, pose[1] + y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                      for z in (0.0, hi[2])])
+
+
+@functools.lru_cache(maxsize=4096)
+def _toy_extents(name: str, yaw_key: int):
+    from ..world.scene import TabletopScene
+
+    scene = _extent_scene()
+    body = scene._spawn(OBJECTS[name], (0.5, 0.0), yaw_key / 100)
+    lo, hi = scene.body_aabb(body)
+    import pybullet as pb
+
+    pb.removeBody(body, physicsClientId=scene.client)
+    del TabletopScene
+    return (lo[0] - 0.5, lo[1], 0.0), (hi[0] - 0.5, hi[1], hi[2])
+
+
+@functools.cache
+def _extent_scene():
+    from ..world.scene import TabletopScene
+
+    return TabletopScene()
+
+
+def toy_extents(name: str, yaw: float):
+    """((x0, y0, 0), (x1, y1, height)) of toy ``name`` spawned with ``yaw`` at the origin (centred)."""
+    return _toy_extents(name, int(round(yaw * 100)))
+
+
+def affordance_point(target_xy, direction: str) -> np.ndarray:
+    """Where a toy goes to be ``direction`` of a target at ``target_xy`` (the expert's goal)."""
+    from ..world.env import PLACE_OFFSET
+
+    return np.asarray(target_xy[:2], float) + PLACE_OFFSET * np.array(DIRECTIONS[direction])
+
+
+def affordance_ok(point_xy, target_xy, direction: str) -> bool:
+    """Whether a toy resting at ``point_xy`` is ``direction`` of the target (the env's success rule)."""
+    from ..world.env import PLACE_ACROSS, PLACE_ALONG
+
+    d = np.array(DIRECTIONS[direction])
+    off = np.asarray(point_xy, float)[:2] - np.asarray(target_xy, float)[:2]
+    along, across = float(off @ d), float(abs(off[0] * d[1] - off[1] * d[0]))
+    return PLACE_ALONG[0] <= along <= PLACE_ALONG[1] and across <= PLACE_ACROSS
+
+
 class CorpusGenerator:
     """Draws :class:`Sample` objects of the requested kinds, deterministically from ``seed``.
 
     Args:
-        split: ``"train"`` or ``"heldout"`` (styles, whiteboard equations and layout seeds differ).
+        split: ``"train"`` or ``"heldout"`` (fonts, whiteboard equations and layout seeds differ).
         seed: base seed; ``train`` and ``heldout`` use disjoint random streams.
+        condition: held-out boards only: one of :data:`CONDITIONS` (robustness rows), or None.
     """
 
-    def __init__(self, split: str = "train", seed: int = 0):
+    def __init__(self, split: str = "train", seed: int = 0, condition: str | None = None):
         if split not in SPLITS:
             raise ValueError(f"unknown corpus split {split!r}; expected one of {list(SPLITS)}")
-        self.split = split
+        if condition is not None and condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {condition!r}; expected one of {list(CONDITIONS)} or None")
+        if condition is not None and split != "heldout":
+            raise ValueError("robustness conditions are for the held-out split only")
+        self.split, self.condition = split, condition
         self.rng = np.random.default_rng([seed, SPLITS.index(split), 7919])
-        self.styles = TRAIN_STYLES if split == "train" else HELDOUT_STYLES + TRAIN_STYLES
         self.board_equations = TRAIN_BOARD_EQUATIONS if split == "train" else HELDOUT_EQUATIONS
         # hand-writing seeds: train in [0, 2**30), held-out in [2**30, 2**31)
         self._seed_base = 0 if split == "train" else 2**30
+        self._table: tuple[str, dict] | None = None  # the last table layout, reused by ``same_table``
 
     def _q(self, kind: str, **kw) -> str:
         options = _Q[kind]
         return options[self.rng.integers(len(options))].format(**kw)
 
     def _board(self, eq: Equation) -> dict:
-        style = self.styles[self.rng.integers(len(self.styles))]
-        if self.split == "heldout" and self.rng.random() < 0.5:
-            style = HELDOUT_STYLES[self.rng.integers(len(HELDOUT_STYLES))]
-        return {"text": eq.text, "style": style, "seed": int(self._seed_base + self.rng.integers(2**30))}
+        from .boards import sample_look
 
-    def sample(self, kind: str) -> Sample:
         rng = self.rng
-        if kind in ("ocr", "solve", "answer_card"):
+        seed = int(self._seed_base + rng.integers(2**30))
+        if self.split == "train" and rng.random() < 0.25:  # exactly as the robot world draws it
+            return {"text": eq.text, "style": TRAIN_STYLES[rng.integers(len(TRAIN_STYLES))], "seed": seed,
+                    "view": "camera", "aug": True}
+        look = sample_look(rng, self.split, condition=None if self.condition == "env" else self.condition)
+        if self.split == "train":
+            view = "raw" if rng.random() < 0.15 else "camera"
+        else:
+            view = "env" if self.condition == "env" else "camera"
+        return {"text": eq.text, "look": look.to_dict(), "seed": seed, "view": view, "aug": self.split == "train"}
+
+    def _arm(self):
+        """Sometimes (training) the arm hangs over the table, hiding part of it."""
+        if self.split != "train" or self.rng.random() >= 0.25:
+            return None
+        return [float(self.rng.uniform(0.35, 0.7)), float(self.rng.uniform(-0.25, 0.25)),
+                float(self.rng.uniform(0.12, 0.35))]
+
+    def _layout(self, what: str, same_table: bool, **kw) -> dict:
+        if same_table and self._table is not None and self._table[0] == what:
+            return self._table[1]
+        rng = self.rng
+        if what == "cards":
+            table = {"cards": _card_layout(rng, int(rng.integers(3, 6)), **kw), "toys": {}}
+        else:
+            table = {"cards": {}, "toys": _toy_layout(rng, int(rng.integers(kw.get("min_toys", 1), 5)))}
+        table["arm"] = self._arm()
+        table["aug"] = self.split == "train"
+        self._table = (what, table)
+        return table
+
+    def sample(self, kind: str, same_table: bool = False) -> Sample:
+        """One sample of ``kind``. ``same_table=True`` asks about the previous table sample's layout when
+        it suits ``kind`` (cheaper to render: one scene, several questions)."""
+        rng = self.rng
+        if kind in BOARD_KINDS:
             eq = self.board_equations[rng.integers(len(self.board_equations))]
             board = self._board(eq)
             words = equation_words(eq)
-            facts = {"equation": f"{eq.a}{eq.op}{eq.b}", "answer": eq.answer, "style": board["style"]}
+            facts = {"equation": f"{eq.a}{eq.op}{eq.b}", "answer": eq.answer,
+                     "style": board.get("style") or board["look"]["family"]}
             if kind == "ocr":
                 return Sample(kind, self._q(kind), f"{words} = ?", ("board",), board=board, facts=facts)
             if kind == "solve":
@@ -178,26 +348,31 @@ class CorpusGenerator:
             slot = describe_position(*cards[eq.answer])
             facts["card_slot"] = slot
             return Sample(kind, self._q(kind), f"{words} = {eq.answer}. The card {eq.answer} is at the {slot}.",
-                          ("board", "table"), board=board, table={"cards": cards, "toys": {}}, facts=facts)
+                          ("board", "table"), board=board,
+                          table={"cards": cards, "toys": {}, "arm": None, "aug": self.split == "train"}, facts=facts)
         if kind == "arithmetic":
             eq = ARITHMETIC_FACTS[rng.integers(len(ARITHMETIC_FACTS))]
             value = {"+": eq.a + eq.b, "-": eq.a - eq.b, "×": eq.a * eq.b, "÷": eq.a // max(eq.b, 1)}[eq.op]
             return Sample(kind, self._q(kind, eq=equation_words(eq)), str(value), (),
                           facts={"equation": f"{eq.a}{eq.op}{eq.b}", "answer": value})
-        if kind in ("cards", "card_where"):
-            cards = _card_layout(rng, int(rng.integers(3, 6)))
-            table = {"cards": cards, "toys": {}}
+        if kind in CARD_KINDS:
+            table = self._layout("cards", same_table)
+            cards = table["cards"]
             if kind == "cards":
                 return Sample(kind, self._q(kind), _cards_answer(cards), ("table",), table=table,
                               facts={"cards": {d: describe_position(*xy) for d, xy in cards.items()}})
             d = list(cards)[rng.integers(len(cards))]
+            if kind == "ground_card":
+                box = card_box(cards[d])
+                return Sample(kind, self._q(kind, d=d), grounded(f"the card {d}", box), ("table",), table=table,
+                              facts={"card": d, "box": box})
             slot = describe_position(*cards[d])
             return Sample(kind, self._q(kind, d=d), slot, ("table",), table=table, facts={"card": d, "slot": slot})
-        if kind in ("objects", "colour", "count"):
-            toys = _toy_layout(rng, int(rng.integers(1, 5)))
-            while kind == "colour" and not any(n in COLOURS for n in toys):
-                toys = _toy_layout(rng, int(rng.integers(1, 5)))
-            table = {"cards": {}, "toys": toys}
+        if kind in ("objects", "colour", "count", "ground_toy"):
+            table = self._layout("toys", same_table)
+            while kind == "colour" and not any(n in COLOURS for n in table["toys"]):
+                table = self._layout("toys", False)
+            toys = table["toys"]
             names = _left_to_right(toys)
             if kind == "objects":
                 return Sample(kind, self._q(kind), _join([f"the {n}" for n in names]), ("table",), table=table,
@@ -205,19 +380,47 @@ class CorpusGenerator:
             if kind == "count":
                 return Sample(kind, self._q(kind), NUMBER_WORDS[len(names)], ("table",), table=table,
                               facts={"count": len(names)})
+            if kind == "ground_toy":
+                o = names[rng.integers(len(names))]
+                box = toy_box(o, toys[o])
+                return Sample(kind, self._q(kind, o=o), grounded(f"the {o}", box), ("table",), table=table,
+                              facts={"object": o, "box": box})
             coloured = [n for n in names if n in COLOURS]
             o = coloured[rng.integers(len(coloured))]
             return Sample(kind, self._q(kind, o=o), COLOURS[o], ("table",), table=table,
                           facts={"object": o, "colour": COLOURS[o]})
         if kind == "spatial":
-            for _ in range(100):
-                toys = _toy_layout(rng, int(rng.integers(2, 4)))
+            for attempt in range(100):
+                table = self._layout("toys", same_table and attempt == 0, min_toys=2)
+                toys = table["toys"]
+                if len(toys) < 2:
+                    continue
                 a, b = rng.choice(list(toys), 2, replace=False)
                 rel = spatial_relation(toys[a][:2], toys[b][:2])
                 if rel is not None:
                     return Sample(kind, self._q(kind, a=a, b=b), _SPATIAL_WORD[rel], ("table",),
-                                  table={"cards": {}, "toys": toys}, facts={"a": a, "b": b, "relation": rel})
+                                  table=table, facts={"a": a, "b": b, "relation": rel})
             raise RuntimeError("could not draw an unambiguous spatial relation")
+        if kind == "affordance":
+            for attempt in range(100):
+                table = self._layout("toys", same_table and attempt == 0, min_toys=2)
+                toys = table["toys"]
+                if len(toys) < 2:
+                    continue
+                o, t = (str(v) for v in rng.choice(list(toys), 2, replace=False))
+                d = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+                goal = affordance_point(toys[t], d)
+                (x0, x1), (y0, y1) = TOY_REGION
+                if not (x0 - 0.04 <= goal[0] <= x1 + 0.04 and y0 - 0.04 <= goal[1] <= y1 + 0.04):
+                    continue
+                h = AFFORDANCE_HALF
+                box = table_box([[goal[0] + sx * h, goal[1] + sy * h, 0.0] for sx in (-1, 1) for sy in (-1, 1)])
+                phrase = DIRECTION_PHRASES[d]
+                return Sample(kind, self._q(kind, o=o, t=t, phrase=phrase), grounded(f"{phrase} the {t}", box),
+                              ("table",), table=table,
+                              facts={"object": o, "target": t, "direction": d, "target_xy": list(toys[t][:2]),
+                                     "box": box})
+            raise RuntimeError("could not draw a placement on the table")
         raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
 
     def samples(self, n: int, kinds=KINDS, weights=None) -> list[Sample]:
@@ -228,10 +431,10 @@ class CorpusGenerator:
 
 
 def check_general(sample: Sample) -> bool:
-    """True if a sample has no digits and no arithmetic (the co-training general subset's rule)."""
-    text = sample.question + " " + sample.answer
+    """True if a sample has no number reading and no arithmetic (the co-training general subset's rule):
+    no digits outside box coordinates, no arithmetic signs."""
+    text = _BOX.sub("", sample.question + " " + sample.answer)
     return not any(ch.isdigit() for ch in text) and not any(op in text for op in ("+", "×", "÷", "="))
-
 
 
 #: Classes of the dense "what is under this image token" labels used to teach the vision tower to see.
@@ -251,8 +454,10 @@ class CorpusRenderer:
     order) and, on request, per-image token labels ``[(H/16, W/16) int64, ...]`` indexing
     :data:`TOKEN_CLASSES`: the board character, card digit or toy under each merged token's centre.
 
-    Board views use the fast :class:`~workbench.world.board_view.BoardView`; table views are rendered
-    by PyBullet with the arm at home (about 25 ms each)."""
+    Board views use the fast :class:`~workbench.world.board_view.BoardView` (``view="camera"``), the texture
+    itself shrunk to the camera's size (``"raw"``), or the real PyBullet whiteboard (``"env"``); table views
+    are rendered by PyBullet (about 25 ms each; the last table is reused when the next sample shares it).
+    Samples marked ``aug`` get photometric jitter seeded by their own seed."""
 
     def __init__(self):
         from ..world.board_view import BoardView
@@ -261,42 +466,84 @@ class CorpusRenderer:
         self.scene = TabletopScene()
         self.board_view = BoardView(self.scene)
         self._cls = {c: i for i, c in enumerate(TOKEN_CLASSES)}
+        self._last_table: tuple[str, np.ndarray, np.ndarray] | None = None
 
     def __call__(self, sample: Sample, labels: bool = False):
-        from ..world.writing import render_text
-
         images, maps = [], []
         for view in sample.views:
             if view == "board":
-                b = sample.board
-                texture, cells = render_text(b["text"], b["style"], seed=b["seed"], return_boxes=True)
-                img = self.board_view(texture)
-                if labels:
-                    maps.append(self._board_labels(img.shape, cells))
+                img, lab = self._board(sample.board, labels)
             elif view == "table":
-                t = sample.table
-                self.scene.reset_robot()
-                self.scene.populate(cards={int(d): tuple(xy) for d, xy in t["cards"].items()},
-                                    toys={n: tuple(v) for n, v in t["toys"].items()})
-                img = self.scene.render(["table"])["table"]
-                if labels:
-                    maps.append(self._table_labels(img.shape))
+                img, lab = self._table(sample.table, labels)
             else:
                 raise ValueError(f"unknown view {view!r}; expected 'board' or 'table'")
             images.append(img)
+            maps.append(lab)
         return (images, maps) if labels else images
 
-    def _board_labels(self, shape, cells) -> np.ndarray:
-        h, w = shape[:2]
-        tex = self.board_view.texture_coords(_token_centres(h, w))
+    def _board(self, b: dict, labels: bool):
+        from ..world.scene import CAMERAS
+        from ..world.writing import BOARD_TEXTURE_SIZE, render_text
+        from .boards import BoardLook, photometric, render_board, unrotate
+
+        rotation = 0.0
+        if "look" in b:
+            look = BoardLook.from_dict(b["look"])
+            texture, cells = render_board(b["text"], look, seed=b["seed"])
+            rotation = look.rotation
+        else:
+            texture, cells = render_text(b["text"], b["style"], seed=b["seed"], return_boxes=True)
+        view = b.get("view", "camera")
+        cam = CAMERAS["board"]
+        if view == "camera":
+            img = self.board_view(texture)
+        elif view == "raw":
+            img = np.asarray(texture.resize((cam.width, cam.height), Image.Resampling.LANCZOS))
+        elif view == "env":
+            self.scene.reset_robot()
+            self.scene.set_whiteboard(texture)
+            img = self.scene.render(["board"])["board"]
+        else:
+            raise ValueError(f"unknown board view {view!r}; expected 'camera', 'raw' or 'env'")
+        if b.get("aug"):
+            img = photometric(img, np.random.default_rng([b["seed"], 1]))
+        if not labels:
+            return img, None
+        h, w = img.shape[:2]
+        centres = _token_centres(h, w)
+        if view == "raw":
+            tex = centres * np.array(BOARD_TEXTURE_SIZE, float) / np.array([w, h], float)
+        else:
+            tex = self.board_view.texture_coords(centres)
+        tex = unrotate(tex, rotation)
         out = np.zeros(len(tex), np.int64)
         for ch, x0, y0, x1, y1 in cells:
             inside = (tex[:, 0] >= x0) & (tex[:, 0] < x1) & (tex[:, 1] >= y0) & (tex[:, 1] < y1)
             out[inside] = self._cls[ch]
-        return out.reshape(h // TOKEN_PX, w // TOKEN_PX)
+        return img, out.reshape(h // TOKEN_PX, w // TOKEN_PX)
+
+    def _table(self, t: dict, labels: bool):
+        import json
+        import zlib
+
+        from .boards import photometric
+
+        key = json.dumps(t, sort_keys=True, default=str)
+        if self._last_table is None or self._last_table[0] != key:
+            if t.get("arm"):
+                self.scene.reset_robot(np.asarray(t["arm"], float))
+            else:
+                self.scene.reset_robot()
+            self.scene.populate(cards={int(d): tuple(xy) for d, xy in t["cards"].items()},
+                                toys={n: tuple(v) for n, v in t["toys"].items()})
+            img = self.scene.render(["table"])["table"]
+            if t.get("aug"):
+                img = photometric(img, np.random.default_rng(zlib.crc32(key.encode())), strength=0.7)
+            self._last_table = (key, img, self._table_labels(img.shape))
+        _, img, lab = self._last_table
+        return img, (lab if labels else None)
 
     def _table_labels(self, shape) -> np.ndarray:
-        from ..world.board_view import project
         from ..world.scene import CAMERAS
 
         h, w = shape[:2]
@@ -306,8 +553,8 @@ class CorpusRenderer:
         for name, body in bodies:
             lo, hi = self.scene.body_aabb(body)
             corners = np.array([[x, y, hi[2]] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])])
-            px = project(corners, CAMERAS["table"])
-            (u0, v0), (u1, v1) = px.min(0), px.max(0)
+            rc = CAMERAS["table"].project(corners)
+            (v0, u0), (v1, u1) = rc.min(0), rc.max(0)
             inside = (centres[:, 0] >= u0) & (centres[:, 0] < u1) & (centres[:, 1] >= v0) & (centres[:, 1] < v1)
             out[inside] = self._cls[name]
         return out.reshape(h // TOKEN_PX, w // TOKEN_PX)

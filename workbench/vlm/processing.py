@@ -22,7 +22,11 @@ from collections.abc import Iterable
 from transformers import AutoProcessor, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+                  # Qwen2-VL's grounding tokens: <|object_ref_start|>the duck<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
+                  "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"]
+#: special tokens that carry meaning in an answer (kept when decoding)
+GROUNDING_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>")
 # Qwen2's pre-tokenizer pattern: contractions, letters, single digits, punctuation runs, spaces.
 _QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -64,7 +68,7 @@ AutoProcessor.register(Qwen2VLConfig, TinyQwen2VLProcessor, exist_ok=True)
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Qwen2Tokenizer:
     """Train a byte-level BPE on ``texts`` and wrap it as a ``Qwen2Tokenizer`` with Qwen2-VL's
-    special tokens (ids 0-7 in :data:`SPECIAL_TOKENS` order), eos ``<|im_end|>`` and pad ``<|pad|>``."""
+    special tokens (ids 0-11 in :data:`SPECIAL_TOKENS` order), eos ``<|im_end|>`` and pad ``<|pad|>``."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if vocab_size < 300:

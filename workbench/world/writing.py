@@ -29,11 +29,9 @@ _SUPERSAMPLE = 3
 
 
 @functools.cache
-def _font(filename: str, px: int) -> ImageFont.FreeTypeFont:
-    import matplotlib
-
-    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", filename)
-    return ImageFont.truetype(path, px)
+def _font(path: str, px: int) -> ImageFont.FreeTypeFont:
+    """A font file (absolute path, or a file name among matplotlib's fonts) at ``px`` pixels."""
+    return ImageFont.truetype(os.path.join(_mpl_fonts(), path), px)
 
 
 @functools.cache
@@ -72,7 +70,8 @@ def _glyph_strokes(style: WritingStyle, ch: str) -> list[np.ndarray]:
     return out
 
 
-def _draw_hand(draw: ImageDraw.ImageDraw, text: str, style: WritingStyle, origin, height, ink, rng) -> list:
+def _draw_hand(draw: ImageDraw.ImageDraw, text: str, style: WritingStyle, origin, height, ink, rng,
+               spacing: float = 0.0) -> list:
     """Draw ``text`` with a jittered stroke font; ``origin`` is the (x, y) of the baseline start.
     Returns each character's cell ``(char, x0, y0, x1, y1)``."""
     x, y0 = origin
@@ -93,7 +92,7 @@ def _draw_hand(draw: ImageDraw.ImageDraw, text: str, style: WritingStyle, origin
             py = y0 + dy - pts[:, 1] * scale
             draw.line(list(zip(px.tolist(), py.tolist())), fill=ink, width=width, joint="curve")
         glyph_w = max(s[:, 0].max() for s in _glyph_strokes(style, ch))
-        x += (glyph_w + 0.28 + rng.uniform(-0.04, 0.06)) * scale
+        x += (glyph_w + 0.28 + rng.uniform(-0.04, 0.06)) * scale + spacing * height
         cells.append((ch, x_start, y0 + dy - scale, x, y0 + dy))
     return cells
 
@@ -102,25 +101,53 @@ def _text_width_hand(text: str, style: WritingStyle, height: float) -> float:
     return sum((max(s[:, 0].max() for s in _glyph_strokes(style, ch)) + 0.3) * height for ch in text)
 
 
+def _has_glyphs(path: str, chars: str) -> bool:
+    return all(ord(c) in _cmap(path) for c in chars)
+
+
+@functools.cache
+def _cmap(path: str) -> frozenset:
+    from fontTools.ttLib import TTFont
+
+    return frozenset(TTFont(path, lazy=True).getBestCmap())
+
+
 def render_text(
     text: str,
     style: str | WritingStyle,
     size: tuple[int, int] = BOARD_TEXTURE_SIZE,
     text_height: float = BOARD_TEXT_HEIGHT,
     seed: int = 0,
-    ink: str = "black",
+    ink="black",
     background=BOARD_RGB,
-    frame: bool = True,
+    frame=True,
     return_boxes: bool = False,
+    *,
+    frame_width: float = 0.025,
+    offset: tuple[float, float] | None = None,
+    spacing: float = 0.0,
+    boldness: float = 0.0,
+    rotation: float = 0.0,
+    supersample: int = _SUPERSAMPLE,
 ):
     """Render ``text`` (e.g. ``"3+4=?"``) centred on a board-coloured image.
 
     Args:
-        text: what to write; ``-`` is drawn as a minus sign, ``×`` and ``÷`` are supported.
-        style: a name from :data:`~workbench.world.catalog.WRITING_STYLES` or a style.
+        text: what to write; ``-`` is drawn as a minus sign, ``×`` and ``÷`` are supported (a font that
+            lacks one borrows it from DejaVu Sans).
+        style: a name from :data:`~workbench.world.catalog.WRITING_STYLES` or a style (a font file path
+            or a Hershey font name as ``source``).
         size: (width, height) in pixels.
         text_height: cap height as a fraction of the image height.
         seed: random seed for the hand-writing jitter and the small placement offsets.
+        ink: a name from :data:`INK_RGB` or an RGB tuple. ``frame``: ``True`` (grey), ``False`` or an RGB
+            tuple, ``frame_width`` a fraction of the height.
+        offset: (dx, dy) of the text's centre as fractions of (width, height); default a small random one.
+            With an offset the text is also kept on the board (made smaller if too wide, moved inside).
+        spacing: extra space between characters, as a fraction of the cap height.
+        boldness: extra stroke width of printed fonts, as a fraction of the cap height.
+        rotation: degrees, counter-clockwise; the cells returned are *before* the rotation.
+        supersample: drawing scale before the final downsampling (1 = draw at ``size``: fastest).
         return_boxes: also return each character's cell ``(char, x0, y0, x1, y1)`` in output pixels
             (from the character's start to the next one's, baseline to cap height), for dense labels.
 
@@ -131,38 +158,91 @@ def render_text(
         if style not in WRITING_STYLES:
             raise ValueError(f"unknown writing style {style!r}; expected one of {list(WRITING_STYLES)}")
         style = WRITING_STYLES[style]
-    if ink not in INK_RGB:
-        raise ValueError(f"unknown ink {ink!r}; expected one of {list(INK_RGB)}")
+    if isinstance(ink, str):
+        if ink not in INK_RGB:
+            raise ValueError(f"unknown ink {ink!r}; expected one of {list(INK_RGB)} or an RGB tuple")
+        ink = INK_RGB[ink]
+    ink = tuple(int(v) for v in ink)
+    fit_args = dict(text=text, style=style, size=size, seed=seed, ink=ink, background=background, frame=frame,
+                    return_boxes=return_boxes, frame_width=frame_width, offset=offset, spacing=spacing,
+                    boldness=boldness, rotation=rotation, supersample=supersample)
     rng = np.random.default_rng(seed)
-    W, H = size[0] * _SUPERSAMPLE, size[1] * _SUPERSAMPLE
+    fit = offset is not None  # a caller-placed text is kept on the board (the world's own boards are as they were)
+    ss = int(supersample)
+    W, H = size[0] * ss, size[1] * ss
     img = Image.new("RGB", (W, H), tuple(background))
     draw = ImageDraw.Draw(img)
-    if frame:
-        b = int(0.025 * H)
-        draw.rectangle([0, 0, W - 1, H - 1], outline=(120, 120, 125), width=b)
+    if frame is not False and frame is not None:
+        b = max(1, int(frame_width * H))
+        draw.rectangle([0, 0, W - 1, H - 1], outline=(120, 120, 125) if frame is True else tuple(frame), width=b)
     cap = text_height * H
-    jitter_xy = rng.uniform(-0.04, 0.04, size=2) * np.array([W, H])
+    jitter_xy = (rng.uniform(-0.04, 0.04, size=2) if offset is None else np.asarray(offset, float)) * np.array([W, H])
     if style.kind == "font":
         shown = text.replace("-", "\u2212")
+        path = os.path.join(_mpl_fonts(), style.source)
         # size the font so that a digit's cap height is ``cap`` pixels
-        probe = _font(style.source, 100)
+        probe = _font(path, 100)
         _, top, _, bottom = probe.getbbox("8")
-        font = _font(style.source, max(4, int(round(100 * cap / (bottom - top)))))
-        left, _, right, _ = font.getbbox(shown)
-        x = (W - (right - left)) / 2 - left + jitter_xy[0]
-        y_top = (H - cap) / 2 + jitter_xy[1]
+        px = max(4, int(round(100 * cap / (bottom - top))))
+        font = _font(path, px)
+        fallback = _font(os.path.join(_mpl_fonts(), "DejaVuSans.ttf"), px)
+        stroke = int(round(boldness * cap))
+        if spacing == 0 and _has_glyphs(path, shown):
+            faces, advances = [font] * len(shown), None
+        else:
+            faces = [font if _has_glyphs(path, ch) else fallback for ch in shown]
+            if shown != text:  # a missing minus sign falls back to the font's own hyphen
+                faces = [f if ch != "\u2212" or f is font else font for f, ch in zip(faces, shown)]
+                shown = "".join("-" if ch == "\u2212" and not _has_glyphs(path, ch) else ch for ch in shown)
+            advances = [f.getlength(ch) + spacing * cap for f, ch in zip(faces, shown)]
+        if advances is None:
+            left, _, right, _ = font.getbbox(shown)
+            total, x = right - left, None
+        else:
+            total, left = sum(advances) - spacing * cap, 0
+        if fit and total > _MAX_TEXT_WIDTH * W:  # too wide for the board: write it smaller
+            return render_text(**{**fit_args, "text_height": text_height * _MAX_TEXT_WIDTH * 0.97 * W / total})
+        x = _clamp((W - total) / 2 + jitter_xy[0], W, total, fit) - left
+        y_top = _clamp((H - cap) / 2 + jitter_xy[1], H, cap, fit)
         _, t8, _, _ = font.getbbox("8")
-        draw.text((x, y_top - t8), shown, font=font, fill=INK_RGB[ink])
-        starts = [x + font.getlength(shown[:i]) for i in range(len(shown) + 1)]
+        if advances is None:
+            draw.text((x, y_top - t8), shown, font=font, fill=ink, stroke_width=stroke, stroke_fill=ink)
+            starts = [x + font.getlength(shown[:i]) for i in range(len(shown) + 1)]
+        else:
+            starts = [x + sum(advances[:i]) for i in range(len(shown) + 1)]
+            for ch, f, x0 in zip(shown, faces, starts):
+                draw.text((x0, y_top - t8), ch, font=f, fill=ink, stroke_width=stroke, stroke_fill=ink)
         cells = [(ch, starts[i], y_top, starts[i + 1], y_top + cap) for i, ch in enumerate(text)]
     else:
-        width = _text_width_hand(text, style, cap)
-        x = (W - width) / 2 + jitter_xy[0]
-        cells = _draw_hand(draw, text, style, (x, (H + cap) / 2 + jitter_xy[1]), cap, INK_RGB[ink], rng)
-    out = img.resize(size, Image.Resampling.LANCZOS)
+        width = _text_width_hand(text, style, cap) + spacing * cap * (len(text) - 1)
+        if fit and width > _MAX_TEXT_WIDTH * W:
+            return render_text(**{**fit_args, "text_height": text_height * _MAX_TEXT_WIDTH * 0.97 * W / width})
+        x = _clamp((W - width) / 2 + jitter_xy[0], W, width, fit)
+        y_base = _clamp((H - cap) / 2 + jitter_xy[1], H, cap, fit) + cap
+        cells = _draw_hand(draw, text, style, (x, y_base), cap, ink, rng, spacing)
+    if rotation:
+        img = img.rotate(rotation, resample=Image.Resampling.BICUBIC, fillcolor=tuple(background))
+    out = img.resize(size, Image.Resampling.LANCZOS) if ss != 1 else img
     if return_boxes:
-        return out, [(ch, *(float(v) / _SUPERSAMPLE for v in box)) for ch, *box in cells]
+        return out, [(ch, *(float(v) / ss for v in box)) for ch, *box in cells]
     return out
+
+
+_MAX_TEXT_WIDTH = 0.96  # of the board's width
+
+
+def _clamp(start: float, extent: float, size: float, fit: bool, margin: float = 0.04) -> float:
+    """``start`` moved so that ``[start, start + size]`` stays ``margin`` (a fraction) inside ``[0, extent]``."""
+    if not fit:
+        return start
+    return float(np.clip(start, margin * extent, max(margin * extent, (1 - margin) * extent - size)))
+
+
+@functools.cache
+def _mpl_fonts() -> str:
+    import matplotlib
+
+    return os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
 
 
 def render_card(digit: int) -> Image.Image:
