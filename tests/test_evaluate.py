@@ -3,7 +3,7 @@
 import pytest
 
 from workbench import evaluate as E
-from workbench.vlm.corpus import CorpusGenerator
+from workbench.vlm.corpus import CONDITIONS, CorpusGenerator, parse_boxes
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,31 @@ def test_wrong_facts_fail(samples):
             assert not E.score(s, other)
         if s.kind == "objects":
             assert not E.score(s, s.answer + " and the soccer ball" if "soccer" not in s.answer else "the red cube")
+        if s.kind in ("ground_card", "ground_toy", "affordance"):
+            (x1, y1, x2, y2), = parse_boxes(s.answer)
+            w = x2 - x1
+            moved = s.answer.replace(f"({x1},{y1}),({x2},{y2})", f"({x1 + 3 * w},{y1}),({x2 + 3 * w},{y2})") \
+                if x2 + 3 * w <= 1000 else s.answer.replace(f"({x1},{y1}),({x2},{y2})", f"({x1 - 3 * w},{y1}),({x2 - 3 * w},{y2})")
+            assert not E.score(s, moved), (s.kind, s.answer, moved)
+            assert not E.score(s, s.answer + s.answer)  # two boxes for one thing
+
+
+def test_robustness_rows_and_intervals(samples):
+    rows = {s.facts["row"] for s in samples}
+    assert {f"{k} {c}" for k in E.ROBUSTNESS_KINDS for c in CONDITIONS} <= rows
+    assert E.row_label("ocr sketch") == "OCR exact match, mouse sketch" and E.row_label("solve +").endswith("(+)")
+    table = E.format_table({"rows": [{"skill": "OCR exact match", "correct": 95, "n": 100, "accuracy": 0.95}]})
+    assert "95.0%" in table and "88.8" in table  # Wilson interval of 95/100: 88.8-97.8%
+
+
+@pytest.mark.parametrize("argv", [["-m", "workbench.evaluate", "knowledge", "--model", "/nonexistent/vlm"],
+                                  ["-m", "workbench.vlm.api", "--model", "/nonexistent/vlm", "hello"]])
+def test_clis_report_bad_input_in_one_line(argv):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "pybullet build time" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "/nonexistent/vlm" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr and "RuntimeWarning" not in out.stderr

@@ -210,10 +210,36 @@ def test_save_load_round_trip_and_bad_folders(policy, tmp_path, root):
         load_policy(os.path.join(root, "data_samples", "vlm"))
     with pytest.raises(FileNotFoundError, match="no policy folder"):
         load_policy(str(tmp_path / "missing"))
-    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+    weights = os.path.join(path, "model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[-100] ^= 0xFF  # same size, one weight byte changed
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        load_policy(path)
+    with open(weights, "wb") as f:
         f.write(b"not a safetensors file")
     with pytest.raises(ValueError, match="could not load the policy"):
+        load_policy(path, verify=False)
+    with open(os.path.join(path, "policy_config.json"), "w") as f:
+        f.write("{}")
+    with pytest.raises(ValueError, match="lacks \\['policy', 'vlm_config'\\]"):
         load_policy(path)
+
+
+def test_bad_seeds_and_long_reasoning(policy):
+    for seed in (2**64, -1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="seed"):
+            policy.reset(seed=seed)
+    policy.reset(seed=2**63 - 1)
+    long_reasoning = " ".join(["The card 7 lies at the back left and I will move it to the green pad."] * 20)
+    actions, said = policy.predict_action_chunk(Observation.fake(4), INSTRUCTION, reasoning=long_reasoning)
+    assert actions.shape == (policy.action_expert.config.chunk_size, 4) and np.isfinite(actions).all()
+    assert said == long_reasoning
+    with pytest.raises(ValueError, match="instruction is 600 characters"):
+        policy.predict_action_chunk(Observation.fake(4), "x" * 600)
+    import workbench as wb
+
+    assert wb.vla.load_policy is load_policy
 
 
 # ---------------------------------------------------------------------------------------------- stages

@@ -63,12 +63,21 @@ def test_save_load_round_trip(vlm, tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
 
 
-def test_ask_returns_text(vlm):
+def test_ask_is_greedy_and_bounded(vlm):
     model, proc = vlm
-    answer = api.ask(model, proc, [np.full((96, 192, 3), 255, np.uint8)], "What is written on the whiteboard?",
-                     max_new_tokens=5)
-    assert isinstance(answer, str)
-    assert isinstance(api.ask(model, proc, [], "What is 3 + 4?", max_new_tokens=3), str)
+    board = [np.full((96, 192, 3), 255, np.uint8)]
+    answer = api.ask(model, proc, board, "What is written on the whiteboard?", max_new_tokens=5)
+    assert answer == api.ask(model, proc, board, "What is written on the whiteboard?", max_new_tokens=5)
+    assert len(proc.tokenizer(answer)["input_ids"]) <= 5 + 1  # re-tokenizing may split one token differently
+    assert "<|im_end|>" not in answer and "<|pad|>" not in answer
+
+
+def test_grounding_tokens_survive_decoding(vlm):
+    _, proc = vlm
+    text = "<|object_ref_start|>the card 7<|object_ref_end|><|box_start|>(120,340),(210,480)<|box_end|>"
+    ids = proc.tokenizer(text + "<|im_end|>")["input_ids"]
+    assert proc.tokenizer.convert_tokens_to_ids("<|box_start|>") in ids  # one special token, not bytes
+    assert api.decode_answer(proc.tokenizer, ids) == text
 
 
 @pytest.mark.parametrize("image,ok", [
@@ -89,11 +98,35 @@ def test_bad_images_are_converted_or_rejected(vlm, image, ok):
             api.build_inputs(proc, [image], "What is this?")
 
 
-@pytest.mark.parametrize("question", ["", "   ", None, "x" * 2000])
+@pytest.mark.parametrize("question", ["", "   ", None, "x" * 2000, "What is <|image_pad|> here?", "Hi<|im_end|>"])
 def test_bad_questions_are_rejected(vlm, question):
-    _, proc = vlm
+    model, proc = vlm
     with pytest.raises(ValueError, match="question"):
         api.build_inputs(proc, [Image.new("RGB", (64, 32))], question)
+    with pytest.raises(ValueError, match="question (must|is|contains)"):
+        api.ask(model, proc, [Image.new("RGB", (64, 32))], question)
+
+
+def test_transparent_images_are_seen_on_white(vlm):
+    _, proc = vlm
+    clear = Image.new("RGBA", (64, 32), (0, 0, 0, 0))
+    white = Image.new("RGB", (64, 32), "white")
+    a = api.build_inputs(proc, [clear], "What is this?")["pixel_values"]
+    b = api.build_inputs(proc, [white], "What is this?")["pixel_values"]
+    assert torch.equal(a, b)
+
+
+def test_flipped_bytes_in_the_weights_are_caught(vlm, tmp_path):
+    model, proc = vlm
+    path = str(tmp_path / "v")
+    api.save_vlm(model, proc, path)
+    weights = os.path.join(path, "model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[-100] ^= 0xFF  # same size, one weight byte changed: it would load silently
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        api.load_vlm(path)
+    api.load_vlm(path, verify=False)  # the opt-out
 
 
 def test_load_errors(tmp_path, vlm):

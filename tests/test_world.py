@@ -167,6 +167,9 @@ def test_callers_instruction_and_layout(envs):
     ({"writing_style": "comic sans"}, "unknown writing_style"),
     ({"instruction": ""}, "non-empty"),
     ({"object": "x"}, "unknown reset option"),
+    ({"equation": "3+4", "cards": [7, 7, 7, 7]}, "repeat a digit"),
+    ({"whiteboard": np.full((64, 128, 3), 255, np.uint8), "answer": True}, "answer=<int 0-9>"),
+    ({"equation": "3+4", "cards": {True: "back left", 7: "front left"}}, "out of range"),
 ])
 def test_math_bad_options(envs, options, match):
     with pytest.raises(ValueError, match=match):
@@ -182,6 +185,14 @@ def test_math_bad_options(envs, options, match):
     ({"object": "red cube", "target": "red mug", "direction": "left", "toys": ["red cube", "yeti"]},
      "unknown toy"),
     ({"equation": "3+4"}, "unknown reset option"),
+    ({"instruction": "Pick the red cube and place it to the left of the red mug", "object": "yellow duck"},
+     "make them agree"),
+    ({"instruction": "Pick the red cube and place it to the left of the red mug", "direction": "right"},
+     "make them agree"),
+    ({"object": "red cube", "target": "red mug", "direction": "left", "toys": ["red cube", "red mug", "red cube"]},
+     "twice"),
+    ({"object": "red cube", "target": "red mug", "direction": "left",
+      "toys": {"red cube": (0.5, 0.0), "red mug": (0.51, 0.01)}}, "overlap"),
 ])
 def test_toy_bad_options(envs, options, match):
     with pytest.raises(ValueError, match=match):
@@ -201,6 +212,8 @@ def test_bad_constructor_and_actions(envs):
         env.step([0.0, 0.0])
     with pytest.raises(ValueError, match="4 finite numbers"):
         env.step([np.nan, 0, 0, 0])
+    with pytest.raises(ValueError, match="4 finite numbers"):
+        env.step(np.zeros((2, 2)))  # not silently reshaped
 
 
 def test_actions_are_clipped_to_bounds(envs):

@@ -44,6 +44,27 @@ def atomic_folder(path: str) -> Iterator[str]:
         raise
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (recorded beside saved weights, checked on load)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksum(path: str, expected: str | None) -> None:
+    """Raise ``ValueError`` if ``path``'s SHA-256 differs from ``expected`` (``None``: nothing recorded, no check)."""
+    if expected is None:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ValueError(f"{path} is corrupt: its SHA-256 is {actual[:12]}…, the folder recorded {expected[:12]}… "
+                         "(a damaged or replaced file; pass verify=False to load it anyway)")
+
+
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = optimizer.state_dict()
     tensors = {}

@@ -522,4 +522,6 @@ def _write_json(path: str, obj) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .settings import run_cli
+
+    run_cli(main)

@@ -83,4 +83,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .settings import run_cli
+
+    run_cli(main)

@@ -24,3 +24,17 @@ def set_seed(seed: int = 0) -> None:
         torch.manual_seed(seed)
     except ImportError:
         pass
+
+
+def run_cli(main, argv=None) -> None:
+    """Run a command-line ``main`` so that a bad argument, file or value ends with one line on stderr
+    (``error: ...``, exit status 2) instead of a traceback. Set ``WORKBENCH_TRACEBACK=1`` to see the traceback."""
+    import sys
+
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        if os.environ.get("WORKBENCH_TRACEBACK") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -26,7 +26,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m workbench.train", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     v = sub.add_parser("vlm", help="pretrain the VLM")
-    v.add_argument("--work", default="outputs/vlm_run", help="run folder: corpus cache, checkpoints, log.csv")
+    v.add_argument("--work", default="outputs/vlm_run", help="run folder: checkpoints, log.csv, config.json")
     v.add_argument("--out", default="outputs/vlm", help="where the final model + processor are saved")
     v.add_argument("--fast", action="store_true", help="a seconds-long run with tiny sizes (CI, smoke tests)")
     for f in dataclasses.fields(PretrainConfig):
@@ -135,4 +135,6 @@ def _main_vla(ap, args, StageConfig):
 
 
 if __name__ == "__main__":
-    main()
+    from .settings import run_cli
+
+    run_cli(main)

@@ -106,10 +106,10 @@ class Observation:
 
 
 def _check_instruction(instruction) -> str:
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"instruction must be a non-empty string such as 'Pick the card that answers the "
-                         f"equation on the whiteboard and place it on the green pad', got {instruction!r}")
-    return instruction.strip()
+    from ..world.language import check_text
+
+    return check_text(instruction, "instruction", max_chars=500,
+                      example="Pick the card that answers the equation on the whiteboard and place it on the green pad")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -190,7 +190,9 @@ class SpatialKeypoints(nn.Module):
 
     def forward(self, words, word_mask, tokens, coords):
         b, n, h = tokens.shape
-        place = torch.linspace(0, 1, MAX_WORDS, device=words.device)[: words.shape[1], None].expand(-1, 2)
+        # word position as a fraction of MAX_WORDS (a longer reasoning just continues past 1)
+        place = (torch.arange(words.shape[1], device=words.device, dtype=words.dtype) / (MAX_WORDS - 1))[:, None]
+        place = place.expand(-1, 2)
         word_keys = self.word_key(words) + self.word_pos(self.position_features(place))  # (B, R, H)
         scores = torch.einsum("kah,brh->bkar", self.read, word_keys).div(h**0.5)  # (B, K, heads, R)
         read = scores.masked_fill(~word_mask.bool()[:, None, None], float("-inf")).softmax(-1)
@@ -390,6 +392,9 @@ class ChatVLA2Policy(nn.Module):
         """Forget the episode: the next call generates new reasoning; the action queue is emptied.
         ``seed``: the diffusion noise of this episode's chunks (:meth:`select_action`) is drawn from a generator
         seeded with it, so a seeded episode is reproduced exactly; ``None`` draws from torch's global RNG."""
+        if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer))
+                                 or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
         self._generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         self._queue: deque = deque()
         self.reasoning: str | None = None
@@ -404,14 +409,22 @@ class ChatVLA2Policy(nn.Module):
         return [getattr(obs, n) for n in CAMERA_ORDER]
 
     @torch.no_grad()
-    def generate_reasoning(self, observation, instruction: str) -> str:
-        """Reasoning text for ``instruction`` given the cameras (greedy, KV-cached ``generate``)."""
+    def generate_reasoning(self, observation, instruction: str, streamer=None) -> str:
+        """Reasoning text for ``instruction`` given the cameras (greedy, KV-cached ``generate``; ``streamer``
+        receives its tokens as they come, see :func:`workbench.vlm.api.ask_stream`)."""
         from ..vlm.api import ask
 
         obs = Observation.coerce(observation)
         with routing_context(self.vlm, data_type=torch.tensor([ROBOT])):
             return ask(self.vlm, self.processor, self.images(obs), _check_instruction(instruction),
-                       max_new_tokens=self.config.max_reasoning_tokens)
+                       max_new_tokens=self.config.max_reasoning_tokens, streamer=streamer)
+
+    def set_reasoning(self, reasoning: str, instruction: str) -> None:
+        """Use ``reasoning`` for this episode's chunks (as if generated): the reasoning-following path acts on it."""
+        if not isinstance(reasoning, str) or not reasoning.strip():
+            raise ValueError(f"reasoning must be a non-empty string, got {reasoning!r}")
+        self.reasoning, self._instruction = reasoning, _check_instruction(instruction)
+        self.facts = parse_reasoning(reasoning)
 
     @torch.no_grad()
     def predict_action_chunk(self, observation, instruction: str, generator: torch.Generator | None = None,
@@ -437,8 +450,7 @@ class ChatVLA2Policy(nn.Module):
         was_training = self.training
         self.eval()
         if reasoning is not None:
-            self.reasoning, self._instruction = reasoning, instruction
-            self.facts = parse_reasoning(reasoning)
+            self.set_reasoning(reasoning, instruction)
         elif self.reasoning is None or instruction != self._instruction:
             self.reasoning = self.generate_reasoning(obs, instruction) or "."
             self.facts, self._instruction = parse_reasoning(self.reasoning), instruction
@@ -483,15 +495,16 @@ def save_policy(policy: ChatVLA2Policy, path: str, extra: dict | None = None, ha
 
     from safetensors.torch import save_model
 
-    from ..checkpoint import atomic_folder
+    from ..checkpoint import atomic_folder, file_sha256
 
     with atomic_folder(path) as tmp:
+        save_model(copy.deepcopy(policy).half() if half else policy, os.path.join(tmp, "model.safetensors"))
         meta = {"policy": policy.config.to_dict(), "vlm_config": policy.vlm.config.to_dict(),
                 "action_expert": policy.action_expert.config.to_dict(),
-                "weights_dtype": "float16" if half else "float32", **(extra or {})}
+                "weights_dtype": "float16" if half else "float32",
+                "weights_sha256": file_sha256(os.path.join(tmp, "model.safetensors")), **(extra or {})}
         with open(os.path.join(tmp, "policy_config.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        save_model(copy.deepcopy(policy).half() if half else policy, os.path.join(tmp, "model.safetensors"))
         policy.processor.save_pretrained(tmp)
     return path
 
@@ -500,12 +513,15 @@ def is_policy_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "policy_config.json"))
 
 
-def load_policy(path: str) -> ChatVLA2Policy:
+def load_policy(path: str, verify: bool = True) -> ChatVLA2Policy:
     """A policy from a :func:`save_policy` folder (safetensors only; never unpickles). Raises
-    ``FileNotFoundError`` / ``ValueError`` saying what is missing or wrong."""
+    ``FileNotFoundError`` / ``ValueError`` saying what is missing or wrong. ``verify``: check the weights
+    against the SHA-256 recorded in ``policy_config.json`` (folders written before it was recorded load
+    without the check)."""
     from safetensors.torch import load_model
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+    from ..checkpoint import verify_checksum
     from ..vlm.processing import TinyQwen2VLProcessor
 
     if not os.path.isdir(path):
@@ -518,6 +534,15 @@ def load_policy(path: str) -> ChatVLA2Policy:
     try:
         with open(os.path.join(path, "policy_config.json")) as f:
             meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not read {path}/policy_config.json: {type(exc).__name__}: {exc}") from exc
+    needed = [k for k in ("policy", "vlm_config") if not isinstance(meta, dict) or not isinstance(meta.get(k), dict)]
+    if needed:
+        raise ValueError(f"{path}/policy_config.json lacks {needed}: expected the JSON that save_policy writes "
+                         f"(keys 'policy', 'vlm_config', 'action_expert', 'weights_dtype', 'weights_sha256')")
+    if verify:
+        verify_checksum(os.path.join(path, "model.safetensors"), meta.get("weights_sha256"))
+    try:
         config = PolicyConfig(**meta["policy"])
         vlm = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(meta["vlm_config"]))
         upcycle(vlm, MoEConfig.from_dict(config.moe))

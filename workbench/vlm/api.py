@@ -12,6 +12,7 @@ CLI (image files, one ``--image`` per camera, in order)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 from ..world.writing import as_rgb_image
 from .processing import TinyQwen2VLProcessor, messages
 
+CHECKSUMS = "checksums.json"  # {"model.safetensors": sha256}, written by save_vlm, checked by load_vlm
 MAX_IMAGE_SIDE = 512  # larger images are shrunk (keeping aspect) before the processor sees them
 MIN_IMAGE_SIDE = 16  # one merged token
 
@@ -39,12 +41,10 @@ def prepare_image(image, what: str = "image") -> Image.Image:
     return img
 
 
-def _check_question(question) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"question must be a non-empty string, got {question!r}")
-    if len(question) > 1000:
-        raise ValueError(f"question is {len(question)} characters; at most 1000 are allowed")
-    return question.strip()
+def _check_question(question, what: str = "question") -> str:
+    from ..world.language import check_text
+
+    return check_text(question, what, max_chars=1000, example="What is written on the whiteboard?")
 
 
 def build_inputs(processor: TinyQwen2VLProcessor, images, question: str, answer: str | None = None) -> dict:
@@ -119,16 +119,49 @@ def collate(items: list[dict], pad_token_id: int) -> dict:
 
 
 @torch.no_grad()
-def ask(model, processor: TinyQwen2VLProcessor, images, question: str, max_new_tokens: int = 48) -> str:
+def ask(model, processor: TinyQwen2VLProcessor, images, question: str, max_new_tokens: int = 48,
+        what: str = "question", streamer=None) -> str:
     """Greedy answer (KV-cached ``generate``) to ``question`` about ``images`` (a list, one per camera:
-    PIL images or HxWx3 uint8 arrays; may be empty for text-only questions)."""
-    inputs = build_inputs(processor, images, question)
+    PIL images or HxWx3 uint8 arrays; may be empty for text-only questions). ``what`` names the text in
+    error messages (a policy passes its "instruction"). ``streamer``: a ``transformers`` streamer that
+    receives the tokens as they are generated (see :func:`ask_stream`)."""
+    inputs = build_inputs(processor, images, _check_question(question, what))
     was_training = model.training
     model.eval()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=processor.tokenizer.pad_token_id)
+                         pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer)
     model.train(was_training)
     return decode_answer(processor.tokenizer, out[0, inputs["input_ids"].shape[1]:])
+
+
+def ask_stream(generate_answer, tokenizer):
+    """Generator of the growing answer text while ``generate_answer(streamer)`` (e.g.
+    ``lambda st: ask(model, processor, images, question, streamer=st)``) runs in a background thread; yields
+    partial texts, and last the function's own return value (the exact answer)."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    result: dict = {}
+
+    def work():
+        try:
+            result["answer"] = generate_answer(streamer)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["answer"]
 
 
 def decode_answer(tokenizer, ids) -> str:
@@ -144,19 +177,22 @@ def decode_answer(tokenizer, ids) -> str:
 def save_vlm(model, processor, path: str) -> str:
     """Write model + processor to ``path`` (safetensors), atomically: a temporary sibling folder is
     filled and then renamed, so an interrupted save never leaves a broken checkpoint."""
-    from ..checkpoint import atomic_folder
+    from ..checkpoint import atomic_folder, file_sha256
 
     with atomic_folder(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, CHECKSUMS), "w") as f:
+            json.dump({"model.safetensors": file_sha256(os.path.join(tmp, "model.safetensors"))}, f, indent=1)
     return path
 
 
-def load_vlm(path: str, device: str = "cpu"):
+def load_vlm(path: str, device: str = "cpu", verify: bool = True):
     """(model, processor) from a folder written by :func:`save_vlm` / ``save_pretrained``.
 
     Loads weights only from safetensors (never unpickles); raises ``FileNotFoundError`` /
-    ``ValueError`` naming what is missing or wrong."""
+    ``ValueError`` naming what is missing or wrong. ``verify``: check the weights against the SHA-256 that
+    :func:`save_vlm` records in ``checksums.json`` (a folder without one loads unchecked)."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     if not os.path.isdir(path):
@@ -167,6 +203,16 @@ def load_vlm(path: str, device: str = "cpu"):
             hint = " (pickled .bin weights are not loaded)" if needed == "model.safetensors" and any(
                 f.endswith(".bin") for f in files) else ""
             raise FileNotFoundError(f"{path!r} is not a VLM checkpoint: {needed} is missing{hint}")
+    if verify and CHECKSUMS in files:
+        from ..checkpoint import verify_checksum
+
+        try:
+            with open(os.path.join(path, CHECKSUMS)) as f:
+                expected = json.load(f)["model.safetensors"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}/{CHECKSUMS} is unreadable ({type(exc).__name__}: {exc}); expected "
+                             '{"model.safetensors": "<sha256>"}') from exc
+        verify_checksum(os.path.join(path, "model.safetensors"), expected)
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = Qwen2VLForConditionalGeneration.from_pretrained(path, use_safetensors=True).to(device)
@@ -193,4 +239,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from ..settings import run_cli
+
+    run_cli(main)

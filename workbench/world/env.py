@@ -65,6 +65,8 @@ PAD_TOLERANCE = 0.05
 #: region where toys and goals may lie (x range, y range)
 TOY_REGION = ((0.38, 0.68), (-0.22, 0.22))
 MIN_SEPARATION = 0.10
+#: caller-placed toys closer than this (metres, centre to centre) would overlap
+TOY_OVERLAP = 0.06
 
 _OPTIONS = {
     "math_matching": {"equation", "whiteboard", "answer", "writing_style", "cards", "instruction"},
@@ -138,7 +140,7 @@ class TabletopEnv(gym.Env):
             if "equation" in opt:
                 raise ValueError("give either 'equation' or 'whiteboard' (with 'answer'), not both")
             answer = opt.get("answer")
-            if not (isinstance(answer, (int, np.integer)) and 0 <= answer <= 9):
+            if isinstance(answer, (bool, np.bool_)) or not (isinstance(answer, (int, np.integer)) and 0 <= answer <= 9):
                 raise ValueError(f"a caller's whiteboard needs answer=<int 0-9>, got {answer!r}")
             board = as_rgb_image(opt["whiteboard"], "whiteboard")
             equation, style = None, None
@@ -172,6 +174,8 @@ class TabletopEnv(gym.Env):
             digits = [answer, *rng.choice(others, CARDS_PER_EPISODE - 1, replace=False).tolist()]
             cards = list(digits)
         if isinstance(cards, (list, tuple)):
+            if len(set(cards)) < len(cards):
+                raise ValueError(f"cards {list(cards)} repeat a digit; each digit has one card")
             if len(cards) > len(slots):
                 raise ValueError(f"at most {len(slots)} cards fit on the table, got {len(cards)}")
             chosen = rng.choice(len(slots), len(cards), replace=False)
@@ -180,7 +184,7 @@ class TabletopEnv(gym.Env):
             raise ValueError("cards must be a list of digits or a dict {digit: slot name or (x, y)}")
         out = {}
         for d, where in cards.items():
-            if not (isinstance(d, (int, np.integer)) and 0 <= d <= 9):
+            if isinstance(d, (bool, np.bool_)) or not (isinstance(d, (int, np.integer)) and 0 <= d <= 9):
                 raise ValueError(f"card {d!r} is out of range; cards are the digits 0-9")
             if isinstance(where, str):
                 if where not in CARD_SLOTS:
@@ -198,8 +202,16 @@ class TabletopEnv(gym.Env):
 
     def _setup_toys(self, opt: dict, rng: np.random.Generator) -> dict:
         split = self.spec_split
-        if "instruction" in opt and not {"object", "target", "direction"} & set(opt):
+        if "instruction" in opt:
+            _check_text(opt["instruction"], "instruction")
             obj, target, direction = language.parse_toy_instruction(opt["instruction"])
+            given = {k: opt[k] for k in ("object", "target", "direction") if k in opt}
+            said = {"object": obj, "target": target, "direction": direction}
+            clash = {k: v for k, v in given.items() if v != said[k]}
+            if clash:
+                raise ValueError(f"the instruction {opt['instruction']!r} says "
+                                 f"{ {k: said[k] for k in clash} } but the options say {clash}; give one of them, "
+                                 "or make them agree")
         else:
             obj = opt.get("object") or split.objects[rng.integers(len(split.objects))]
             pool = [o for o in split.scene_objects if o != obj]
@@ -221,6 +233,8 @@ class TabletopEnv(gym.Env):
             for n in toys:
                 if n not in OBJECTS:
                     raise ValueError(f"unknown toy {n!r}; expected one of {sorted(OBJECTS)}")
+            if len(set(toys)) < len(toys):
+                raise ValueError(f"toys {list(toys)} name a toy twice; each toy is on the table once")
             for n in (obj, target):
                 if n not in toys:
                     raise ValueError(f"{n!r} is named in the task but is not among the toys {list(toys)}")
@@ -231,6 +245,10 @@ class TabletopEnv(gym.Env):
                 if n not in OBJECTS:
                     raise ValueError(f"unknown toy {n!r}; expected one of {sorted(OBJECTS)}")
                 x, y = _check_xy(where, f"toy {n!r} position")
+                for m, (xm, ym, _) in layout.items():
+                    if np.hypot(x - xm, y - ym) < TOY_OVERLAP:
+                        raise ValueError(f"toys {m!r} at ({xm:.3f}, {ym:.3f}) and {n!r} at ({x:.3f}, {y:.3f}) are "
+                                         f"closer than {TOY_OVERLAP} m; they would overlap")
                 layout[n] = (x, y, 0.0)
         else:
             raise ValueError("toys must be a list of object names or a dict {name: (x, y)}")
@@ -273,7 +291,7 @@ class TabletopEnv(gym.Env):
 
     # ------------------------------------------------------------------ stepping
     def step(self, action):
-        a = np.asarray(action, dtype=np.float32).reshape(-1)
+        a = np.asarray(action, dtype=np.float32)
         if a.shape != (ACTION_DIM,) or not np.all(np.isfinite(a)):
             raise ValueError(f"action must be {ACTION_DIM} finite numbers [dx, dy, dz, grip], got {action!r}")
         a = np.clip(a, self.action_space.low, self.action_space.high)
@@ -393,10 +411,7 @@ def _check_xy(where, what: str) -> tuple[float, float]:
 
 
 def _check_text(text, what: str) -> None:
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{what} must be a non-empty string, got {text!r}")
-    if len(text) > 500:
-        raise ValueError(f"{what} is {len(text)} characters long; at most 500 are allowed")
+    language.check_text(text, what, max_chars=500)
 
 
 def make_env(task: str = "math_matching", split: str = "in_domain", **kwargs) -> TabletopEnv:

@@ -30,6 +30,25 @@ TOY_INSTRUCTIONS = (
 )
 
 
+_SPECIAL = re.compile(r"<\|[a-z_]+\|>")
+
+
+def check_text(text, what: str = "text", max_chars: int = 1000, example: str = "") -> str:
+    """The one validator of what people type (instructions, questions): a non-empty string of at most
+    ``max_chars`` characters with no chat-template special token in it (``<|image_pad|>``, ``<|im_end|>``, ...).
+    Returns it stripped; raises ``ValueError`` naming ``what`` and what was expected."""
+    hint = f" such as {example!r}" if example else ""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{what} must be a non-empty string{hint}, got {text!r}")
+    if len(text) > max_chars:
+        raise ValueError(f"{what} is {len(text)} characters long; at most {max_chars} are allowed")
+    special = _SPECIAL.findall(text)
+    if special:
+        raise ValueError(f"{what} contains the special token(s) {sorted(set(special))}; these belong to the chat "
+                         "template (images are passed separately, not written into the text)")
+    return text.strip()
+
+
 def math_instruction(rng: np.random.Generator) -> str:
     return MATH_INSTRUCTIONS[rng.integers(len(MATH_INSTRUCTIONS))]
 

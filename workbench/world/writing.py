@@ -212,7 +212,9 @@ def render_text(
             starts = [x + sum(advances[:i]) for i in range(len(shown) + 1)]
             for ch, f, x0 in zip(shown, faces, starts):
                 draw.text((x0, y_top - t8), ch, font=f, fill=ink, stroke_width=stroke, stroke_fill=ink)
-        cells = [(ch, starts[i], y_top, starts[i + 1], y_top + cap) for i, ch in enumerate(text)]
+        # a cell runs from its glyph's start to its end (extra spacing after a glyph is nobody's)
+        ends = starts[1:] if advances is None else [x0 + f.getlength(ch) for x0, f, ch in zip(starts, faces, shown)]
+        cells = [(ch, starts[i], y_top, ends[i], y_top + cap) for i, ch in enumerate(text)]
     else:
         width = _text_width_hand(text, style, cap) + spacing * cap * (len(text) - 1)
         if fit and width > _MAX_TEXT_WIDTH * W:
@@ -264,6 +266,7 @@ def render_card(digit: int) -> Image.Image:
 
 def as_rgb_image(image, what: str = "image", min_size: int = 8, max_size: int = 4096) -> Image.Image:
     """Validate and convert a caller's image (PIL image or HxW / HxWx{1,3,4} array) to RGB PIL.
+    Transparent parts of an image with alpha are composited on white.
 
     Raises ``ValueError`` saying what was expected for ``None``, empty, tiny or huge images and
     arrays of the wrong shape or dtype.
@@ -289,4 +292,9 @@ def as_rgb_image(image, what: str = "image", min_size: int = 8, max_size: int = 
     if min(w, h) < min_size or max(w, h) > max_size:
         raise ValueError(f"{what} is {w}x{h} pixels; expected each side between {min_size} and "
                          f"{max_size}")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # transparent pixels (a drawing on a transparent canvas) become white, not black
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
