@@ -53,14 +53,15 @@ def test_lr_schedule():
     assert lrs[0] < lrs[4] == pytest.approx(1e-3) and lrs[-1] < 1e-4 and min(lrs) > 0
 
 
-@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"see_lr": 2.0}, {"answer_steps": -1}, {"corpus_size": 1.5}])
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"see_lr": 2.0}, {"answer_steps": -1}, {"see_batch_size": 1.5},
+                                 {"dense_coef": -0.1}, {"same_table": 2}])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         P.PretrainConfig(**bad)
 
 
 def test_fast_run_resumes_after_a_kill(tmp_path, monkeypatch):
-    cfg = P.PretrainConfig.fast(corpus_size=24, see_steps=4, answer_steps=4, checkpoint_every=2, batch_size=4)
+    cfg = P.PretrainConfig.fast(see_steps=4, answer_steps=4, checkpoint_every=2, batch_size=4)
     work = str(tmp_path / "run")
 
     def killed(self, *a, **k):
@@ -80,14 +81,28 @@ def test_fast_run_resumes_after_a_kill(tmp_path, monkeypatch):
     assert ck.latest_checkpoint(work).endswith("step-000008")
     rows = open(os.path.join(work, "log.csv")).read().splitlines()
     assert sum(",answer," in r for r in rows) == 4 and sum(",see," in r for r in rows) == 4
-    with pytest.raises(ValueError, match="different config"):
-        P.Pretrainer(P.PretrainConfig.fast(corpus_size=30), work, progress=False)
+    with pytest.raises(ValueError, match="different config.*batch_size"):
+        P.Pretrainer(P.PretrainConfig.fast(see_steps=4, answer_steps=4, checkpoint_every=2, batch_size=5), work,
+                     progress=False)
+
+
+def test_batches_are_fresh_and_replay_by_index():
+    """Every batch is new (no corpus to memorise), and batch i is the same whenever it is drawn (exact resume)."""
+    cfg = P.PretrainConfig.fast(see_batch_size=5)
+    a, b = P.FreshBatches("see", cfg).batch(3), P.FreshBatches("see", cfg, start=3).batch(3)
+    assert [x["sample"] for x in a] == [x["sample"] for x in b]
+    assert all((i1 == i2).all() for x, y in zip(a, b) for i1, i2 in zip(x["images"], y["images"]))
+    c = P.FreshBatches("see", cfg).batch(4)
+    assert not {x["sample"].question + x["sample"].answer + str(x["sample"].board) for x in a} & \
+        {x["sample"].question + x["sample"].answer + str(x["sample"].board) for x in c if x["sample"].board}
+    with pytest.raises(ValueError, match="phase"):
+        P.FreshBatches("listen", cfg)
 
 
 def test_cli_fast_run(tmp_path, capsys):
     from workbench import train
 
-    train.main(["vlm", "--fast", "--corpus-size", "16", "--see-steps", "2", "--answer-steps", "2",
+    train.main(["vlm", "--fast", "--see-steps", "2", "--answer-steps", "2",
                 "--work", str(tmp_path / "w"), "--out", str(tmp_path / "vlm")])
     assert "OCR exact match" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "vlm" / "model.safetensors")

@@ -2,7 +2,7 @@
 
     python -m workbench.bench sim [--steps 200] [--episodes 6]
     python -m workbench.bench policy [--policy data_samples/policy] [--repeats 30]
-    python -m workbench.bench training [--logs data_samples/policy/training]
+    python -m workbench.bench training [--logs data_samples/policy/training | data_samples/vlm/log.csv]
 
 ``sim``: control steps per second (10 Hz control, 24 physics substeps each) with no cameras, with
 the model's two cameras, and with the overview camera as well; and dataset generation throughput
@@ -12,8 +12,9 @@ the model's two cameras, and with the overview camera as well; and dataset gener
 (greedy, KV cache; target <= 250 ms), one action chunk from an observation and already generated reasoning
 (VLM forward + 10 DDIM steps; target <= 50 ms), and the share of the chunk spent in the action expert.
 
-``training``: the wall time of each training stage, read from the per-step timestamps of the stages'
-``log.csv`` files (the shipped policy's are in ``data_samples/policy/training/``). Pauses longer than
+``training``: the wall time of each training stage (or VLM pretraining phase), read from the per-step
+timestamps of the ``log.csv`` files (the shipped policy's are in ``data_samples/policy/training/``, the VLM's is
+``data_samples/vlm/log.csv``; its in-training evaluations fall inside the answer phase). Pauses longer than
 ``--max-gap`` seconds between two logged steps (a run stopped and resumed later) are left out and counted.
 Work done before a stage's first step (caching the frozen VLM's outputs) has no timestamp and is not included.
 """
@@ -117,19 +118,28 @@ def bench_training(logs: str = "data_samples/policy/training", max_gap: float = 
     import csv
     import glob
 
-    files = sorted(glob.glob(os.path.join(logs, "*.csv"))) or sorted(glob.glob(os.path.join(logs, "*", "log.csv")))
+    if os.path.isfile(logs):
+        files = [logs]
+    else:
+        files = sorted(glob.glob(os.path.join(logs, "*.csv"))) or sorted(glob.glob(os.path.join(logs, "*", "log.csv")))
     if not files:
-        raise FileNotFoundError(f"no training logs in {logs!r}: expected <stage>.csv files (a packaged policy's "
-                                f"training/ folder) or <stage>.run/log.csv files (a train --out folder)")
+        raise FileNotFoundError(f"no training logs in {logs!r}: expected a log.csv file (e.g. data_samples/vlm/log.csv), "
+                                f"<stage>.csv files (a packaged policy's training/ folder) or <stage>.run/log.csv "
+                                f"files (a train --out folder)")
     logs_by_start = []
     for path in files:
         with open(path, newline="") as f:
             records = list(csv.DictReader(f))
         if not records or "time" not in records[0] or "step" not in records[0]:
             raise ValueError(f"{path} is not a training log: expected a CSV with 'time' and 'step' columns")
-        # a resumed run logs again the steps after its last checkpoint: keep each step's last record
-        records = list({int(r["step"]): r for r in records}.values())
-        logs_by_start.append((float(records[0]["time"]), path, records))
+        # VLM pretraining logs its phases (and evaluations) in one file: one row per phase
+        phases = dict.fromkeys(r.get("phase") for r in records if r.get("phase") != "eval")
+        for phase in phases:
+            part = [r for r in records if r.get("phase") == phase]
+            # a resumed run logs again the steps after its last checkpoint: keep each step's last record
+            part = list({int(r["step"]): r for r in part}.values())
+            name = f"{os.path.basename(path)} {phase}" if phase else None
+            logs_by_start.append((float(part[0]["time"]), name or path, part))
     rows, total = [], 0.0
     for _, path, records in sorted(logs_by_start):
         times = np.array([float(r["time"]) for r in records])
@@ -177,4 +187,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .settings import run_cli
+
+    run_cli(main)

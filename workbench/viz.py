@@ -139,7 +139,8 @@ def token_overlay(image: np.ndarray, labels: np.ndarray, classes, scale: int = 3
 
 
 def training_figure(log_csv: str):
-    """plotly: loss per phase (left) and held-out accuracy per skill during training (right)."""
+    """plotly: loss per phase against steps (left) and held-out accuracy per row against wall-clock minutes
+    since the run started (right; pauses of a resumed run included)."""
     import pandas as pd
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -154,22 +155,66 @@ def training_figure(log_csv: str):
                                      name=f"{phase} loss"), 1, 1)
             offset += int(part.step.max())
     ev = log[log.phase == "eval"]
+    t0 = log.time.min()
     for metric in dict.fromkeys(ev.metric):
         part = ev[ev.metric == metric]
-        fig.add_trace(go.Scatter(x=part.step, y=part.value, mode="lines+markers", name=metric), 1, 2)
-    fig.update_layout(height=380, margin={"t": 40, "b": 30})
+        fig.add_trace(go.Scatter(x=(part.time - t0) / 60, y=part.value, mode="lines+markers", name=metric,
+                                 visible=True if len(metric.split()) == 1 else "legendonly"), 1, 2)
+    fig.update_layout(height=400, margin={"t": 40, "b": 30})
     fig.update_xaxes(title_text="step (see, then answer)", row=1, col=1)
-    fig.update_xaxes(title_text="answer step", row=1, col=2)
+    fig.update_xaxes(title_text="wall-clock minutes since the start", row=1, col=2)
     return fig
 
 
+def draw_boxes(image: np.ndarray, boxes, labels=(), scale: int = 2, colour=(230, 0, 0)) -> Image.Image:
+    """The image enlarged ``scale`` times with boxes ``(x1, y1, x2, y2)`` in Qwen2-VL's 0-1000 coordinates
+    drawn on it (and an optional label above each)."""
+    h, w = image.shape[:2]
+    big = Image.fromarray(image).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(big)
+    font = _caption_font(11)
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        box = [x1 * w * scale / 1000, y1 * h * scale / 1000, x2 * w * scale / 1000, y2 * h * scale / 1000]
+        draw.rectangle(box, outline=colour, width=2)
+        if k < len(labels):
+            draw.text((box[0], max(0, box[1] - 13)), labels[k], fill=colour, font=font)
+    return big
+
+
+def board_looks(split: str = "train", n: int = 12, seed: int = 0, condition: str | None = None,
+                columns: int = 4) -> Image.Image:
+    """A grid of whiteboards as the board camera sees them, drawn the way VLM pretraining draws them
+    (``split="train"``: training font families and augmentations) or the knowledge suite's held-out ones."""
+    from .vlm.corpus import CorpusGenerator, CorpusRenderer
+
+    gen = CorpusGenerator(split, seed=seed, condition=condition)
+    renderer = CorpusRenderer()
+    tiles = []
+    for _ in range(n):
+        s = gen.sample("ocr")
+        (img,) = renderer(s)
+        b = s.board
+        caption = b.get("style") or f"{b['look']['family']} ({b['view']})"
+        tile = Image.new("RGB", (img.shape[1], img.shape[0] + 14), "white")
+        tile.paste(Image.fromarray(img), (0, 0))
+        ImageDraw.Draw(tile).text((2, img.shape[0]), caption[:32], fill=(60, 60, 60), font=_caption_font(10))
+        tiles.append(tile)
+    renderer.close()
+    return stack_images(tiles, columns)
+
+
 def knowledge_figure(result: dict, title: str = "Knowledge on held-out data"):
-    """plotly bar chart of a knowledge-suite result (``workbench.evaluate.evaluate_knowledge``)."""
+    """plotly bar chart of a knowledge-suite result (``workbench.evaluate.evaluate_knowledge``), with 95%
+    Wilson intervals."""
     import plotly.graph_objects as go
 
     rows = result["rows"]
+    ci = [r.get("ci") or (r["accuracy"], r["accuracy"]) for r in rows]
     fig = go.Figure(go.Bar(x=[100 * r["accuracy"] for r in rows], y=[f"{r['skill']} (N={r['n']})" for r in rows],
-                           orientation="h", text=[f"{100 * r['accuracy']:.0f}%" for r in rows]))
+                           orientation="h", text=[f"{100 * r['accuracy']:.0f}%" for r in rows],
+                           error_x={"type": "data", "symmetric": False,
+                                    "array": [100 * (hi - r["accuracy"]) for r, (_, hi) in zip(rows, ci)],
+                                    "arrayminus": [100 * (r["accuracy"] - lo) for r, (lo, _) in zip(rows, ci)]}))
     fig.update_layout(title=title, height=60 + 28 * len(rows), xaxis={"range": [0, 105], "title": "accuracy (%)"},
                       yaxis={"autorange": "reversed"}, margin={"l": 10, "r": 10, "t": 40, "b": 30})
     return fig

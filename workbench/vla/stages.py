@@ -228,8 +228,9 @@ class RobotFrames:
 
 
 class GeneralPool:
-    """The general image–text subset (no digits; :data:`~workbench.vlm.corpus.GENERAL_KINDS`), rendered
-    once with the training generator and its vision tokens cached."""
+    """The general image–text subset (no number reading, no arithmetic; its only digits are box coordinates:
+    :data:`~workbench.vlm.corpus.GENERAL_KINDS`), rendered once with the training generator and its vision
+    tokens cached."""
 
     def __init__(self, size: int, policy: ChatVLA2Policy, seed: int = 0, progress: bool = True):
         from ..vlm.api import encode_example, vision_tokens

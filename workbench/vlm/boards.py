@@ -100,6 +100,7 @@ CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch")
 
 _INKS = np.array([(20, 20, 25), (25, 45, 160), (170, 25, 25), (20, 115, 45), (90, 30, 120), (100, 60, 20),
                   (60, 60, 70), (0, 90, 110)], float)
+_COLOURED = _INKS[_INKS.max(1) - _INKS.min(1) > 60]  # the inks that are clearly not black or grey
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def sample_look(rng: np.random.Generator, split: str = "train", condition: str |
                          jitter=float(rng.uniform(0.05, 0.1)), slant=float(rng.uniform(-0.15, 0.25)),
                          stroke=float(rng.uniform(0.12, 0.22)), blur=float(rng.uniform(0, 0.6)))
     if condition == "coloured_ink" or rng.random() < 0.5:
-        ink = _INKS[1 + rng.integers(len(_INKS) - 1)] if condition == "coloured_ink" else _INKS[rng.integers(len(_INKS))]
+        ink = _COLOURED[rng.integers(len(_COLOURED))] if condition == "coloured_ink" else _INKS[rng.integers(len(_INKS))]
     else:
         ink = _INKS[0]
     ink = tuple(int(v) for v in np.clip(ink * rng.uniform(0.7, 1.5) + rng.normal(0, 12, 3), 0, 200))
