@@ -132,7 +132,7 @@ def fail(message: str) -> gr.Error:
 
 def check_seed(seed) -> int:
     if seed is None or isinstance(seed, bool) or not isinstance(seed, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(seed) or seed != int(seed) or not 0 <= seed <= MAX_SEED:
+            or not 0 <= seed <= MAX_SEED or seed != int(seed):  # NaN fails the range test
         raise fail(f"Seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}.")
     return int(seed)
 
@@ -360,8 +360,8 @@ def policy_status(path: str | None) -> str | None:
 def example_boards(folder: str) -> list[list]:
     """A few boards to click: held-out fonts and a mouse-style sketch, written to ``folder`` as PNGs;
     rows of (board source, photo path, answer)."""
-    from workbench.vlm.boards import sample_look
     from workbench.vlm.boards import render_board as draw_board
+    from workbench.vlm.boards import sample_look
 
     rows = []
     for k, (text, condition, answer) in enumerate((("3+4=?", None, 7), ("8÷2=?", "sketch", 4),
@@ -472,7 +472,8 @@ SKETCH_STROKES = {
     "+": [[(0.1, 0.5), (0.9, 0.5)], [(0.5, 0.15), (0.5, 0.85)]],
     "4": [[(0.7, 0.95), (0.7, 0.05), (0.08, 0.66), (0.95, 0.66)]],
     "=": [[(0.1, 0.36), (0.9, 0.36)], [(0.1, 0.64), (0.9, 0.64)]],
-    "?": [[(0.15, 0.25), (0.35, 0.06), (0.7, 0.06), (0.85, 0.26), (0.5, 0.5), (0.5, 0.72)], [(0.5, 0.88), (0.52, 0.92)]],
+    "?": [[(0.15, 0.25), (0.35, 0.06), (0.7, 0.06), (0.85, 0.26), (0.5, 0.5), (0.5, 0.72)],
+          [(0.5, 0.88), (0.52, 0.92)]],
 }
 
 
@@ -513,7 +514,8 @@ def draw_sketch(page, text: str = "3+4=?") -> None:
             page.mouse.up()
 
 
-def drive(page, controller: str = POLICY, answer: int | None = 7, text: str = "3+4=?", timeout_ms: int = 90_000) -> dict:
+def drive(page, controller: str = POLICY, answer: int | None = 7, text: str = "3+4=?",
+          timeout_ms: int = 90_000) -> dict:
     """Draw ``text`` on the sketchpad, give the answer, choose the controller, run, and wait for the outcome.
     Returns what the page shows: reasoning, truth table, outcome."""
     from playwright.sync_api import expect

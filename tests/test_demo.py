@@ -58,7 +58,8 @@ def test_run_episode_streams_reasoning_actions_truth_and_gif(app, tmp_path):
     assert board_equation(3) in last.reasoning
     assert [r[0] for r in last.log] == list(range(len(last.log), 0, -1))  # latest step first
     assert len(last.log[0]) == len(app.LOG_HEADERS)
-    assert all(abs(v) <= 4.0 for r in last.log for v in r[1:4]) and all(isinstance(r[5], str) and r[5] for r in last.log)
+    assert all(abs(v) <= 4.0 for r in last.log for v in r[1:4])
+    assert all(isinstance(r[5], str) and r[5] for r in last.log)
     assert "Success" in last.status and f"{len(last.log)} steps" in last.status
     assert last.truth.count("✅") == 4 and "❌" not in last.truth  # the expert's annotation is the truth
     assert all("Running" in u.status for u in outputs[2:-1]) and all(u.gif is None for u in outputs[:-1])

@@ -48,8 +48,8 @@ def test_wrong_facts_fail(samples):
         if s.kind in ("ground_card", "ground_toy", "affordance"):
             (x1, y1, x2, y2), = parse_boxes(s.answer)
             w = x2 - x1
-            moved = s.answer.replace(f"({x1},{y1}),({x2},{y2})", f"({x1 + 3 * w},{y1}),({x2 + 3 * w},{y2})") \
-                if x2 + 3 * w <= 1000 else s.answer.replace(f"({x1},{y1}),({x2},{y2})", f"({x1 - 3 * w},{y1}),({x2 - 3 * w},{y2})")
+            shift = 3 * w if x2 + 3 * w <= 1000 else -3 * w
+            moved = s.answer.replace(f"({x1},{y1}),({x2},{y2})", f"({x1 + shift},{y1}),({x2 + shift},{y2})")
             assert not E.score(s, moved), (s.kind, s.answer, moved)
             assert not E.score(s, s.answer + s.answer)  # two boxes for one thing
 

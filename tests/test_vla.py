@@ -278,11 +278,9 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
         rows = f.read().splitlines()
     assert rows[0].split(",")[4:8] == ["lm", "diffusion", "keypoints", "aux"] and len(rows) == 3
     assert all(float(r.split(",")[5]) > 0 for r in rows[1:])  # diffusion term logged each step
-    # resume: the same run asked for 3 steps continues from the step-2 checkpoint
-    StageTrainer(dataclasses.replace(align, steps=3), s1, demos, s2, progress=False).run()
-    with open(os.path.join(s2 + ".run", "log.csv")) as f:
-        steps = [int(r.split(",")[2]) for r in f.read().splitlines()[1:]]
-    assert steps == [1, 2, 3]
+    # the same run asked for 3 steps is refused: a changed config never silently continues an old checkpoint
+    with pytest.raises(ValueError, match="different config.*steps.*2 there, 3 now"):
+        StageTrainer(dataclasses.replace(align, steps=3), s1, demos, s2, progress=False).run()
     act = dataclasses.replace(STAGES["action_finetuning"], steps=2, batch_size=8)
     s3 = str(tmp_path / "s3")
     trained = StageTrainer(act, s2, demos, s3, progress=False).run()
@@ -293,6 +291,44 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     with open(os.path.join(s3 + ".run", "summary.json")) as f:
         assert json.load(f)["stage"]["name"] == "action_finetuning"
+
+
+def test_a_stage_killed_mid_run_resumes_to_the_same_weights_and_log(root, demos, tmp_path):
+    """SIGKILL in the middle of a stage (after step 3; checkpoints every 2), then resume: the weights equal an
+    uninterrupted run's bit for bit and log.csv has every step once, with the same losses."""
+    import signal
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    s1 = str(tmp_path / "s1")
+    StageTrainer(STAGES["knowledge_freezing"], os.path.join(root, "data_samples", "vlm"), demos, s1,
+                 progress=False).run()
+    stage = dataclasses.replace(STAGES["action_finetuning"], steps=6, batch_size=4, checkpoint_every=2)
+    whole = StageTrainer(stage, s1, demos, str(tmp_path / "whole"), progress=False).run()
+    killed = str(tmp_path / "killed")
+    script = f"""
+import dataclasses, os, signal, torch
+torch.set_num_threads(1)
+from workbench.vla import stages as S
+stage = dataclasses.replace(S.STAGES["action_finetuning"], steps=6, batch_size=4, checkpoint_every=2)
+update = S.StageTrainer._update
+def dying(self, policy, step, *args, **kw):
+    update(self, policy, step, *args, **kw)
+    if step + 1 == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+S.StageTrainer._update = dying
+S.StageTrainer(stage, {s1!r}, {demos!r}, {killed!r}, progress=False).run()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    resumed = StageTrainer(stage, s1, demos, killed, progress=False).run()
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = (pd.read_csv(os.path.join(d + ".run", "log.csv")) for d in (str(tmp_path / "whole"), killed))
+    assert list(lb.step) == list(range(1, 7))
+    pd.testing.assert_frame_equal(la.drop(columns="time"), lb.drop(columns="time"))
 
 
 def test_robot_training_data_must_be_in_domain(tmp_path, policy):

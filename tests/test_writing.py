@@ -96,6 +96,7 @@ def test_augmented_boards_keep_the_text_on_the_board_and_world_boards_unchanged(
     # recorded from the earlier renderer): demonstrations and evaluation scenes keep their meaning
     import hashlib
 
-    for (text, style), digest in {("3+4=?", "sans"): "b8a7a55e29792e4a", ("12-7=?", "hand_script"): "22b80c5775ad9874"}.items():
+    recorded = {("3+4=?", "sans"): "b8a7a55e29792e4a", ("12-7=?", "hand_script"): "22b80c5775ad9874"}
+    for (text, style), digest in recorded.items():
         pixels = np.asarray(render_text(text, style, seed=1)).tobytes()
         assert hashlib.sha256(pixels).hexdigest()[:16] == digest, (text, style)

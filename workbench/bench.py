@@ -123,7 +123,8 @@ def bench_training(logs: str = "data_samples/policy/training", max_gap: float = 
     else:
         files = sorted(glob.glob(os.path.join(logs, "*.csv"))) or sorted(glob.glob(os.path.join(logs, "*", "log.csv")))
     if not files:
-        raise FileNotFoundError(f"no training logs in {logs!r}: expected a log.csv file (e.g. data_samples/vlm/log.csv), "
+        raise FileNotFoundError(f"no training logs in {logs!r}: expected a log.csv file (e.g. "
+                                f"data_samples/vlm/log.csv), "
                                 f"<stage>.csv files (a packaged policy's training/ folder) or <stage>.run/log.csv "
                                 f"files (a train --out folder)")
     logs_by_start = []

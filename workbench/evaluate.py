@@ -173,7 +173,8 @@ LABELS = {"ocr": "OCR exact match", "solve": "Arithmetic on the board", "arithme
           "cards": "Card reading + position", "objects": "Object recognition", "spatial": "Spatial relations",
           "colour": "Colour", "count": "Count", "ground_card": "Grounding: cards", "ground_toy": "Grounding: toys",
           "affordance": "Placement affordance"}
-CONDITION_LABELS = {"no_frame": "no frame", "coloured_ink": "coloured ink", "tilted": "tilted", "sketch": "mouse sketch",
+CONDITION_LABELS = {"no_frame": "no frame", "coloured_ink": "coloured ink", "tilted": "tilted",
+                    "sketch": "mouse sketch",
                     "env": "caller's image via env"}
 
 

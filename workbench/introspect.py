@@ -451,3 +451,128 @@ def explore_experts(maps: dict[str, RoutingMaps]):
         fig.show()
 
     return widgets.interactive(show, expert=(0, E - 1))
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def overlay(image: np.ndarray, cells: np.ndarray, scale: int = 3, signed: bool = False, alpha: float = 0.55,
+            title: str = ""):
+    """A PIL picture: the camera image enlarged ``scale`` times with ``cells`` (one value per 16x16 token) as a
+    colour overlay (``inferno``, or ``RdBu`` around 0 when ``signed``) and a title strip."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    h, w = image.shape[:2]
+    if signed:
+        m = np.abs(cells).max() or 1.0
+        norm = (cells / m + 1) / 2
+        colours = colormaps["RdBu_r"](norm)[..., :3]
+    else:
+        lo, hi = float(cells.min()), float(cells.max())
+        colours = colormaps["inferno"]((cells - lo) / ((hi - lo) or 1.0))[..., :3]
+    heat = Image.fromarray((colours * 255).astype(np.uint8)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    base = Image.fromarray(np.asarray(image)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    out = Image.blend(base, heat, alpha)
+    if title:
+        canvas = Image.new("RGB", (out.width, out.height + 22), "white")
+        canvas.paste(out, (0, 22))
+        ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0))
+        out = canvas
+    return out
+
+
+def expert_overlay(image: np.ndarray, top1: np.ndarray, num_experts: int, scale: int = 3, title: str = ""):
+    """A PIL picture: the top-1 expert of every image token as a colour (tab10) over the camera image."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    h, w = image.shape[:2]
+    colours = colormaps["tab10"](top1 % 10)[..., :3]
+    heat = Image.fromarray((colours * 255).astype(np.uint8)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    base = Image.fromarray(np.asarray(image)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    out = Image.blend(base, heat, 0.5)
+    draw = ImageDraw.Draw(out)
+    for r in range(top1.shape[0]):
+        for c in range(top1.shape[1]):
+            draw.text((c * TOKEN_PX * scale + 3, r * TOKEN_PX * scale + 2), str(int(top1[r, c])), fill=(255, 255, 255))
+    if title:
+        canvas = Image.new("RGB", (out.width, out.height + 22), "white")
+        canvas.paste(out, (0, 22))
+        ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0))
+        out = canvas
+    return out
+
+
+def write_figures(out: str, vlm: str = "data_samples/vlm", policy: str = "data_samples/policy", seed: int = 0,
+                  ig_steps: int = 128) -> list[str]:
+    """The README's pictures of each view, for a held-out board (and, for routing, a robot episode's cameras):
+    attention rollout of the answer digit, Integrated Gradients, occlusion, and the policy backbone's top-1 expert
+    per patch over both cameras. Returns the PNG paths written in ``out``."""
+    import os
+
+    from .vla.policy import ROBOT, Observation, load_policy
+    from .vlm.api import load_vlm
+    from .vlm.corpus import CorpusGenerator, CorpusRenderer
+    from .world import make_env
+
+    os.makedirs(out, exist_ok=True)
+    model, processor = load_vlm(vlm)
+    renderer = CorpusRenderer()
+    gen = CorpusGenerator("heldout", seed=seed)
+    for _ in range(50):  # the first held-out board the model solves
+        s = gen.sample("solve")
+        (board,) = renderer(s)
+        probe = Probe(model, processor, [board], s.question)
+        if probe.answer.replace(" ", "").endswith(f"={s.facts['answer']}"):
+            break
+    renderer.close()
+    digit = probe.target_index("answer digit")[0]
+    att = attention(probe)
+    ig = attributions(probe, "integrated_gradients", target="answer digit", n_steps=ig_steps)
+    occ = attributions(probe, "occlusion", target="answer digit")
+    said = f"says {probe.answer!r}"
+    pictures = {
+        "attention_rollout.png": overlay(board, att.rollout[0][digit],
+                                         title=f"attention rollout of the answer digit ({said})"),
+        "integrated_gradients.png": overlay(board, ig.normalised, signed=True,
+                                            title=f"Integrated Gradients, answer digit (gap {ig.delta:+.3f})"),
+        "occlusion.png": overlay(board, occ.normalised, signed=True, title="occlusion of 16x16 cells, answer digit"),
+    }
+    pol = load_policy(policy)
+    env = make_env("math_matching", "open_world")
+    obs, info = env.reset(seed=seed)
+    env.close()
+    cams = Observation.coerce(obs)
+    maps = routing(Probe(pol.vlm, pol.processor, pol.images(cams), info["instruction"], data_type=ROBOT))
+    E = maps.probs.shape[-1]
+    layer = len(maps.load) - 1
+    pictures["experts_board.png"] = expert_overlay(cams.board, maps.image_top1[0][layer], E,
+                                                   title=f"top-1 expert per patch, last layer (of {E})")
+    pictures["experts_table.png"] = expert_overlay(cams.table, maps.image_top1[1][layer], E, scale=2,
+                                                   title=f"top-1 expert per patch, last layer (of {E})")
+    paths = []
+    for name, picture in pictures.items():
+        paths.append(os.path.join(out, name))
+        picture.save(paths[-1])
+    return paths
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m workbench.introspect",
+                                 description="Write the README's pictures of attention, attributions and routing.")
+    ap.add_argument("--out", default="notebooks/figures", help="folder for the PNGs")
+    ap.add_argument("--vlm", default="data_samples/vlm")
+    ap.add_argument("--policy", default="data_samples/policy")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ig-steps", type=int, default=128)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    for path in write_figures(args.out, args.vlm, args.policy, args.seed, args.ig_steps):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    from .settings import run_cli
+
+    run_cli(main)

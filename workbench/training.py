@@ -47,5 +47,41 @@ class CsvLog:
                 w.writeheader()
             w.writerow({"time": round(time.time(), 1), **row})
 
+    def rewind(self, keep) -> int:
+        """Drop the rows for which ``keep(row)`` is false (rows are dicts of strings), atomically; returns how many
+        were dropped. A resumed run rewinds its log to its checkpoint, so no step is logged twice."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if keep(r)]
+        if len(kept) < len(rows):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(kept)
+            os.replace(tmp, self.path)
+        return len(rows) - len(kept)
+
     def __repr__(self) -> str:
         return f"CsvLog({self.path!r}, fields={self.fields})"
+
+
+def refuse_changed_config(path: str, config: dict, what: str = "run") -> None:
+    """Write ``config`` (JSON-able) to ``path`` on a fresh run; on a resumed one, raise ``ValueError`` naming every
+    key whose value differs from the saved one (a changed run must not silently continue an old checkpoint)."""
+    import json
+
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    mine = json.loads(json.dumps(config))  # tuples -> lists, as saved
+    diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+    if diff:
+        said = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"{os.path.dirname(path) or '.'} holds a {what} with a different config ({said}); use a new "
+                         "output folder, or the same settings to resume it")

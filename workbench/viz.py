@@ -218,3 +218,100 @@ def knowledge_figure(result: dict, title: str = "Knowledge on held-out data"):
     fig.update_layout(title=title, height=60 + 28 * len(rows), xaxis={"range": [0, 105], "title": "accuracy (%)"},
                       yaxis={"autorange": "reversed"}, margin={"l": 10, "r": 10, "t": 40, "b": 30})
     return fig
+
+
+# ------------------------------------------------------------------------------------------------ widgets
+# Controls for the notebooks (ipywidgets). Each shows its default at once, so a notebook run without a live
+# kernel (nbval in CI) renders the default view; moving a control recomputes.
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def episode_player(frames: list, captions: list[str] | None = None, width: int = 640):
+    """ipywidgets: a play button and a slider over an episode's frames (PIL images or arrays), with a caption
+    per frame (e.g. the step's reasoning)."""
+    import ipywidgets as widgets
+
+    if not frames:
+        raise ValueError("episode_player needs at least one frame")
+    view = widgets.Image(value=_png(frames[0]), format="png", layout={"width": f"{width}px"})
+    caption = widgets.Label(captions[0] if captions else "")
+    slider = widgets.IntSlider(0, 0, len(frames) - 1, description="step")
+    play = widgets.Play(value=0, min=0, max=len(frames) - 1, interval=150)
+    widgets.jslink((play, "value"), (slider, "value"))
+
+    def show(change):
+        view.value = _png(frames[change["new"]])
+        if captions:
+            caption.value = captions[min(change["new"], len(captions) - 1)]
+
+    slider.observe(show, names="value")
+    return widgets.VBox([widgets.HBox([play, slider]), view, caption])
+
+
+def ask_panel(model, processor, scenes: dict[str, list], question: str = "What is written on the whiteboard?"):
+    """ipywidgets: choose a scene (its camera images) and type any question; shows the images and the VLM's
+    answer (``workbench.vlm.api.ask``). ``scenes``: name -> list of (H, W, 3) images, one per camera."""
+    import ipywidgets as widgets
+
+    from .vlm.api import ask
+
+    def answer(scene, question):
+        images = scenes[scene]
+        strip = stack_images([Image.fromarray(np.asarray(im)) for im in images], columns=len(images))
+        from IPython.display import display
+
+        display(strip.resize((strip.width * 2, strip.height * 2)))
+        try:
+            print(f"Q: {question}\nA: {ask(model, processor, images, question)}")
+        except ValueError as exc:
+            print(f"(not asked: {exc})")
+
+    return widgets.interactive(answer, scene=list(scenes),
+                               question=widgets.Text(question, continuous_update=False, layout={"width": "600px"}))
+
+
+def rollout_player(policy=None, tasks=("math_matching", "toy_placement"), splits=("in_domain", "open_world"),
+                   seeds=range(3), max_steps: int = 80):
+    """ipywidgets: choose a task, a split and a seed; the episode runs (cached) with ``policy`` (a ChatVLA-2
+    policy) or, if None, the scripted expert, and a player steps through it, each frame captioned with what was
+    happening (the expert's phase, or the policy's chunk and reasoning)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from .world import ScriptedExpert, make_env
+
+    cache: dict[tuple, tuple[list, list]] = {}
+
+    def run(task, split, seed):
+        key = (task, split, seed)
+        if key not in cache:
+            env = make_env(task, split, render_mode="rgb_array", max_steps=max_steps)
+            obs, info = env.reset(seed=seed)
+            expert = ScriptedExpert(env) if policy is None else None
+            if policy is not None:
+                policy.reset(seed=seed)
+            frames, captions = [], []
+            for t in range(max_steps):
+                if expert is not None:
+                    action, what = expert.act(obs)
+                else:
+                    action = policy.select_action(obs, info["instruction"])
+                    what = f"chunk {t // policy.config.n_action_steps}: {policy.reasoning}"
+                frames.append(compose_frame(env.render(), {c: obs[c] for c in env.cameras}))
+                captions.append(f"step {t}, {what}")
+                obs, _, term, trunc, step_info = env.step(action)
+                if term or trunc:
+                    captions[-1] += f"  -> {'success' if step_info['is_success'] else 'failure'}"
+                    break
+            env.close()
+            cache[key] = (frames, captions)
+        display(episode_player(*cache[key]))
+
+    return widgets.interactive(run, task=widgets.Dropdown(options=list(tasks)),
+                               split=widgets.Dropdown(options=list(splits)),
+                               seed=widgets.Dropdown(options=list(seeds)))

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from ..training import CsvLog, lr_at, optimizer_step
+from ..training import CsvLog, lr_at, optimizer_step, refuse_changed_config
 from .moe import MoEConfig, load_balancing_loss
 from .policy import CAMERA_ORDER, IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
 
@@ -284,7 +284,10 @@ class StageTrainer:
 
     def run(self) -> ChatVLA2Policy:
         st = self.stage
-        torch.manual_seed(st.seed)
+        refuse_changed_config(os.path.join(self.run_dir, "run_config.json"),
+                              {"stage": dataclasses.asdict(st), "policy": self.policy_config.to_dict(),
+                               "init": os.path.abspath(self.init), "data": os.path.abspath(self.data)}, "stage run")
+        torch.manual_seed(st.seed)  # initialisation of a fresh policy only: each step's noise has its own generator
         t0 = time.time()
         ckpt = latest_checkpoint(self.run_dir)
         policy = self.initial_policy(ckpt)
@@ -292,6 +295,7 @@ class StageTrainer:
         if self.progress:
             print(f"stage {st.name}: {st.steps} steps\n{format_parts(parts)}")
         start = load_checkpoint_state(ckpt)[0]["step"] if ckpt else 0
+        self.log.rewind(lambda row: int(row["step"]) <= start)  # steps after the checkpoint are redone
         if st.steps > start:
             (self.train_cached if st.caches_vlm else self.train_joint)(policy, start, ckpt)
         save_policy(policy, self.out, extra={"stage": dataclasses.asdict(st)})
@@ -348,7 +352,8 @@ class StageTrainer:
                 terms["lm"] = lm
             if st.diffusion_loss:
                 terms["diffusion"] = policy.action_expert.compute_loss(
-                    frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning)[0]
+                    frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning,
+                    generator=step_noise(st, step))[0]
             if policy.config.keypoint_loss_coef and st.diffusion_loss:
                 terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[rob], frames.anchor_mask[rob])
             if moe.variant != "dense" and moe.aux_loss_coef > 0:
@@ -379,10 +384,16 @@ class StageTrainer:
             idx = rng.choice(len(frames), min(st.batch_size, len(frames)), replace=False)
             feats = policy.condition(Summaries.stack([cache[i] for i in idx], coords))
             terms = {"diffusion": policy.action_expert.compute_loss(
-                frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning)[0]}
+                frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning, generator=step_noise(st, step))[0]}
             if policy.config.keypoint_loss_coef:
                 terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[idx], frames.anchor_mask[idx])
             self._update(policy, step, terms, params, opt, bar)
+
+
+def step_noise(stage: StageConfig, step: int) -> torch.Generator:
+    """The diffusion noise and timesteps of training step ``step``: a generator seeded by (stage seed, step) alone,
+    so a run resumed at any checkpoint draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([stage.seed, step, 17]).integers(2**62)))
 
 
 def run_recipe(name: str, init: str, data: str, out: str, policy_config: PolicyConfig | None = None,
@@ -417,4 +428,4 @@ def copy_training_logs(recipe_dir: str, policy_dir: str) -> None:
 
 
 __all__ = ["PARTS", "RECIPES", "STAGES", "GeneralPool", "RobotFrames", "StageConfig", "StageTrainer",
-           "copy_training_logs", "format_parts", "part_of", "run_recipe", "set_trainable"]
+           "copy_training_logs", "format_parts", "part_of", "run_recipe", "set_trainable", "step_noise"]

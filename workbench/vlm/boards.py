@@ -170,7 +170,8 @@ def sample_look(rng: np.random.Generator, split: str = "train", condition: str |
                          jitter=float(rng.uniform(0.05, 0.1)), slant=float(rng.uniform(-0.15, 0.25)),
                          stroke=float(rng.uniform(0.12, 0.22)), blur=float(rng.uniform(0, 0.6)))
     if condition == "coloured_ink" or rng.random() < 0.5:
-        ink = _COLOURED[rng.integers(len(_COLOURED))] if condition == "coloured_ink" else _INKS[rng.integers(len(_INKS))]
+        pool = _COLOURED if condition == "coloured_ink" else _INKS
+        ink = pool[rng.integers(len(pool))]
     else:
         ink = _INKS[0]
     ink = tuple(int(v) for v in np.clip(ink * rng.uniform(0.7, 1.5) + rng.normal(0, 12, 3), 0, 200))

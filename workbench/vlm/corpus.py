@@ -12,7 +12,8 @@ Skills (``kind``) and the images they use (one image per camera, as in the paper
     colour     [table]          What colour is the yellow duck?           -> "yellow"
     count      [table]          How many toys are on the table?           -> "three"
     spatial    [table]          Where is the red cube relative to the duck? -> "left"
-    ground_card [table]         Locate the card 7.                        -> "<|object_ref_start|>the card 7<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>"
+    ground_card [table]         Locate the card 7.                        -> "<|object_ref_start|>the card 7
+                                <|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>" (one line)
     ground_toy  [table]         Locate the teddy bear.                    -> (the same grounding format)
     affordance  [table]         Where should the duck go to be left of the red cube? -> a box on the table
 
@@ -110,7 +111,8 @@ class Sample:
     question: str
     answer: str
     views: tuple[str, ...]
-    board: dict | None = None  # {"text": "3+4=?", "seed": int, "view": v} + "style": world style | "look": BoardLook dict
+    # {"text": "3+4=?", "seed": int, "view": v, "aug": bool} and "style" (a world style) or "look" (a BoardLook dict)
+    board: dict | None = None
     table: dict | None = None  # {"cards": {digit: [x, y]}, "toys": {name: [x, y, yaw]}, "arm": None | [x, y, z]}
     facts: dict = field(default_factory=dict)  # ground truth for scoring
 
@@ -174,7 +176,8 @@ def grounded(phrase: str, box) -> str:
     return f"<|object_ref_start|>{phrase}<|object_ref_end|>{format_box(box)}"
 
 
-_BOX = re.compile(r"<\|box_start\|>\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*<\|box_end\|>")
+_BOX = re.compile(r"<\|box_start\|>\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,"
+                  r"\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*<\|box_end\|>")
 
 
 def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:

@@ -25,7 +25,6 @@ knowledge rows (``eval_every``) against wall-clock time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from ..training import CsvLog, lr_at, optimizer_step
+from ..training import CsvLog, lr_at, optimizer_step, refuse_changed_config
 from .api import collate, encode_example, vision_tokens
 from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample
 
@@ -86,7 +85,8 @@ class PretrainConfig:
     @classmethod
     def fast(cls, **kw) -> PretrainConfig:
         """A tiny run for tests and notebooks (seconds, not minutes)."""
-        base = dict(vocab_size=400, batch_size=6, see_batch_size=6, see_steps=4, answer_steps=4, text_batch=4, checkpoint_every=2,
+        base = dict(vocab_size=400, batch_size=6, see_batch_size=6, see_steps=4, answer_steps=4, text_batch=4,
+                    checkpoint_every=2,
                     eval_every=1000, eval_per_skill=1, workers=0)
         return cls(**{**base, **kw})
 
@@ -131,7 +131,8 @@ class FreshBatches(torch.utils.data.IterableDataset):
         if self.phase == "answer":
             for _ in range(cfg.text_batch):
                 s = gen.sample("arithmetic")
-                items.append({"sample": s, "images": [], "token_maps": [], **encode_example(self.processor, [], *_qa(s))})
+                items.append({"sample": s, "images": [], "token_maps": [],
+                              **encode_example(self.processor, [], *_qa(s))})
         return items
 
     def __iter__(self):
@@ -162,19 +163,7 @@ class Pretrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.log = CsvLog(os.path.join(work_dir, "log.csv"), ["phase", "step", "loss", "lr", "metric", "value"])
-        cfg_path = os.path.join(work_dir, "config.json")
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                saved = json.load(f)
-            mine = dataclasses.asdict(config)
-            if saved != mine:
-                diff = {k: (saved.get(k), mine.get(k)) for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)}
-                raise ValueError(f"{work_dir} holds a run with a different config ({cfg_path}); differs in "
-                                 f"{ {k: f'{a!r} there, {b!r} now' for k, (a, b) in sorted(diff.items())} }; "
-                                 "use a new work folder or the same settings")
-        else:
-            with open(cfg_path, "w") as f:
-                json.dump(dataclasses.asdict(config), f, indent=2)
+        refuse_changed_config(os.path.join(work_dir, "config.json"), dataclasses.asdict(config), "pretraining run")
 
     # -- pieces --------------------------------------------------------------------------------
     def fresh_model(self):
@@ -216,6 +205,9 @@ class Pretrainer:
         if extra:
             head.load_state_dict({k[len("head."):]: v for k, v in extra.items()})
         phase, done = state.get("phase", "see"), state.get("phase_step", 0)
+        # steps logged after the checkpoint are redone: drop them so that no step is logged twice
+        order = {"see": 0, "answer": 1}
+        self.log.rewind(lambda row: (order.get(row["phase"], 1), int(row["step"])) <= (order[phase], done))
         if phase == "see":
             self.see(model, processor, head, start=done, ckpt=ckpt)
             done, ckpt = 0, None
@@ -277,7 +269,8 @@ class Pretrainer:
                 it["feats"] = [next(per_item) for _ in it["images"]]
             lm_loss = model(**collate(with_images, pad)).loss
             if text_only:  # short sequences: their own forward, so they are not padded to image length
-                lm_loss = (lm_loss * len(with_images) + model(**collate(text_only, pad)).loss * len(text_only)) / len(items)
+                text_loss = model(**collate(text_only, pad)).loss
+                lm_loss = (lm_loss * len(with_images) + text_loss * len(text_only)) / len(items)
             dense = self._dense_loss(head, feats, with_images)
             loss = lm_loss + cfg.dense_coef * dense
             lr = lr_at(step, cfg.answer_steps, cfg.answer_lr)

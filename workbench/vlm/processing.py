@@ -23,7 +23,8 @@ from transformers import AutoProcessor, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLIm
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-                  # Qwen2-VL's grounding tokens: <|object_ref_start|>the duck<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
+                  # Qwen2-VL's grounding tokens:
+                  # <|object_ref_start|>the duck<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
                   "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"]
 #: special tokens that carry meaning in an answer (kept when decoding)
 GROUNDING_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>")

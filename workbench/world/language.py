@@ -142,6 +142,10 @@ def equation_words(eq: Equation) -> str:
 def episode_reasoning(ground_truth: dict, rng: np.random.Generator) -> str:
     """What the model should say before acting, from an episode's ground truth (``info``)."""
     if ground_truth["task"] == "math_matching":
+        if ground_truth.get("equation") is None:  # a caller's whiteboard: only its answer is known
+            ans, pos = ground_truth["answer"], ground_truth["answer_card_slot"]
+            return (f"The whiteboard's answer is {ans}, so I need the card {ans}. The card {ans} is at the {pos}. "
+                    "I will place it on the green pad.")
         eq = Equation.parse(ground_truth["equation"])
         template = _MATH_REASONING[rng.integers(len(_MATH_REASONING))]
         return template.format(eq=equation_words(eq), ans=eq.answer, pos=ground_truth["answer_card_slot"])
