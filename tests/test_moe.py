@@ -210,3 +210,24 @@ def test_save_and_rebuild(pretrained, inputs, tmp_path):
     load_model(upcycle(rebuilt, moe_config_of(rebuilt)), tmp_path / "moe.safetensors")  # strict: names match
     with torch.no_grad():
         assert torch.equal(rebuilt(**inputs).logits, moe(**inputs).logits)
+
+
+def test_2b_preset_upcycles_on_the_meta_device():
+    """Qwen2-VL-2B's sizes, built without memory (meta tensors), upcycled to 8 experts / top-2: parameter counts and
+    the memory a bf16 AdamW step would need (what workbench/configs/accelerate_8gpu_zero2.yaml plans for)."""
+    from workbench.vla.moe import MoEConfig, count_moe_parameters, upcycle
+    from workbench.vlm.modeling import build_config, training_memory_gib
+    from workbench.vlm.processing import build_processor, tokenizer_texts
+
+    proc = build_processor(tokenizer_texts(50), vocab_size=400)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(build_config(proc.tokenizer, "2b", vocab_size=151_936))
+    dense = sum(p.numel() for p in model.parameters())
+    assert 2.0e9 < dense < 2.5e9 and next(model.parameters()).is_meta  # Qwen2-VL-2B: 2.2 B
+    upcycle(model, MoEConfig(num_experts=8, top_k=2))
+    n = count_moe_parameters(model)
+    mlp = 3 * 1536 * 8960  # gate, up, down of one decoder MLP
+    assert n["total"] == dense + 28 * (7 * mlp + 8 * 1536)  # 7 more experts and a router per layer
+    assert n["active"] == n["total"] - 28 * 6 * mlp  # 6 idle experts per token and layer
+    mem = training_memory_gib(n["total"])
+    assert 100 < mem["total"] < 160  # ~9.3 B parameters x 16 bytes: a ZeRO-2 job across 8 GPUs, not one

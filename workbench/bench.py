@@ -3,6 +3,7 @@
     python -m workbench.bench sim [--steps 200] [--episodes 6]
     python -m workbench.bench policy [--policy data_samples/policy] [--repeats 30]
     python -m workbench.bench training [--logs data_samples/policy/training | data_samples/vlm/log.csv]
+    python -m workbench.bench moe [--repeats 5]
 
 ``sim``: control steps per second (10 Hz control, 24 physics substeps each) with no cameras, with
 the model's two cameras, and with the overview camera as well; and dataset generation throughput
@@ -11,6 +12,10 @@ the model's two cameras, and with the overview camera as well; and dataset gener
 ``policy``: ChatVLA-2 latency, p50 / p90 over repeated calls on real observations: reasoning generation
 (greedy, KV cache; target <= 250 ms), one action chunk from an observation and already generated reasoning
 (VLM forward + 10 DDIM steps; target <= 50 ms), and the share of the chunk spent in the action expert.
+
+``moe``: the project's MoE layer (8 experts, top-2) against ``transformers``' ``MixtralSparseMoeBlock`` on the same
+shapes and against two dense MLPs, for the tiny width and a mid size (hidden 512), 256-4096 tokens, forward and
+forward + backward (goal: no slower than the library's block, at most 1.3x two dense MLPs at the mid size).
 
 ``training``: the wall time of each training stage (or VLM pretraining phase), read from the per-step
 timestamps of the ``log.csv`` files (the shipped policy's are in ``data_samples/policy/training/``, the VLM's is
@@ -157,6 +162,60 @@ def bench_training(logs: str = "data_samples/policy/training", max_gap: float = 
     return rows
 
 
+def bench_moe(sizes=((128, 512), (512, 2048)), tokens=(256, 1024, 4096), repeats: int = 5) -> list[tuple[str, str]]:
+    """The project's MoE layer (8 experts, top-2) against ``transformers``' ``MixtralSparseMoeBlock`` (same shapes,
+    same top-2 routing) and against two dense MLPs (the compute every token needs with top-2), forward and
+    forward + backward, median of ``repeats`` timings after a warm-up; milliseconds and ratios."""
+    import torch
+    from transformers import MixtralConfig, Qwen2Config
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    from .vla.moe import MoEConfig, MoEMLP
+
+    def timed(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return 1000 * float(np.median(samples))
+
+    rows = []
+    torch.manual_seed(0)
+    for hidden, inter in sizes:
+        dense = Qwen2MLP(Qwen2Config(hidden_size=hidden, intermediate_size=inter))
+        ours = MoEMLP(dense, MoEConfig(num_experts=8, top_k=2, router_init_std=0.02))
+        mix = MixtralSparseMoeBlock(MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=8,
+                                                  num_experts_per_tok=2))
+        with torch.no_grad():
+            for p in mix.parameters():
+                p.normal_(0, 0.02)
+        two = torch.nn.ModuleList(Qwen2MLP(Qwen2Config(hidden_size=hidden, intermediate_size=inter)) for _ in range(2))
+        for n in tokens:
+            x = torch.randn(1, n, hidden)
+            for kind, backward in (("fwd", False), ("fwd+bwd", True)):
+                t_ours, t_mix, t_two = (timed(_moe_call(m, x, backward)) for m in (ours, mix, two))
+                rows.append((f"hidden {hidden}, {n} tokens, {kind}: ours / Mixtral / 2 dense (ms)",
+                             f"{t_ours:.1f} / {t_mix:.1f} / {t_two:.1f}"))
+                rows.append(("  ours vs Mixtral, vs 2 dense", f"{t_ours / t_mix:.2f}x, {t_ours / t_two:.2f}x"))
+    return rows
+
+
+def _moe_call(module, x, backward: bool):
+    """A timing closure: ``module(x)`` (a ModuleList: the sum of its modules' outputs), with a backward pass."""
+    import torch
+
+    def run():
+        xr = x.clone().requires_grad_(backward)
+        y = sum(m(xr) for m in module) if isinstance(module, torch.nn.ModuleList) else module(xr)
+        if backward:
+            y.sum().backward()
+
+    return run
+
+
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\n{title}  ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -169,7 +228,7 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["sim", "policy", "training"])
+    ap.add_argument("what", choices=["sim", "policy", "training", "moe"])
     ap.add_argument("--policy", default="data_samples/policy", help="policy folder (policy benchmark)")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per policy measurement")
     ap.add_argument("--steps", type=int, default=200, help="control steps per speed measurement")
@@ -181,6 +240,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.what == "sim":
         print_table("Simulation benchmark", bench_sim(args.steps, args.episodes))
+    elif args.what == "moe":
+        import torch
+
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        repeats = args.repeats if args.repeats != 30 else 5
+        print_table("MoE layer: 8 experts, top-2 (median ms)", bench_moe(repeats=repeats))
     elif args.what == "training":
         print_table(f"Training wall time ({args.logs})", bench_training(args.logs, args.max_gap))
     else:

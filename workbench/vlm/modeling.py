@@ -39,8 +39,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_config(tokenizer, preset: str = "tiny") -> Qwen2VLConfig:
-    """A ``Qwen2VLConfig`` for ``preset`` whose special-token ids match ``tokenizer``."""
+def build_config(tokenizer, preset: str = "tiny", vocab_size: int | None = None) -> Qwen2VLConfig:
+    """A ``Qwen2VLConfig`` for ``preset`` whose special-token ids match ``tokenizer`` (``vocab_size`` overrides the
+    tokenizer's size, e.g. 151,936 to size the ``2b`` preset as Qwen2-VL-2B)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
     p = PRESETS[preset]
@@ -50,7 +51,7 @@ def build_config(tokenizer, preset: str = "tiny") -> Qwen2VLConfig:
     if missing:
         raise ValueError(f"tokenizer lacks Qwen2-VL special tokens {missing}")
     return Qwen2VLConfig(
-        text_config={**p["text"], "vocab_size": len(tokenizer), "bos_token_id": None,
+        text_config={**p["text"], "vocab_size": vocab_size or len(tokenizer), "bos_token_id": None,
                      "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|pad|>"]},
         vision_config={**p["vision"], "hidden_size": p["text"]["hidden_size"],  # merger output = LM width
                        "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE,
@@ -77,3 +78,13 @@ def build_model(tokenizer, preset: str = "tiny", seed: int = 0, verbose: bool = 
         print(f"Qwen2-VL '{preset}': {n['total'] / 1e6:.2f} M parameters "
               f"(vision {n['vision'] / 1e6:.2f} M, language {n['language'] / 1e6:.2f} M)")
     return model
+
+
+def training_memory_gib(parameters: int, trainable: int | None = None) -> dict[str, float]:
+    """GiB for one bf16 mixed-precision AdamW step, without activations: bf16 weights (2 bytes per parameter),
+    bf16 gradients and fp32 master weights + two Adam moments (2 + 12 bytes per *trainable* parameter). ZeRO-2
+    over N GPUs divides the gradient and optimizer part by N."""
+    trainable = parameters if trainable is None else trainable
+    gib = 1024**3
+    return {"weights": 2 * parameters / gib, "gradients": 2 * trainable / gib, "optimizer": 12 * trainable / gib,
+            "total": (2 * parameters + 14 * trainable) / gib}
