@@ -93,7 +93,7 @@ def _package(src: str, out: str) -> None:
     policy = load_policy(src)
     with open(os.path.join(src, "policy_config.json")) as f:
         extra = {k: v for k, v in json.load(f).items()
-                 if k not in ("policy", "vlm_config", "action_expert", "weights_dtype")}
+                 if k not in ("policy", "vlm_config", "action_expert", "weights_dtype", "weights_sha256")}
     save_policy(policy, out, extra={**extra, "packaged_from": src}, half=True)
     if os.path.isdir(os.path.join(src, "training")):
         shutil.copytree(os.path.join(src, "training"), os.path.join(out, "training"))

@@ -501,8 +501,8 @@ def save_policy(policy: ChatVLA2Policy, path: str, extra: dict | None = None, ha
         save_model(copy.deepcopy(policy).half() if half else policy, os.path.join(tmp, "model.safetensors"))
         meta = {"policy": policy.config.to_dict(), "vlm_config": policy.vlm.config.to_dict(),
                 "action_expert": policy.action_expert.config.to_dict(),
-                "weights_dtype": "float16" if half else "float32",
-                "weights_sha256": file_sha256(os.path.join(tmp, "model.safetensors")), **(extra or {})}
+                "weights_dtype": "float16" if half else "float32", **(extra or {}),
+                "weights_sha256": file_sha256(os.path.join(tmp, "model.safetensors"))}  # last: never overridden
         with open(os.path.join(tmp, "policy_config.json"), "w") as f:
             json.dump(meta, f, indent=1)
         policy.processor.save_pretrained(tmp)

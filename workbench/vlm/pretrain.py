@@ -2,10 +2,11 @@
 then teach the whole model to talk about what it sees) -- on samples that are *never repeated*.
 
 1. **tokenizer** — a byte-level BPE trained on generated corpus text and the robot world's templates.
-2. **see** — the vision tower and its merger learn, with a linear probe head, to say for every merged
-   image token what lies under it (a whiteboard character, a card digit, a toy, or background). Dense
-   labels give each image 72-176 targets instead of one: a from-scratch ViT learns to read far faster
-   this way than from the answer text alone.
+2. **see** — the vision tower and its merger learn, with a probe tied to the language model's token embeddings
+   (:class:`ReadingHead`), to say for every merged image token what lies under it (a whiteboard character, a
+   card digit, a toy, or background) -- in the language model's own terms: the token under a written ``7`` is
+   pushed towards the embedding of the text token ``7``. Dense labels give each image 72-176 targets instead of
+   one: a from-scratch ViT learns to read far faster this way than from the answer text alone.
 3. **answer** — the whole model trains on questions of every kind (:data:`ANSWER_WEIGHTS`), the vision
    side at a lower learning rate and still under the dense loss (``dense_coef``), so it keeps seeing
    while the language model learns to read its tokens in context. Every step also gets a batch of
@@ -54,13 +55,13 @@ class PretrainConfig:
     vocab_size: int = 1024
     batch_size: int = 16  # answer phase: image questions per step
     see_batch_size: int = 32  # see phase: images per step
-    see_steps: int = 700
+    see_steps: int = 500
     see_lr: float = 2e-3
-    answer_steps: int = 1500
+    answer_steps: int = 1000
     answer_lr: float = 1.5e-3
     vision_lr_scale: float = 0.3  # answer phase: the vision side's learning rate, relative
     dense_coef: float = 0.3  # answer phase: weight of the see phase's dense loss (keeps the vision side seeing)
-    text_batch: int = 32  # answer phase: text-only arithmetic questions per step
+    text_batch: int = 16  # answer phase: text-only arithmetic questions per step
     same_table: float = 0.5  # chance that a table question reuses the previous table (one render, two questions)
     workers: int = 1  # background processes rendering batches (0: render in the training process)
     checkpoint_every: int = 100
@@ -151,6 +152,37 @@ def _worker_init(_):
     torch.set_num_threads(1)  # the worker renders (numpy / PIL / PyBullet); the cores belong to training
 
 
+# ------------------------------------------------------------------------------------------- the probe
+class ReadingHead(torch.nn.Module):
+    """The dense probe of the *see* phase, tied to the language model's own token embeddings.
+
+    Each merged image token gets a score per :data:`TOKEN_CLASSES` class: the cosine between its feature and the
+    class vector, times a learned scale. The class vector of a whiteboard character that is one token of the
+    tokenizer (digits, operators) *is* that token's input embedding; background and toys have vectors of their own.
+    So the vision side learns to put the token under a written ``7`` where the language model keeps ``7``: the
+    language model can then read the board by copying, instead of learning a second alphabet (the first recipe,
+    with an untied probe, left the language side to learn the mapping from scratch and read almost nothing).
+    """
+
+    def __init__(self, tokenizer, dim: int):
+        super().__init__()
+        ids = []
+        for cls in TOKEN_CLASSES:
+            # as answers write it: digits alone, operators after a space (" +", " ×": one token each)
+            spelled = cls if cls.isdigit() else " " + cls
+            enc = tokenizer.encode(spelled, add_special_tokens=False) if len(cls) == 1 else []
+            ids.append(enc[0] if len(enc) == 1 else -1)
+        self.register_buffer("token_ids", torch.tensor(ids))
+        self.free = torch.nn.Parameter(torch.randn(len(TOKEN_CLASSES), dim) * 0.02)
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, feats: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, D) merged image tokens, (V, D) the LM's input embeddings -> (N, classes) logits."""
+        tied = self.token_ids >= 0
+        vectors = torch.where(tied[:, None], embeddings[self.token_ids.clamp(min=0)], self.free)
+        return self.scale * F.normalize(feats, dim=-1) @ F.normalize(vectors, dim=-1).T
+
+
 # ------------------------------------------------------------------------------------------- training
 class Pretrainer:
     """Runs (or resumes) the phases of :mod:`workbench.vlm.pretrain` in ``work_dir``."""
@@ -201,7 +233,7 @@ class Pretrainer:
             model, processor = load_vlm(os.path.join(ckpt, "vlm"))
             if self.progress:
                 print(f"resuming from {ckpt} ({state['phase']} step {state['phase_step']})")
-        head = torch.nn.Linear(model.config.vision_config.hidden_size, len(TOKEN_CLASSES))
+        head = ReadingHead(processor.tokenizer, model.config.vision_config.hidden_size)
         if extra:
             head.load_state_dict({k[len("head."):]: v for k, v in extra.items()})
         phase, done = state.get("phase", "see"), state.get("phase_step", 0)
@@ -214,12 +246,13 @@ class Pretrainer:
         self.answer(model, processor, head, start=done, ckpt=ckpt)
         return model, processor
 
-    def _dense_loss(self, head, feats, items) -> torch.Tensor:
-        """Cross-entropy of the probe head on every merged image token (background down-weighted)."""
+    def _dense_loss(self, model, head, feats, items) -> torch.Tensor:
+        """Cross-entropy of the reading head on every merged image token (background down-weighted)."""
         labels = torch.from_numpy(np.concatenate([lab.ravel() for it in items for lab in it["token_maps"]]))
         weight = torch.ones(len(TOKEN_CLASSES), device=self.device)
         weight[0] = 0.2  # background is most tokens
-        return F.cross_entropy(head(feats), labels.to(self.device), weight=weight)
+        logits = head(feats, model.get_input_embeddings().weight)
+        return F.cross_entropy(logits, labels.to(self.device), weight=weight)
 
     def see(self, model, processor, head, start=0, ckpt=None):
         cfg = self.cfg
@@ -234,7 +267,7 @@ class Pretrainer:
         for step in bar:
             items = next(batches)
             feats, _ = vision_tokens(visual, processor.image_processor, [im for it in items for im in it["images"]])
-            loss = self._dense_loss(head, feats, items)
+            loss = self._dense_loss(model, head, feats, items)
             lr = lr_at(step, cfg.see_steps, cfg.see_lr)
             optimizer_step(self.accelerator, loss, opt, params, lr)
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -268,10 +301,13 @@ class Pretrainer:
             for it in with_images:
                 it["feats"] = [next(per_item) for _ in it["images"]]
             lm_loss = model(**collate(with_images, pad)).loss
-            if text_only:  # short sequences: their own forward, so they are not padded to image length
+            if text_only:  # short sequences: their own forward, so they are not padded to image length;
+                # the two means are combined per answer token, as one batch would be
+                n_img, n_txt = (sum(int((it["labels"] != -100).sum()) for it in part)
+                                for part in (with_images, text_only))
                 text_loss = model(**collate(text_only, pad)).loss
-                lm_loss = (lm_loss * len(with_images) + text_loss * len(text_only)) / len(items)
-            dense = self._dense_loss(head, feats, with_images)
+                lm_loss = (lm_loss * n_img + text_loss * n_txt) / (n_img + n_txt)
+            dense = self._dense_loss(model, head, feats, with_images)
             loss = lm_loss + cfg.dense_coef * dense
             lr = lr_at(step, cfg.answer_steps, cfg.answer_lr)
             optimizer_step(self.accelerator, loss, opt, params, lr)
