@@ -199,9 +199,10 @@ def episode_options(task: str, custom: str, source: str = SPLIT_BOARD, sketch=No
     if task != "math_matching" or source == SPLIT_BOARD:
         return options, True
     board = sketch_image(sketch) if source == DRAWN_BOARD else photo_image(photo)
+    if isinstance(answer, str):
+        answer = answer.strip()
     if answer not in (None, ""):
-        if isinstance(answer, bool) or not isinstance(answer, (int, float)) or answer != int(answer) \
-                or not 0 <= answer <= 9:
+        if isinstance(answer, bool) or str(answer) not in [str(d) for d in range(10)]:
             raise fail(f"The answer must be a whole number from 0 to 9 (the number cards), got {answer!r}.")
         truth = int(answer)
     elif "equation" in options:
@@ -266,7 +267,7 @@ def truth_table(reasoning: str, info: dict, has_truth: bool) -> str:
                 ("side", facts.direction, info["direction"])]
     lines = ["| fact | the reasoning says | truth | |", "|---|---|---|---|"]
     for name, said, truth in rows:
-        mark = "" if truth is None else ("✅" if said == truth else "❌")
+        mark = "" if truth is None else ("✓ right" if said == truth else "✗ wrong")
         lines.append(f"| {name} | {_v(said)} | {_v(truth) if truth is not None else '(your drawing)'} | {mark} |")
     return "\n".join(lines)
 
@@ -369,7 +370,7 @@ def example_boards(folder: str) -> list[list]:
         look = sample_look(np.random.default_rng(k), "heldout", condition=condition)
         path = os.path.join(folder, f"board_{k}.png")
         draw_board(text, look, seed=k)[0].save(path)
-        rows.append([PHOTO_BOARD, path, answer])
+        rows.append([PHOTO_BOARD, path, str(answer)])
     return rows
 
 
@@ -427,8 +428,8 @@ def build_app(policy_path: str | None = DEFAULT_POLICY, concurrency: int = 2) ->
                 with gr.Tab("Upload a photo"):
                     photo = gr.Image(type="filepath", sources=["upload", "clipboard"], label="A photo of a whiteboard",
                                      elem_id="photo")
-                answer = gr.Number(value=None, precision=0, minimum=0, maximum=9, elem_id="answer",
-                                   label="Answer for scoring (optional; 0-9)")
+                answer = gr.Textbox(value="", max_lines=1, elem_id="answer",
+                                    label="Answer for scoring (optional; a digit 0-9)")
                 controller = gr.Dropdown(controllers, value=controllers[0], label="Controller", elem_id="controller",
                                          info=f"ChatVLA-2 policy unavailable: {unavailable}" if unavailable else None)
                 run_button = gr.Button("Run", variant="primary", elem_id="run")
@@ -501,9 +502,10 @@ def draw_sketch(page, text: str = "3+4=?") -> None:
     """Write ``text`` on the sketchpad with mouse strokes (press, move in small steps, release)."""
     canvas = page.locator("#sketch canvas").first
     canvas.wait_for(state="visible", timeout=30_000)
-    box = canvas.bounding_box()
-    cell_w, cell_h = box["width"] * 0.8 / len(text), box["height"] * 0.5
-    x0, y0 = box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.25
+    page.locator("#sketch").get_by_role("button", name="Brush").click()  # the sketchpad draws once a tool is chosen
+    box = canvas.bounding_box()  # the 2:1 drawing area sits in the middle of the canvas element
+    cell_w, cell_h = box["width"] * 0.8 / len(text), box["height"] * 0.34
+    x0, y0 = box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.33
     for k, ch in enumerate(text):
         for stroke in SKETCH_STROKES[ch]:
             pts = [(x0 + (k + 0.1 + 0.8 * u) * cell_w, y0 + v * cell_h) for u, v in stroke]
@@ -524,7 +526,7 @@ def drive(page, controller: str = POLICY, answer: int | None = 7, text: str = "3
     draw_sketch(page, text)
     page.locator("#source").get_by_label(DRAWN_BOARD).check()
     if answer is not None:
-        page.locator("#answer input").fill(str(answer))
+        page.locator("#answer textarea, #answer input").first.fill(str(answer))
     page.locator("#controller input").click()
     page.get_by_role("option", name=controller).click()
     page.locator("#run").click()

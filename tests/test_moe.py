@@ -230,4 +230,4 @@ def test_2b_preset_upcycles_on_the_meta_device():
     assert n["total"] == dense + 28 * (7 * mlp + 8 * 1536)  # 7 more experts and a router per layer
     assert n["active"] == n["total"] - 28 * 6 * mlp  # 6 idle experts per token and layer
     mem = training_memory_gib(n["total"])
-    assert 100 < mem["total"] < 160  # ~9.3 B parameters x 16 bytes: a ZeRO-2 job across 8 GPUs, not one
+    assert 140 < mem["total"] < 170  # 10.3 B parameters x 16 bytes: a ZeRO-2 job across 8 GPUs, not one

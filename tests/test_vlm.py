@@ -155,17 +155,18 @@ def test_presets():
 
 
 def test_shipped_checkpoint_scores_above_its_floor(root):
-    """Regression test: the shipped VLM on a fixed held-out batch (48 questions, 6 per skill).
+    """Regression test: the shipped VLM on a fixed held-out batch of knowledge suite v2 (6 per row, no robustness rows).
 
-    Measured when shipped: 26/48 (an untrained model of the same shape: 0/48). The floor leaves a
-    small margin; a change that breaks loading, the processor or the corpus renderer drops far below it.
+    Measured when this floor was set: 14/66 (colour 6, count 5, objects 3; every reading, arithmetic and grounding row
+    0: the shipped checkpoint is the first recipe's, which never saw the held-out font families or grounding; see the
+    README). An untrained model of the same shape scores 0. A change that breaks loading, the processor, the renderer
+    or the scoring drops below the floor.
     """
     from workbench.evaluate import evaluate_knowledge
 
     model, processor = api.load_vlm(os.path.join(root, "data_samples", "vlm"))
-    result = evaluate_knowledge(model, processor, per_skill=6, seed=1234, progress=False)
+    result = evaluate_knowledge(model, processor, per_skill=6, seed=1234, progress=False, robustness=False)
     by_key = {r["key"]: r for r in result["rows"]}
-    overall = sum(by_key[k]["correct"] for k in ("ocr", "solve", "arithmetic", "cards", "objects", "spatial",
-                                                  "colour", "count"))
-    assert overall >= 22, result["examples"][:5]
-    assert by_key["colour"]["correct"] >= 5 and by_key["objects"]["correct"] >= 4
+    overall = sum(r["correct"] for k, r in by_key.items() if len(k.split()) == 1)
+    assert overall >= 11, result["examples"][:5]
+    assert by_key["colour"]["correct"] >= 5 and by_key["count"]["correct"] >= 3
