@@ -279,7 +279,7 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
     assert rows[0].split(",")[4:8] == ["lm", "diffusion", "keypoints", "aux"] and len(rows) == 3
     assert all(float(r.split(",")[5]) > 0 for r in rows[1:])  # diffusion term logged each step
     # the same run asked for 3 steps is refused: a changed config never silently continues an old checkpoint
-    with pytest.raises(ValueError, match="different config.*steps.*2 there, 3 now"):
+    with pytest.raises(ValueError, match="different config.*stage.steps: 2 there, 3 now"):
         StageTrainer(dataclasses.replace(align, steps=3), s1, demos, s2, progress=False).run()
     act = dataclasses.replace(STAGES["action_finetuning"], steps=2, batch_size=8)
     s3 = str(tmp_path / "s3")

@@ -68,6 +68,16 @@ class CsvLog:
         return f"CsvLog({self.path!r}, fields={self.fields})"
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def refuse_changed_config(path: str, config: dict, what: str = "run") -> None:
     """Write ``config`` (JSON-able) to ``path`` on a fresh run; on a resumed one, raise ``ValueError`` naming every
     key whose value differs from the saved one (a changed run must not silently continue an old checkpoint)."""
@@ -78,8 +88,8 @@ def refuse_changed_config(path: str, config: dict, what: str = "run") -> None:
             json.dump(config, f, indent=2)
         return
     with open(path) as f:
-        saved = json.load(f)
-    mine = json.loads(json.dumps(config))  # tuples -> lists, as saved
+        saved = _flatten(json.load(f))
+    mine = _flatten(json.loads(json.dumps(config)))  # tuples -> lists, as saved; nested keys as "stage.steps"
     diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
     if diff:
         said = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
