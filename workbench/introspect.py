@@ -454,12 +454,24 @@ def explore_experts(maps: dict[str, RoutingMaps]):
 
 
 # ------------------------------------------------------------------------------------------------ pictures
+def _titled(picture, title: str):
+    """``picture`` with a white strip above it carrying ``title`` (unchanged when the title is empty)."""
+    from PIL import Image, ImageDraw
+
+    if not title:
+        return picture
+    canvas = Image.new("RGB", (picture.width, picture.height + 22), "white")
+    canvas.paste(picture, (0, 22))
+    ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0))
+    return canvas
+
+
 def overlay(image: np.ndarray, cells: np.ndarray, scale: int = 3, signed: bool = False, alpha: float = 0.55,
             title: str = ""):
     """A PIL picture: the camera image enlarged ``scale`` times with ``cells`` (one value per 16x16 token) as a
     colour overlay (``inferno``, or ``RdBu`` around 0 when ``signed``) and a title strip."""
     from matplotlib import colormaps
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     h, w = image.shape[:2]
     if signed:
@@ -472,12 +484,7 @@ def overlay(image: np.ndarray, cells: np.ndarray, scale: int = 3, signed: bool =
     heat = Image.fromarray((colours * 255).astype(np.uint8)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
     base = Image.fromarray(np.asarray(image)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
     out = Image.blend(base, heat, alpha)
-    if title:
-        canvas = Image.new("RGB", (out.width, out.height + 22), "white")
-        canvas.paste(out, (0, 22))
-        ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0))
-        out = canvas
-    return out
+    return _titled(out, title)
 
 
 def expert_overlay(image: np.ndarray, top1: np.ndarray, num_experts: int, scale: int = 3, title: str = ""):
@@ -494,12 +501,7 @@ def expert_overlay(image: np.ndarray, top1: np.ndarray, num_experts: int, scale:
     for r in range(top1.shape[0]):
         for c in range(top1.shape[1]):
             draw.text((c * TOKEN_PX * scale + 3, r * TOKEN_PX * scale + 2), str(int(top1[r, c])), fill=(255, 255, 255))
-    if title:
-        canvas = Image.new("RGB", (out.width, out.height + 22), "white")
-        canvas.paste(out, (0, 22))
-        ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0))
-        out = canvas
-    return out
+    return _titled(out, title)
 
 
 def write_figures(out: str, vlm: str = "data_samples/vlm", policy: str = "data_samples/policy", seed: int = 0,
