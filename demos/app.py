@@ -4,7 +4,7 @@
     python demos/app.py --policy data_samples/policy --port 7861 --concurrency 2
     python demos/app.py --screenshot demos/screenshot.png  # draw a board, run the policy in Chromium, save the page
 
-Two controllers drive the robot and look the same to the UI (a :class:`Controller`): the ChatVLA-2 policy
+Two controllers drive the robot and look the same to the UI (:mod:`workbench.controllers`): the ChatVLA-2 policy
 (when ``--policy`` names a policy folder; it generates its reasoning from the cameras, streamed token by
 token, and can be told to *follow* a reasoning the visitor edited) and the scripted expert (always
 available; its reasoning is the annotation written from the simulator's ground truth).
@@ -35,8 +35,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image, ImageDraw
 
+from workbench.controllers import ExpertController, PolicyController
 from workbench.viz import compose_frame, save_gif
-from workbench.world import ScriptedExpert, language, make_env
+from workbench.vlm.api import ask_stream
+from workbench.world import language, make_env, steps
 from workbench.world.catalog import ANSWER_PAD, Equation
 from workbench.world.scene import CAMERAS
 from workbench.world.writing import as_rgb_image
@@ -59,69 +61,14 @@ VIEW_SCALE = 2  # the model's cameras are shown this many times larger
 
 
 # ------------------------------------------------------------------------------------------------ controllers
-class Controller:
-    """What the UI drives: ``start(...)`` yields the reasoning as it grows (its last item is final), then
-    ``act(obs) -> (action, step text)``; ``path()`` the latest predicted end-effector path (N, 3) or None."""
-
-    def start(self, env, obs: dict, info: dict, seed: int, reasoning: str | None = None) -> Iterator[str]:
-        raise NotImplementedError
-
-    def act(self, obs: dict) -> tuple[np.ndarray, str]:
-        raise NotImplementedError
-
-    def path(self) -> np.ndarray | None:
-        return None
-
-
-class ExpertController(Controller):
-    """The scripted expert; reasoning and step texts are the dataset's annotations of the ground truth."""
-
-    def start(self, env, obs, info, seed, reasoning=None):
-        self.expert, self.info, self.rng = ScriptedExpert(env), info, np.random.default_rng(seed)
-        yield language.episode_reasoning(info, self.rng)
-
-    def act(self, obs):
-        action, phase = self.expert.act(obs)
-        return action, language.step_reasoning(phase, self.info, self.rng)
-
-
-class PolicyController(Controller):
-    """The ChatVLA-2 policy. Its reasoning is generated (streamed) once per episode, or given (``reasoning``:
-    the robot follows it); a step's text says what the action does."""
-
-    def __init__(self, policy):
-        self.policy = policy
-
-    def start(self, env, obs, info, seed, reasoning=None):
-        from workbench.vlm.api import ask_stream
-
-        self.policy.reset(seed=seed)  # the same seed replays the same episode
-        self.instruction = info["instruction"]
-        if reasoning is None:
-            text = ""
-            for text in ask_stream(lambda st: self.policy.generate_reasoning(obs, self.instruction, streamer=st),
-                                   self.policy.processor.tokenizer):
-                yield text
-            reasoning = text or "."
-        self.policy.set_reasoning(reasoning, self.instruction)
-        yield reasoning
-
-    def act(self, obs):
-        action = self.policy.select_action(obs, self.instruction)
-        return action, describe_action(action)
-
-    def path(self):
-        targets = getattr(self.policy, "last_targets", None)
-        return None if targets is None else np.asarray(targets)[:, :3]
-
-
-def describe_action(action) -> str:
-    """``[0.03, 0.01, -0.02, 1]`` -> ``"moving forward, left and down, gripper closed"`` (ignores axes under 5 mm)."""
-    dx, dy, dz, grip = (float(v) for v in action)
-    words = [pos if v > 0 else neg for v, pos, neg in ((dx, "forward", "back"), (dy, "left", "right"),
-                                                       (dz, "up", "down")) if abs(v) >= 0.005]
-    motion = "moving " + ", ".join(words[:-1]) + " and " * (len(words) > 1) + words[-1] if words else "holding still"
-    return f"{motion}, gripper {'closed' if grip >= 0.5 else 'open'}"
+def reasoning_stream(controller, env, obs, info, seed) -> Iterator[str]:
+    """Start ``controller`` (:mod:`workbench.controllers`) and yield its reasoning as it grows: token by token
+    when a policy generates it; the last item is the final text."""
+    if isinstance(controller, PolicyController) and controller.reasoning is None:
+        yield from ask_stream(lambda st: controller.start(env, obs, info, seed, streamer=st),
+                              controller.policy.processor.tokenizer)
+    else:
+        yield controller.start(env, obs, info, seed)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -287,7 +234,7 @@ def card_on_pad(env) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ episode
-def run_episode(controller: Controller, task_label: str, split: str, seed, custom: str = "",
+def run_episode(controller: ExpertController | PolicyController, task_label: str, split: str, seed, custom: str = "",
                 source: str = SPLIT_BOARD, sketch=None, photo=None, answer=None,
                 reasoning: str | None = None, gif_dir: str | None = None) -> Iterator[Update]:
     """Generator: one episode, yielding an :class:`Update` while the reasoning streams and after every step.
@@ -317,31 +264,28 @@ def run_episode(controller: Controller, task_label: str, split: str, seed, custo
         frames = [compose_frame(env.render(), cams)]
         said = "(thinking…)"
         yield Update(frames[0], model_view(cams), said, "", [], head + "Reasoning…", None)
-        for said in controller.start(env, obs, info, seed, reasoning):
+        if reasoning is not None:
+            controller.reasoning = reasoning  # follow it
+        for said in reasoning_stream(controller, env, obs, info, seed):
             yield Update(frames[0], model_view(cams, said), said, "", [], head + "Reasoning…", None)
         truth = truth_table(said, info, has_truth)
-        rows, success = [], False
-        for step in range(1, env.max_steps + 1):
-            action, text = controller.act(obs)
-            obs, _, terminated, truncated, step_info = env.step(action)
-            success = bool(step_info["is_success"])
-            rows.insert(0, [step, *(round(100 * float(v), 1) for v in action[:3]), round(float(action[3]), 2), text])
-            frames.append(compose_frame(env.render(), {c: obs[c] for c in env.cameras}))
-            done = terminated or truncated
-            if not done:
-                outcome = f"Running… step {step}/{env.max_steps}"
+        rows = []
+        for step in steps(env, controller, obs):
+            n, action = step.t + 1, step.action
+            rows.insert(0, [n, *(round(100 * float(v), 1) for v in action[:3]), round(float(action[3]), 2), step.note])
+            frames.append(compose_frame(env.render(), {c: step.next_obs[c] for c in env.cameras}))
+            if not step.done:
+                outcome = f"Running… step {n}/{env.max_steps}"
             elif has_truth:
-                outcome = f"**Success** in {step} steps" if success else f"**Failure** after {step} steps"
+                outcome = f"**Success** in {n} steps" if step.success else f"**Failure** after {n} steps"
             else:
                 card = card_on_pad(env)
-                outcome = (f"**No ground truth**: after {step} steps the robot brought the card {card} to the pad"
-                           if card is not None else f"**No ground truth**: no card on the pad after {step} steps")
+                outcome = (f"**No ground truth**: after {n} steps the robot brought the card {card} to the pad"
+                           if card is not None else f"**No ground truth**: no card on the pad after {n} steps")
             gif = None
-            if done:
+            if step.done:
                 gif = save_gif(frames, os.path.join(gif_dir or tempfile.mkdtemp(prefix="demo_"), "episode.gif"))
             yield Update(frames[-1], model_view(cams, said, controller.path()), said, truth, rows, head + outcome, gif)
-            if done:
-                break
     finally:
         env.close()
 
@@ -380,7 +324,7 @@ def build_app(policy_path: str | None = DEFAULT_POLICY, concurrency: int = 2) ->
     controllers = [EXPERT] if unavailable else [POLICY, EXPERT]
     loaded = {}  # the policy, loaded on first use; each run acts with its own copy
 
-    def make_controller(name: str) -> Controller:
+    def make_controller(name: str) -> ExpertController | PolicyController:
         if name == EXPERT:
             return ExpertController()
         if name != POLICY or unavailable:

@@ -60,30 +60,44 @@ def test_config_validation(bad):
         P.PretrainConfig(**bad)
 
 
-def test_fast_run_resumes_after_a_kill(tmp_path, monkeypatch):
-    cfg = P.PretrainConfig.fast(see_steps=4, answer_steps=4, checkpoint_every=2, batch_size=4)
+def test_fast_run_resumes_after_a_kill_and_read_trains_the_language_side_only(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    cfg = P.PretrainConfig.fast(see_steps=4, read_steps=2, answer_steps=4, checkpoint_every=2, batch_size=4)
     work = str(tmp_path / "run")
+    original_talk = P.Pretrainer.talk
 
-    def killed(self, *a, **k):
-        raise KeyboardInterrupt
+    def killed_in_answer(self, phase, *a, **k):
+        if phase == "answer":
+            raise KeyboardInterrupt
+        return original_talk(self, phase, *a, **k)
 
-    monkeypatch.setattr(P.Pretrainer, "answer", killed)
+    monkeypatch.setattr(P.Pretrainer, "talk", killed_in_answer)
     with pytest.raises(KeyboardInterrupt):
         P.Pretrainer(cfg, work, progress=False).run()
-    assert ck.latest_checkpoint(work).endswith("step-000004")  # the see phase is saved
+    assert ck.latest_checkpoint(work).endswith("step-000006")  # see (4) and read (2) are saved
+    # *read* froze the vision side (tower, merger) and trained the language model
+    after_see, after_read = (load_file(os.path.join(work, "checkpoints", f"step-00000{n}", "vlm", "model.safetensors"))
+                             for n in (4, 6))
+    vision = [k for k in after_see if k.startswith("visual.")]  # Qwen2-VL's checkpoint names
+    language = [k for k in after_see if k.startswith("model.layers.")]
+    assert vision and language
+    assert all(torch.equal(after_see[k], after_read[k]) for k in vision)
+    assert not all(torch.equal(after_see[k], after_read[k]) for k in language)
     monkeypatch.undo()
-    seen = []
+    started = []
     original_see = P.Pretrainer.see
-    monkeypatch.setattr(P.Pretrainer, "see", lambda self, *a, **k: seen.append(k.get("start")) or
-                        original_see(self, *a, **k))
+    monkeypatch.setattr(P.Pretrainer, "see", lambda self, *a, **k: started.append("see") or original_see(self, *a, **k))
+    monkeypatch.setattr(P.Pretrainer, "talk", lambda self, phase, *a, **k: started.append((phase, k.get("start")))
+                        or original_talk(self, phase, *a, **k))
     model, processor = P.Pretrainer(cfg, work, progress=False).run()
-    assert seen == [4]  # resumed at the end of "see": nothing was redone
-    assert ck.latest_checkpoint(work).endswith("step-000008")
+    assert started == [("read", 2), ("answer", 0)]  # resumed at the end of "read": nothing was redone
+    assert ck.latest_checkpoint(work).endswith("step-000010")
     rows = open(os.path.join(work, "log.csv")).read().splitlines()
-    assert sum(",answer," in r for r in rows) == 4 and sum(",see," in r for r in rows) == 4
+    assert [sum(f",{p}," in r for r in rows) for p in P.PHASES] == [4, 2, 4]
     with pytest.raises(ValueError, match="different config.*batch_size"):
-        P.Pretrainer(P.PretrainConfig.fast(see_steps=4, answer_steps=4, checkpoint_every=2, batch_size=5), work,
-                     progress=False)
+        P.Pretrainer(P.PretrainConfig.fast(see_steps=4, read_steps=2, answer_steps=4, checkpoint_every=2,
+                                           batch_size=5), work, progress=False)
 
 
 def test_batches_are_fresh_and_replay_by_index():

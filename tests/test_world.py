@@ -16,7 +16,8 @@ from workbench.world.catalog import (
     get_split,
 )
 from workbench.world.env import TabletopEnv, anchor_points
-from workbench.world.expert import ScriptedExpert, rollout
+from workbench.world.expert import ScriptedExpert
+from workbench.world.rollout import rollout
 from workbench.world.scene import CAMERAS
 from workbench.world.writing import render_text
 

@@ -12,7 +12,7 @@ __all__ = ["FULL_RUN", "DemonstrationDataset", "TabletopEnv", "dataset", "genera
            "make_env", "rollout", "set_seed", "viz", "world"]
 __version__ = "0.1.0"
 
-_LAZY = ("vlm", "vla", "evaluate", "train", "checkpoint", "bench", "run", "dataset", "introspect")
+_LAZY = ("vlm", "vla", "evaluate", "train", "checkpoint", "bench", "run", "dataset", "introspect", "controllers")
 _FROM_DATASET = ("DemonstrationDataset", "generate_dataset", "load_meta")
 
 

@@ -38,6 +38,7 @@ import numpy as np
 def _steps_per_second(cameras: tuple[str, ...], steps: int, overview: bool = False) -> float:
     from .world.env import TabletopEnv
     from .world.expert import ScriptedExpert
+    from .world.rollout import steps as control_steps
 
     env = TabletopEnv("math_matching", "in_domain", cameras=cameras,
                       render_mode="rgb_array" if overview else None)
@@ -47,13 +48,11 @@ def _steps_per_second(cameras: tuple[str, ...], steps: int, overview: bool = Fal
         expert = ScriptedExpert(env)
         seed += 1
         t0 = time.perf_counter()
-        while done < steps:
-            action, _ = expert.act(obs)
-            obs, _, term, trunc, _ = env.step(action)
+        for _ in control_steps(env, expert.act, obs):
             if overview:
                 env.render()
             done += 1
-            if term or trunc:
+            if done >= steps:
                 break
         elapsed += time.perf_counter() - t0
     env.close()

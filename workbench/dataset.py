@@ -34,7 +34,7 @@ from .checkpoint import atomic_folder
 from .world import language
 from .world.catalog import SPLIT_NAMES, TASKS
 from .world.env import ACTION_DIM, MAX_STEP, STATE_DIM, TabletopEnv, commanded_targets
-from .world.expert import Episode, rollout
+from .world.rollout import Episode, rollout
 from .world.scene import CAMERAS, CONTROL_HZ
 
 #: default action chunk length: 16 steps = 1.6 s at 10 Hz

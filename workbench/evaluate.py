@@ -243,28 +243,21 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
     reasoning (as annotated in the datasets) instead of generating it, which measures the action side alone."""
     import numpy as np
 
+    from .controllers import PolicyController
     from .viz import episode_frames, save_gif
     from .world.env import TabletopEnv
-    from .world.expert import rollout
     from .world.language import ReasoningFacts, episode_reasoning
+    from .world.rollout import rollout
 
+    def truth(info, env_seed):  # the reasoning annotated in the datasets
+        return episode_reasoning(info, np.random.default_rng(env_seed))
+
+    controller = PolicyController(policy, reasoning=truth if oracle_reasoning else None)
     env = TabletopEnv(task, split)
     records = []
     for i in tqdm(range(episodes), desc=f"{task}/{split}", disable=not progress):
         env_seed = seed + i
-        policy.reset(seed=env_seed)
-
-        episode: dict = {}  # instruction (and oracle reasoning), read once after rollout's reset
-
-        def act(obs, env_seed=env_seed, episode=episode):
-            if not episode:
-                gt = env.ground_truth()
-                episode["instruction"] = gt["instruction"]
-                episode["reasoning"] = episode_reasoning(gt, np.random.default_rng(env_seed)) \
-                    if oracle_reasoning else None
-            return policy.select_action(obs, episode["instruction"], reasoning=episode["reasoning"]), "policy"
-
-        ep = rollout(env, act, seed=env_seed, record_overview=i < videos)
+        ep = rollout(env, controller, seed=env_seed, record_overview=i < videos)
         instruction = ep.ground_truth["instruction"]
         facts = policy.facts or ReasoningFacts()
         records.append({"seed": env_seed, "success": ep.success, "steps": len(ep), "error": ep.error,

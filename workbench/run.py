@@ -19,7 +19,7 @@ from .evaluate import evaluate_policy_everywhere, wilson_interval
 from .viz import episode_frames, save_gif
 from .world.catalog import SPLIT_NAMES, TASKS
 from .world.env import TabletopEnv
-from .world.expert import rollout
+from .world.rollout import rollout
 
 
 def evaluate_expert(task: str, split: str, episodes: int, seed: int = 1000, progress: bool = True) -> dict:

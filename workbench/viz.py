@@ -7,7 +7,7 @@ import functools
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .world.expert import Episode
+from .world.rollout import Episode
 
 
 @functools.cache
@@ -148,7 +148,9 @@ def training_figure(log_csv: str):
     log = pd.read_csv(log_csv)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "held-out accuracy during training"))
     offset = 0
-    for phase in ("see", "answer"):
+    from .vlm.pretrain import PHASES
+
+    for phase in PHASES:
         part = log[log.phase == phase]
         if len(part):
             fig.add_trace(go.Scatter(x=part.step + offset, y=part.loss.rolling(10, min_periods=1).mean(),
@@ -161,7 +163,7 @@ def training_figure(log_csv: str):
         fig.add_trace(go.Scatter(x=(part.time - t0) / 60, y=part.value, mode="lines+markers", name=metric,
                                  visible=True if len(metric.split()) == 1 else "legendonly"), 1, 2)
     fig.update_layout(height=400, margin={"t": 40, "b": 30})
-    fig.update_xaxes(title_text="step (see, then answer)", row=1, col=1)
+    fig.update_xaxes(title_text="step (" + ", then ".join(PHASES) + ")", row=1, col=1)
     fig.update_xaxes(title_text="wall-clock minutes since the start", row=1, col=2)
     return fig
 
@@ -283,7 +285,8 @@ def rollout_player(policy=None, tasks=("math_matching", "toy_placement"), splits
     import ipywidgets as widgets
     from IPython.display import display
 
-    from .world import ScriptedExpert, make_env
+    from .controllers import ExpertController, PolicyController
+    from .world import make_env, steps
 
     cache: dict[tuple, tuple[list, list]] = {}
 
@@ -292,22 +295,17 @@ def rollout_player(policy=None, tasks=("math_matching", "toy_placement"), splits
         if key not in cache:
             env = make_env(task, split, render_mode="rgb_array", max_steps=max_steps)
             obs, info = env.reset(seed=seed)
-            expert = ScriptedExpert(env) if policy is None else None
-            if policy is not None:
-                policy.reset(seed=seed)
+            controller = ExpertController(phase_notes=True) if policy is None else PolicyController(policy)
+            reasoning = controller.start(env, obs, info, seed)
             frames, captions = [], []
-            for t in range(max_steps):
-                if expert is not None:
-                    action, what = expert.act(obs)
-                else:
-                    action = policy.select_action(obs, info["instruction"])
-                    what = f"chunk {t // policy.config.n_action_steps}: {policy.reasoning}"
-                frames.append(compose_frame(env.render(), {c: obs[c] for c in env.cameras}))
-                captions.append(f"step {t}, {what}")
-                obs, _, term, trunc, step_info = env.step(action)
-                if term or trunc:
-                    captions[-1] += f"  -> {'success' if step_info['is_success'] else 'failure'}"
-                    break
+            for step in steps(env, controller, obs):
+                what = step.note if policy is None else \
+                    f"chunk {step.t // policy.config.n_action_steps}: {reasoning}"
+                # the scene after the step, with the cameras' view of it
+                frames.append(compose_frame(env.render(), {c: step.next_obs[c] for c in env.cameras}))
+                captions.append(f"step {step.t}, {what}")
+                if step.done:
+                    captions[-1] += f"  -> {'success' if step.success else 'failure'}"
             env.close()
             cache[key] = (frames, captions)
         display(episode_player(*cache[key]))

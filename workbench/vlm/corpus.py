@@ -355,7 +355,7 @@ class CorpusGenerator:
                           table={"cards": cards, "toys": {}, "arm": None, "aug": self.split == "train"}, facts=facts)
         if kind == "arithmetic":
             eq = ARITHMETIC_FACTS[rng.integers(len(ARITHMETIC_FACTS))]
-            value = {"+": eq.a + eq.b, "-": eq.a - eq.b, "×": eq.a * eq.b, "÷": eq.a // max(eq.b, 1)}[eq.op]
+            value = eq.value
             return Sample(kind, self._q(kind, eq=equation_words(eq)), str(value), (),
                           facts={"equation": f"{eq.a}{eq.op}{eq.b}", "answer": value})
         if kind in CARD_KINDS:

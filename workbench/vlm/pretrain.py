@@ -7,7 +7,12 @@ then teach the whole model to talk about what it sees) -- on samples that are *n
    card digit, a toy, or background) -- in the language model's own terms: the token under a written ``7`` is
    pushed towards the embedding of the text token ``7``. Dense labels give each image 72-176 targets instead of
    one: a from-scratch ViT learns to read far faster this way than from the answer text alone.
-3. **answer** — the whole model trains on questions of every kind (:data:`ANSWER_WEIGHTS`), the vision
+3. **read** — the vision side is frozen (its features are computed without gradients: cheap) and the language
+   model alone learns to read the board tokens in order, on whiteboard questions only (:data:`READ_WEIGHTS`)
+   and many of them per step. Copying characters out of the image in reading order is the hard thing for the
+   language side to learn, and mixed into every other kind of question it got too few examples to learn it:
+   two runs of *answer* alone (500 and 1,000 steps, four board questions a step) read nothing.
+4. **answer** — the whole model trains on questions of every kind (:data:`ANSWER_WEIGHTS`), the vision
    side at a lower learning rate and still under the dense loss (``dense_coef``), so it keeps seeing
    while the language model learns to read its tokens in context. Every step also gets a batch of
    text-only arithmetic facts (cheap: no image), so the fact table is seen many times.
@@ -44,7 +49,10 @@ ANSWER_WEIGHTS = {"ocr": 3, "solve": 3, "answer_card": 2, "cards": 2, "card_wher
                   "objects": 2, "colour": 1, "count": 1, "spatial": 2, "ground_toy": 2, "affordance": 2}
 #: what a *see* batch shows: mostly whiteboards (the hard part), some tables
 SEE_WEIGHTS = {"ocr": 4, "cards": 1, "objects": 1}
-PHASES = ("see", "answer")
+#: what a *read* batch asks: whiteboard questions only
+READ_WEIGHTS = {"ocr": 1, "solve": 1}
+PHASES = ("see", "read", "answer")
+_WEIGHTS = {"see": SEE_WEIGHTS, "read": READ_WEIGHTS, "answer": ANSWER_WEIGHTS}
 
 
 @dataclass
@@ -55,9 +63,12 @@ class PretrainConfig:
     vocab_size: int = 1024
     batch_size: int = 16  # answer phase: image questions per step
     see_batch_size: int = 32  # see phase: images per step
-    see_steps: int = 500
+    see_steps: int = 700
     see_lr: float = 2e-3
-    answer_steps: int = 1000
+    read_batch_size: int = 48  # read phase: board questions per step
+    read_steps: int = 1200
+    read_lr: float = 1.5e-3
+    answer_steps: int = 700
     answer_lr: float = 1.5e-3
     vision_lr_scale: float = 0.3  # answer phase: the vision side's learning rate, relative
     dense_coef: float = 0.3  # answer phase: weight of the see phase's dense loss (keeps the vision side seeing)
@@ -70,13 +81,14 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("vocab_size", "batch_size", "see_batch_size", "checkpoint_every", "eval_every", "eval_per_skill"):
+        for name in ("vocab_size", "batch_size", "see_batch_size", "read_batch_size", "checkpoint_every",
+                     "eval_every", "eval_per_skill"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("see_steps", "answer_steps", "text_batch", "workers"):
+        for name in ("see_steps", "read_steps", "answer_steps", "text_batch", "workers"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
-        for name in ("see_lr", "answer_lr"):
+        for name in ("see_lr", "read_lr", "answer_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         for name in ("vision_lr_scale", "dense_coef", "same_table"):
@@ -86,7 +98,8 @@ class PretrainConfig:
     @classmethod
     def fast(cls, **kw) -> PretrainConfig:
         """A tiny run for tests and notebooks (seconds, not minutes)."""
-        base = dict(vocab_size=400, batch_size=6, see_batch_size=6, see_steps=4, answer_steps=4, text_batch=4,
+        base = dict(vocab_size=400, batch_size=6, see_batch_size=6, read_batch_size=4, see_steps=4, read_steps=2,
+                    answer_steps=4, text_batch=4,
                     checkpoint_every=2,
                     eval_every=1000, eval_per_skill=1, workers=0)
         return cls(**{**base, **kw})
@@ -99,8 +112,8 @@ def _qa(sample: Sample) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------- data
 class FreshBatches(torch.utils.data.IterableDataset):
     """Batches ``start, start + 1, ...`` of a phase, each drawn and rendered fresh: a list of
-    ``{"sample", "images", "token_maps"}``; in the *answer* phase each item also carries its tokenized form
-    (``encoded``) and the batch ends with ``text_batch`` text-only arithmetic items (no images).
+    ``{"sample", "images", "token_maps"}``; in the *read* and *answer* phases each item also carries its tokenized
+    form and the batch ends with ``text_batch`` text-only arithmetic items (no images).
 
     Batch ``i`` depends only on ``(seed, phase, i)``: a resumed run sees the batches it would have seen."""
 
@@ -108,7 +121,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {list(PHASES)}")
         self.phase, self.cfg, self.processor, self.start = phase, cfg, processor, start
-        self.stop = stop if stop is not None else (cfg.see_steps if phase == "see" else cfg.answer_steps)
+        self.stop = stop if stop is not None else getattr(cfg, f"{phase}_steps")
         self._renderer = None
 
     def batch(self, i: int) -> list[dict]:
@@ -117,19 +130,20 @@ class FreshBatches(torch.utils.data.IterableDataset):
             self._renderer = CorpusRenderer()
         rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), i])
         gen = CorpusGenerator("train", seed=int(rng.integers(2**31)))
-        weights = SEE_WEIGHTS if self.phase == "see" else ANSWER_WEIGHTS
+        weights = _WEIGHTS[self.phase]
         kinds = list(weights)
         p = np.array([weights[k] for k in kinds], float)
         items = []
-        n = cfg.see_batch_size if self.phase == "see" else cfg.batch_size
+        n = {"see": cfg.see_batch_size, "read": cfg.read_batch_size, "answer": cfg.batch_size}[self.phase]
+        talk = self.phase != "see"
         for k in rng.choice(kinds, n, p=p / p.sum()):
             s = gen.sample(str(k), same_table=bool(rng.random() < cfg.same_table))
             images, labels = self._renderer(s, labels=True)
             item = {"sample": s, "images": images, "token_maps": labels}
-            if self.phase == "answer":
+            if talk:
                 item.update(encode_example(self.processor, images, *_qa(s)))
             items.append(item)
-        if self.phase == "answer":
+        if talk:
             for _ in range(cfg.text_batch):
                 s = gen.sample("arithmetic")
                 items.append({"sample": s, "images": [], "token_maps": [],
@@ -214,7 +228,8 @@ class Pretrainer:
                         optimizer, {"phase": phase, "phase_step": step}, extra)
 
     def _global_step(self, phase, step):
-        return step if phase == "see" else self.cfg.see_steps + step
+        before = PHASES[:PHASES.index(phase)]
+        return sum(getattr(self.cfg, f"{p}_steps") for p in before) + step
 
     def _bar(self, phase, start, total):
         return tqdm(range(start, total), desc=phase, disable=not self.progress, initial=start, total=total)
@@ -238,12 +253,15 @@ class Pretrainer:
             head.load_state_dict({k[len("head."):]: v for k, v in extra.items()})
         phase, done = state.get("phase", "see"), state.get("phase_step", 0)
         # steps logged after the checkpoint are redone: drop them so that no step is logged twice
-        order = {"see": 0, "answer": 1}
-        self.log.rewind(lambda row: (order.get(row["phase"], 1), int(row["step"])) <= (order[phase], done))
-        if phase == "see":
-            self.see(model, processor, head, start=done, ckpt=ckpt)
+        order = {p: i for i, p in enumerate(PHASES)}
+        self.log.rewind(lambda row: (order.get(row["phase"], len(PHASES)), int(row["step"]))
+                        <= (order[phase], done))
+        for p in PHASES[order[phase]:]:
+            if p == "see":
+                self.see(model, processor, head, start=done, ckpt=ckpt)
+            else:
+                self.talk(p, model, processor, head, start=done, ckpt=ckpt)
             done, ckpt = 0, None
-        self.answer(model, processor, head, start=done, ckpt=ckpt)
         return model, processor
 
     def _dense_loss(self, model, head, feats, items) -> torch.Tensor:
@@ -275,28 +293,33 @@ class Pretrainer:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.see_steps:
                 self._checkpoint("see", step + 1, model, processor, opt, head)
 
-    def answer(self, model, processor, head, start=0, ckpt=None):
+    def talk(self, phase, model, processor, head, start=0, ckpt=None):
+        """The *read* or *answer* phase: the language model learns to answer (the vision side too, in *answer*)."""
         cfg = self.cfg
+        steps, peak = getattr(cfg, f"{phase}_steps"), getattr(cfg, f"{phase}_lr")
+        train_vision = phase == "answer"
         visual = model.model.visual
         vision_params = list(visual.parameters()) + list(head.parameters())
         ids = {id(p) for p in vision_params}
         lm_params = [p for p in model.parameters() if id(p) not in ids]
-        params = vision_params + lm_params
-        opt = torch.optim.AdamW([{"params": lm_params},
-                                 {"params": vision_params, "lr_scale": cfg.vision_lr_scale}],
-                                lr=cfg.answer_lr, weight_decay=0.01)
+        groups = [{"params": lm_params}]
+        if train_vision:
+            groups.append({"params": vision_params, "lr_scale": cfg.vision_lr_scale})
+        params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.AdamW(groups, lr=peak, weight_decay=0.01)
         if ckpt is not None:
             load_checkpoint_state(ckpt, opt)
         pad = processor.tokenizer.pad_token_id
         model.train()
-        bar = self._bar("answer", start, cfg.answer_steps)
-        batches = _loader(FreshBatches("answer", cfg, processor, start=start), cfg.workers)
+        bar = self._bar(phase, start, steps)
+        batches = _loader(FreshBatches(phase, cfg, processor, start=start), cfg.workers)
         for step in bar:
             items = next(batches)
             with_images = [it for it in items if it["images"]]
             text_only = [it for it in items if not it["images"]]
-            feats, per_image = vision_tokens(visual, processor.image_processor,
-                                             [im for it in with_images for im in it["images"]])
+            with torch.set_grad_enabled(train_vision):
+                feats, per_image = vision_tokens(visual, processor.image_processor,
+                                                 [im for it in with_images for im in it["images"]])
             per_item = iter(feats.split(per_image))
             for it in with_images:
                 it["feats"] = [next(per_item) for _ in it["images"]]
@@ -307,17 +330,19 @@ class Pretrainer:
                                 for part in (with_images, text_only))
                 text_loss = model(**collate(text_only, pad)).loss
                 lm_loss = (lm_loss * n_img + text_loss * n_txt) / (n_img + n_txt)
-            dense = self._dense_loss(model, head, feats, with_images)
-            loss = lm_loss + cfg.dense_coef * dense
-            lr = lr_at(step, cfg.answer_steps, cfg.answer_lr)
+            loss, dense = lm_loss, None
+            if train_vision:
+                dense = self._dense_loss(model, head, feats, with_images)
+                loss = lm_loss + cfg.dense_coef * dense
+            lr = lr_at(step, steps, peak)
             optimizer_step(self.accelerator, loss, opt, params, lr)
-            bar.set_postfix(lm=f"{lm_loss.item():.3f}", dense=f"{dense.item():.3f}")
-            self.log(phase="answer", step=step + 1, loss=round(lm_loss.item(), 5), lr=lr, metric="dense",
-                     value=round(dense.item(), 5))
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.answer_steps:
-                self._checkpoint("answer", step + 1, model, processor, opt, head)
+            bar.set_postfix(lm=f"{lm_loss.item():.3f}", **({} if dense is None else {"dense": f"{dense.item():.3f}"}))
+            self.log(phase=phase, step=step + 1, loss=round(lm_loss.item(), 5), lr=lr,
+                     **({} if dense is None else {"metric": "dense", "value": round(dense.item(), 5)}))
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+                self._checkpoint(phase, step + 1, model, processor, opt, head)
             if (step + 1) % cfg.eval_every == 0:
-                self.evaluate(model, processor, step + 1)
+                self.evaluate(model, processor, self._global_step(phase, step + 1))
                 model.train()
 
     def evaluate(self, model, processor, step: int) -> dict:

@@ -4,7 +4,8 @@ import gymnasium as gym
 
 from .catalog import OBJECTS, SPLITS, TASKS, WRITING_STYLES, Equation, get_split
 from .env import TabletopEnv, make_env
-from .expert import Episode, ScriptedExpert, rollout
+from .expert import ScriptedExpert
+from .rollout import Episode, rollout, steps
 
 for _task, _id in (("math_matching", "MathMatching"), ("toy_placement", "ToyPlacement")):
     if f"workbench/{_id}-v0" not in gym.registry:
@@ -12,4 +13,4 @@ for _task, _id in (("math_matching", "MathMatching"), ("toy_placement", "ToyPlac
                      kwargs={"task": _task}, max_episode_steps=None)
 
 __all__ = ["OBJECTS", "SPLITS", "TASKS", "WRITING_STYLES", "Equation", "Episode", "ScriptedExpert",
-           "TabletopEnv", "get_split", "make_env", "rollout"]
+           "TabletopEnv", "get_split", "make_env", "rollout", "steps"]

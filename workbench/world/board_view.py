@@ -12,19 +12,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .scene import BOARD_CENTER, BOARD_SIZE, CAMERAS, Camera, TabletopScene
+from .scene import BOARD_CENTER, BOARD_SIZE, CAMERAS, TabletopScene
 from .writing import BOARD_TEXTURE_SIZE, as_rgb_image
-
-
-def project(points: np.ndarray, camera: Camera) -> np.ndarray:
-    """Pixel coordinates (u right, v down) of world points (N, 3) in ``camera``'s image: (N, 2)."""
-    view, proj = camera.matrices()
-    V = np.array(view).reshape(4, 4).T  # pybullet matrices are column-major
-    P = np.array(proj).reshape(4, 4).T
-    pts = np.c_[np.asarray(points, float), np.ones(len(points))]
-    clip = (P @ V @ pts.T).T
-    ndc = clip[:, :3] / clip[:, 3:4]
-    return np.c_[(ndc[:, 0] + 1) / 2 * camera.width, (1 - ndc[:, 1]) / 2 * camera.height]
 
 
 def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> tuple[float, ...]:
@@ -58,7 +47,7 @@ class BoardView:
                             [x, -width / 2, cz - height / 2], [x, width / 2, cz - height / 2]])
         tw, th = BOARD_TEXTURE_SIZE
         self._coeffs = _perspective_coeffs(np.array([[0, 0], [tw, 0], [tw, th], [0, th]], float),
-                                           project(corners, self.camera))
+                                           self.camera.project(corners)[:, ::-1])  # (row, col) -> (u, v)
         self._size = (self.camera.width, self.camera.height)
         mask = Image.new("L", BOARD_TEXTURE_SIZE, 255).transform(
             self._size, Image.Transform.PERSPECTIVE, self._coeffs, Image.Resampling.BILINEAR)

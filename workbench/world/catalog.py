@@ -120,9 +120,20 @@ class Equation:
             raise ValueError(f"operator {self.op!r} is not one of {sorted(OPERATORS)}")
 
     @property
-    def answer(self) -> int:
+    def value(self) -> int:
+        """``a op b`` (any size; a division must be exact)."""
         a, b = self.a, self.b
-        value = {"+": a + b, "-": a - b, "×": a * b, "÷": a // b if b and a % b == 0 else -1}[self.op]
+        if self.op == "÷" and (b == 0 or a % b):
+            raise ValueError(f"{self.text} is not an exact division")
+        return {"+": a + b, "-": a - b, "×": a * b, "÷": a // max(b, 1)}[self.op]
+
+    @property
+    def answer(self) -> int:
+        """The value, which must be one card (0-9)."""
+        try:
+            value = self.value
+        except ValueError:
+            value = -1
         if not 0 <= value <= 9:
             raise ValueError(f"{self.text} has no single-digit answer (cards are 0-9)")
         return value

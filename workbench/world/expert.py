@@ -1,4 +1,4 @@
-"""A scripted expert that solves both tasks from the simulator's ground truth, and episode rollouts.
+"""A scripted expert that solves both tasks from the simulator's ground truth.
 
 The expert plans waypoints (above the object, down, grasp, up, over the goal, down, release) and
 moves the commanded end-effector target towards the current waypoint by at most ``MAX_STEP`` per
@@ -8,8 +8,6 @@ misses, it goes back up and tries again (twice at most); it never raises inside 
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,68 +108,3 @@ class ScriptedExpert:
             return np.array([0, 0, 0, 0.0], dtype=np.float32), "release"
         a, _ = self._move(plan["retreat"], 0.0)
         return a, "done"
-
-
-@dataclass
-class Episode:
-    """One rollout. ``frames[camera]`` is (T, H, W, 3) uint8 for the T observations *before* each
-    action; ``states`` (T, 4); ``actions`` (T, 4); ``phases`` T strings; ``ground_truth`` the
-    episode's info at reset; ``success`` whether it succeeded; ``overview`` optional (T+1) frames."""
-
-    seed: int | None
-    ground_truth: dict
-    states: np.ndarray
-    actions: np.ndarray
-    phases: list[str]
-    success: bool
-    frames: dict[str, np.ndarray] = field(default_factory=dict)
-    overview: np.ndarray | None = None
-    error: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.actions)
-
-    def __repr__(self) -> str:
-        gt = self.ground_truth
-        what = gt.get("equation") or f"{gt.get('object')} -> {gt.get('direction')} of {gt.get('target')}"
-        return (f"Episode({gt['task']}/{gt['split']}, seed={self.seed}, {what}, steps={len(self)}, "
-                f"success={self.success})")
-
-
-def rollout(env: TabletopEnv, policy=None, seed: int | None = None, options: dict | None = None,
-            record_overview: bool = False) -> Episode:
-    """Run one episode. ``policy(obs) -> (action, phase)``; default: a fresh :class:`ScriptedExpert`.
-
-    Exceptions raised by the policy or the simulator while stepping end the episode as a failure
-    (``Episode.error`` says why) instead of escaping, so long evaluations keep going.
-    """
-    obs, info = env.reset(seed=seed, options=options)
-    if policy is None:
-        policy = ScriptedExpert(env).act
-    frames = {c: [] for c in env.unwrapped.cameras}
-    states, actions, phases, overview = [], [], [], []
-    success, error = False, None
-    if record_overview:
-        overview.append(env.unwrapped.scene.render(["overview"])["overview"])
-    try:
-        while True:
-            action, phase = policy(obs)
-            for c in frames:
-                frames[c].append(obs[c])
-            states.append(obs["state"])
-            actions.append(np.asarray(action, dtype=np.float32))
-            phases.append(phase)
-            obs, _, terminated, truncated, step_info = env.step(action)
-            if record_overview:
-                overview.append(env.unwrapped.scene.render(["overview"])["overview"])
-            success = bool(step_info["is_success"])
-            if terminated or truncated:
-                break
-    except Exception as exc:  # noqa: BLE001 - an episode failure, reported, never raised
-        error = f"{type(exc).__name__}: {exc}"
-        success = False
-    return Episode(
-        seed=seed, ground_truth=info, states=np.array(states, np.float32).reshape(-1, 4),
-        actions=np.array(actions, np.float32).reshape(-1, 4), phases=phases, success=success,
-        frames={c: np.array(v) for c, v in frames.items()},
-        overview=np.array(overview) if record_overview else None, error=error)
