@@ -2,7 +2,7 @@
 
 import pytest
 
-from workbench import evaluate as E
+from workbench.evaluation import knowledge as E
 from workbench.vlm.corpus import CONDITIONS, CorpusGenerator, parse_boxes
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from workbench.dataset import load_meta
-from workbench.evaluate import evaluate_policy, load_backbone, reasoning_scores
+from workbench.evaluation.closed_loop import evaluate_policy, reasoning_scores
+from workbench.evaluation.knowledge import load_backbone
 from workbench.vla.policy import (
     ChatVLA2Policy,
     Features,
@@ -367,7 +368,7 @@ def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_pat
 
 
 def test_keypoint_evaluation_measures_where_keypoints_land(policy, monkeypatch):
-    from workbench.evaluate import EVAL_SEED, evaluate_keypoints
+    from workbench.evaluation.closed_loop import EVAL_SEED, evaluate_keypoints
     from workbench.world.env import TabletopEnv, anchor_points
 
     env = TabletopEnv("toy_placement", "in_domain")
@@ -407,7 +408,7 @@ def test_knowledge_suite_accepts_a_policy_folder(policy, tmp_path):
 def test_shipped_policy_finds_the_card_the_reasoning_names(root):
     # a regression floor on learned behaviour: given the true reasoning, the shipped policy's pick keypoint lands
     # on the answer card in held-out scenes (50/50 per split when shipped; four cards lie on the table)
-    from workbench.evaluate import evaluate_keypoints
+    from workbench.evaluation.closed_loop import evaluate_keypoints
 
     shipped = load_policy(os.path.join(root, "data_samples", "policy"))
     result = evaluate_keypoints(shipped, "math_matching", "open_world", episodes=6, progress=False)

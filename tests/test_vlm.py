@@ -164,7 +164,7 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
     README). An untrained model of the same shape scores 0. A change that breaks loading, the processor, the renderer
     or the scoring drops below the floor.
     """
-    from workbench.evaluate import evaluate_knowledge
+    from workbench.evaluation.knowledge import evaluate_knowledge
 
     model, processor = api.load_vlm(os.path.join(root, "data_samples", "vlm"))
     result = evaluate_knowledge(model, processor, per_skill=6, seed=1234, progress=False, robustness=False)

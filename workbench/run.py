@@ -15,7 +15,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .dataset import annotate
-from .evaluate import evaluate_policy_everywhere, wilson_interval
+from .evaluation import wilson_interval
+from .evaluation.closed_loop import evaluate_policy_everywhere
 from .viz import episode_frames, save_gif
 from .world.catalog import SPLIT_NAMES, TASKS
 from .world.env import TabletopEnv

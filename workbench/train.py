@@ -60,7 +60,7 @@ def main(argv=None):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         return _main_vla(ap, args, StageConfig)
 
-    from .evaluate import evaluate_knowledge, format_table
+    from .evaluation.knowledge import evaluate_knowledge, format_table
     from .vlm.api import save_vlm
     from .vlm.pretrain import Pretrainer
 

@@ -206,8 +206,8 @@ def board_looks(split: str = "train", n: int = 12, seed: int = 0, condition: str
 
 
 def knowledge_figure(result: dict, title: str = "Knowledge on held-out data"):
-    """plotly bar chart of a knowledge-suite result (``workbench.evaluate.evaluate_knowledge``), with 95%
-    Wilson intervals."""
+    """plotly bar chart of a knowledge-suite result
+    (:func:`workbench.evaluation.knowledge.evaluate_knowledge`), with 95% Wilson intervals."""
     import plotly.graph_objects as go
 
     rows = result["rows"]

@@ -346,7 +346,7 @@ class Pretrainer:
                 model.train()
 
     def evaluate(self, model, processor, step: int) -> dict:
-        from ..evaluate import evaluate_knowledge
+        from ..evaluation.knowledge import evaluate_knowledge
 
         result = evaluate_knowledge(model, processor, self.cfg.eval_per_skill, progress=False)
         for r in result["rows"]:

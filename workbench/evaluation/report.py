@@ -1,0 +1,49 @@
+"""The report the README shows for a trained policy: closed-loop results with generated and with true reasoning,
+its keypoints, and the knowledge table of the pretrained VLM beside the policy's backbone."""
+
+from __future__ import annotations
+
+from .closed_loop import (
+    EVAL_SEED,
+    evaluate_keypoints,
+    evaluate_policy_everywhere,
+    format_keypoint_result,
+    on_every_task_and_split,
+)
+from .knowledge import evaluate_knowledge
+
+
+def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill: int = 25,
+                  progress: bool = True, oracle: bool = True) -> dict:
+    """What the README reports for a trained policy: closed-loop success on both tasks and splits with the
+    reasoning it generates and, if ``oracle``, again with the true reasoning handed to it (the action side
+    alone); where its keypoints land (:func:`evaluate_keypoints`, true reasoning); and the knowledge table of
+    the pretrained VLM beside the policy's backbone (same held-out questions)."""
+    from ..vla.policy import load_policy
+    from ..vlm.api import load_vlm
+
+    policy = load_policy(policy_path)
+    closed = evaluate_policy_everywhere(policy, episodes, progress=progress)  # every episode's record kept
+    if oracle:
+        closed += evaluate_policy_everywhere(policy, episodes, progress=progress, oracle_reasoning=True)
+    keypoints = on_every_task_and_split(
+        lambda task, split: evaluate_keypoints(policy, task, split, episodes, progress=progress),
+        format_keypoint_result) if policy.config.num_keypoints else []
+    knowledge = {"pretrained": evaluate_knowledge(*load_vlm(vlm_path), per_skill, progress=progress)["rows"],
+                 "policy": evaluate_knowledge(policy.vlm, policy.processor, per_skill, progress=progress)["rows"]}
+    return {"policy": policy_path, "pretrained_vlm": vlm_path, "episodes_per_split": episodes,
+            "eval_seeds": [EVAL_SEED, EVAL_SEED + episodes - 1], "knowledge_per_skill": per_skill,
+            "closed_loop": closed, "keypoints": keypoints, "knowledge": knowledge}
+
+
+def format_retention(knowledge: dict) -> str:
+    """Knowledge table: pretrained VLM vs the policy's backbone, per row, with the difference."""
+    before = {r["key"]: r for r in knowledge["pretrained"]}
+    lines = [f"| {'skill':<32} | {'pretrained':>10} | {'ChatVLA-2':>9} | {'change':>7} | {'N':>4} |",
+             f"|{'-' * 34}|{'-' * 12}|{'-' * 11}|{'-' * 9}|{'-' * 6}|"]
+    for r in knowledge["policy"]:
+        b = before.get(r["key"])
+        if b is not None:
+            lines.append(f"| {r['skill']:<32} | {100 * b['accuracy']:>9.1f}% | {100 * r['accuracy']:>8.1f}% | "
+                         f"{100 * (r['accuracy'] - b['accuracy']):>+6.1f} | {r['n']:>4} |")
+    return "\n".join(lines)
