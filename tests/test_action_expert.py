@@ -153,10 +153,23 @@ def test_sampling_reproduces_chunks_that_end_in_padding():
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-def test_loss_terms(prediction_type):
+def test_loss_is_the_mse_to_each_prediction_types_target(prediction_type):
+    """The loss, recomputed by hand from the same noise and timesteps, with each target written out
+    (v-prediction: v = sqrt(abar) * noise - sqrt(1 - abar) * x0)."""
     m = make(prediction_type=prediction_type)
-    loss, terms = m.compute_loss(torch.rand(2, 16, 4), **inputs(m.config, B=2))
-    assert loss.ndim == 0 and loss.requires_grad and terms["diffusion"] == pytest.approx(loss.item())
+    perturb(m, 0.05)
+    actions, x = torch.rand(2, 16, 4), inputs(m.config, B=2)
+    loss, terms = m.compute_loss(actions, **x, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x0 = m.normalizer.normalize_action(actions)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, m.config.num_train_timesteps, (2,), generator=g)
+    abar = m.scheduler.alphas_cumprod[t].view(-1, 1, 1)
+    target = {"epsilon": noise, "sample": x0, "v_prediction": abar.sqrt() * noise - (1 - abar).sqrt() * x0}
+    with torch.no_grad():
+        pred = m(m.scheduler.add_noise(x0, noise, t), t, x["obs"], x["state"], x["reasoning"])
+    assert loss.item() == pytest.approx(((pred - target[prediction_type]) ** 2).mean().item(), rel=1e-5)
+    assert loss.requires_grad and terms["diffusion"] == pytest.approx(loss.item())
 
 
 def test_sample_deterministic_under_generator(stats):
