@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from .settings import use_all_cores
+
 
 def _steps_per_second(cameras: tuple[str, ...], steps: int, overview: bool = False) -> float:
     from .world.env import TabletopEnv
@@ -240,9 +242,7 @@ def main(argv=None):
     if args.what == "sim":
         print_table("Simulation benchmark", bench_sim(args.steps, args.episodes))
     elif args.what == "moe":
-        import torch
-
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        use_all_cores()
         repeats = args.repeats if args.repeats != 30 else 5
         print_table("MoE layer: 8 experts, top-2 (median ms)", bench_moe(repeats=repeats))
     elif args.what == "training":

@@ -32,6 +32,7 @@ from .evaluation.closed_loop import (
 )
 from .evaluation.knowledge import evaluate_knowledge, format_table, load_backbone
 from .evaluation.report import format_retention, policy_report
+from .settings import use_all_cores
 
 
 def main(argv=None):
@@ -67,9 +68,7 @@ def main(argv=None):
                    help="hand the policy the ground-truth reasoning (measures the action side alone)")
     p.add_argument("--out", default=None, help="JSON file for the result and every episode's reasoning")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    use_all_cores()
     if args.what == "policy":
         return _main_policy(ap, args)
     if args.what == "keypoints":

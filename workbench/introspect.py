@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .settings import use_all_cores
+
 TOKEN_PX = 16
 
 
@@ -569,7 +571,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ig-steps", type=int, default=128)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    use_all_cores()
     for path in write_figures(args.out, args.vlm, args.policy, args.seed, args.ig_steps):
         print("wrote", path)
 

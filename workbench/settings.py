@@ -26,6 +26,16 @@ def set_seed(seed: int = 0) -> None:
         pass
 
 
+def use_all_cores() -> int:
+    """Give torch this machine's cores, shared evenly among the processes of a multi-process launch
+    (``accelerate launch`` sets ``LOCAL_WORLD_SIZE``); returns the thread count."""
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def run_cli(main, argv=None) -> None:
     """Run a command-line ``main`` so that a bad argument, file or value ends with one line on stderr
     (``error: ...``, exit status 2) instead of a traceback. Set ``WORKBENCH_TRACEBACK=1`` to see the traceback."""

@@ -19,6 +19,8 @@ import json
 import os
 import time
 
+from .settings import use_all_cores
+
 
 def main(argv=None):
     from .vlm.pretrain import PretrainConfig
@@ -52,12 +54,11 @@ def main(argv=None):
     k.add_argument("--out", required=True, help="where to write it (e.g. data_samples/policy)")
     args = ap.parse_args(argv)
 
-    import torch
 
     if args.what == "package":
         return _package(args.policy, args.out)
     if args.what in ("stage", "recipe"):
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        use_all_cores()
         return _main_vla(ap, args, StageConfig)
 
     from .evaluation.knowledge import evaluate_knowledge, format_table
@@ -70,11 +71,13 @@ def main(argv=None):
         cfg = PretrainConfig.fast(**overrides) if args.fast else PretrainConfig(**overrides)
     except ValueError as exc:
         ap.error(str(exc))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    use_all_cores()
     t0 = time.time()
     trainer = Pretrainer(cfg, args.work)
     model, processor = trainer.run()
     train_minutes = (time.time() - t0) / 60
+    if not trainer.accelerator.is_main_process:
+        return None
     save_vlm(model, processor, args.out)
     result = evaluate_knowledge(model, processor, cfg.eval_per_skill, progress=False)
     print(format_table(result, f"Knowledge after pretraining (held-out, {cfg.eval_per_skill} per skill)"))

@@ -1,6 +1,13 @@
-"""What every trainer of the project shares: the learning-rate schedule, one optimizer update, and the
-append-only ``log.csv``. Used by VLM pretraining (:mod:`workbench.vlm.pretrain`) and the ChatVLA-2 stages
-(:mod:`workbench.vla.stages`)."""
+"""What every trainer of the project shares: the learning-rate schedule, one optimizer update, data-parallel
+helpers, and the append-only ``log.csv``. Used by VLM pretraining (:mod:`workbench.vlm.pretrain`) and the ChatVLA-2
+stages (:mod:`workbench.vla.stages`).
+
+**Several processes** (``accelerate launch --num_processes 2 --cpu -m workbench.train ...``, gloo on CPU, NCCL on
+GPUs): every process draws the same global batch (batches depend only on the seed and the step), keeps its share
+(:func:`shard`) and averages its gradients with the others before the update (:func:`optimizer_step`), so the
+run follows the single-process one with the same global batch; only the main process logs and checkpoints.
+The models are not wrapped in ``DistributedDataParallel``: the trainers call sub-modules directly (the vision
+tower, the action expert), which DDP's forward hooks would not see."""
 
 from __future__ import annotations
 
@@ -23,23 +30,58 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05) -> floa
 
 def optimizer_step(accelerator, loss: torch.Tensor, optimizer, params, lr: float, max_norm: float = 1.0) -> None:
     """One update at learning rate ``lr`` (times a param group's ``lr_scale``, if it has one): backward
-    (through ``accelerator``), clip the gradient norm, step."""
+    (through ``accelerator``), average the gradients over processes, clip the gradient norm, step."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     optimizer.zero_grad()
     accelerator.backward(loss)
+    if accelerator.num_processes > 1:
+        average_gradients(params, accelerator.num_processes)
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
+
+
+def average_gradients(params, processes: int) -> None:
+    """All-reduce every parameter's gradient (a missing one counts as zero) to the mean over ``processes``, in
+    one flat buffer (one collective call per step)."""
+    import torch.distributed as dist
+
+    params = list(params)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= processes
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def shard(items, accelerator):
+    """This process's share of a global batch: items ``rank, rank + P, rank + 2P, ...`` of ``P`` processes (the
+    whole batch in a single process). Works on lists, arrays and tensors."""
+    return items[accelerator.process_index::accelerator.num_processes]
+
+
+def process_mean(accelerator, value: torch.Tensor) -> float:
+    """A scalar averaged over processes: what one process with the whole batch logs (for per-sample means over
+    equal shares, exactly)."""
+    value = value.detach().reshape(1).float()
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value, "mean")
+    return float(value.item())
 
 
 class CsvLog:
     """Rows appended to ``path`` (header written once; a resumed run keeps appending). Each row gets a
     ``time`` stamp; ``fields`` names the columns."""
 
-    def __init__(self, path: str, fields: list[str]):
-        self.path, self.fields = path, ["time", *fields]
+    def __init__(self, path: str, fields: list[str], enabled: bool = True):
+        self.path, self.fields, self.enabled = path, ["time", *fields], enabled  # disabled: not the main process
 
     def __call__(self, **row) -> None:
+        if not self.enabled:
+            return
         new = not os.path.exists(self.path)
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields)
@@ -50,7 +92,7 @@ class CsvLog:
     def rewind(self, keep) -> int:
         """Drop the rows for which ``keep(row)`` is false (rows are dicts of strings), atomically; returns how many
         were dropped. A resumed run rewinds its log to its checkpoint, so no step is logged twice."""
-        if not os.path.exists(self.path):
+        if not self.enabled or not os.path.exists(self.path):
             return 0
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))

@@ -291,12 +291,15 @@ class ActionExpert(nn.Module):
                 raise ValueError(f"{name} must have shape (B={B}, {d}), got {tuple(x.shape)}")
 
     def compute_loss(self, actions: torch.Tensor, obs: torch.Tensor, state: torch.Tensor,
-                     reasoning: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                     reasoning: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None,
+                     timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Diffusion loss: MSE between the prediction and its target (the noise, for epsilon) over the chunk.
 
         actions (B, chunk, A) raw; obs (B, obs_dim); state (B, S) raw; reasoning (B, reasoning_dim) or None;
-        generator draws noise and timesteps (on the tensors' device). Returns (loss, {"diffusion": float}).
+        generator draws noise (B, chunk, A) and then timesteps (B,) (on the tensors' device), unless ``noise`` and
+        ``timesteps`` are given (a data-parallel trainer draws them for the global batch and passes each process
+        its rows). Returns (loss, {"diffusion": float}).
 
         Chunks that run past an episode's end are trained on their padding (the last target held), like
         LeRobot's diffusion policy by default. Hiding padded steps from attention, as this module once did,
@@ -309,8 +312,10 @@ class ActionExpert(nn.Module):
             raise ValueError(f"actions must be (B, {self.config.chunk_size}, {self.config.action_dim}), "
                              f"got {tuple(actions.shape)}")
         x0 = self.normalizer.normalize_action(actions)  # (B, chunk, A) in [-1, 1]
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = torch.randint(0, self.config.num_train_timesteps, (B,), generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = timesteps if timesteps is not None else \
+            torch.randint(0, self.config.num_train_timesteps, (B,), generator=generator, device=x0.device)
         pred = self(self.scheduler.add_noise(x0, noise, t), t, obs, state, reasoning)
         target = {"epsilon": noise, "sample": x0}.get(self.config.prediction_type)
         if target is None:  # v_prediction

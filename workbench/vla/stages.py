@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from ..training import CsvLog, lr_at, optimizer_step, refuse_changed_config
+from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config, shard
 from .moe import MoEConfig, load_balancing_loss
 from .policy import CAMERA_ORDER, IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
 
@@ -267,8 +267,9 @@ class StageTrainer:
         self.run_dir = out.rstrip("/") + ".run"
         os.makedirs(self.run_dir, exist_ok=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.main = self.accelerator.is_main_process  # logs, checkpoints and saves (see workbench.training)
         self.log = CsvLog(os.path.join(self.run_dir, "log.csv"),
-                          ["stage", "step", "loss", "lm", "diffusion", "keypoints", "aux", "lr"])
+                          ["stage", "step", "loss", "lm", "diffusion", "keypoints", "aux", "lr"], enabled=self.main)
 
     def initial_policy(self, ckpt: str | None) -> ChatVLA2Policy:
         """The policy to train: from checkpoint ``ckpt`` (resume), else built from ``init``."""
@@ -284,9 +285,12 @@ class StageTrainer:
 
     def run(self) -> ChatVLA2Policy:
         st = self.stage
-        refuse_changed_config(os.path.join(self.run_dir, "run_config.json"),
-                              {"stage": dataclasses.asdict(st), "policy": self.policy_config.to_dict(),
-                               "init": os.path.abspath(self.init), "data": os.path.abspath(self.data)}, "stage run")
+        if self.main:
+            refuse_changed_config(os.path.join(self.run_dir, "run_config.json"),
+                                  {"stage": dataclasses.asdict(st), "policy": self.policy_config.to_dict(),
+                                   "init": os.path.abspath(self.init), "data": os.path.abspath(self.data)},
+                                  "stage run")
+        self.accelerator.wait_for_everyone()
         torch.manual_seed(st.seed)  # initialisation of a fresh policy only: each step's noise has its own generator
         t0 = time.time()
         ckpt = latest_checkpoint(self.run_dir)
@@ -298,6 +302,8 @@ class StageTrainer:
         self.log.rewind(lambda row: int(row["step"]) <= start)  # steps after the checkpoint are redone
         if st.steps > start:
             (self.train_cached if st.caches_vlm else self.train_joint)(policy, start, ckpt)
+        if not self.main:
+            return policy
         save_policy(policy, self.out, extra={"stage": dataclasses.asdict(st)})
         summary = {"stage": dataclasses.asdict(st), "parameters": parts, "init": self.init, "data": self.data,
                    "wall_minutes_this_invocation": round((time.time() - t0) / 60, 2)}
@@ -317,12 +323,27 @@ class StageTrainer:
         lr = lr_at(step, self.stage.steps, self.stage.lr)
         loss = sum(terms.values())
         optimizer_step(self.accelerator, loss, opt, params, lr)
-        vals = {k: round(v.item(), 5) for k, v in terms.items()}
+        vals = {k: round(process_mean(self.accelerator, v), 5) for k, v in terms.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()})
-        self.log(stage=self.stage.name, step=step + 1, loss=round(loss.item(), 5), lr=lr, **vals)
+        self.log(stage=self.stage.name, step=step + 1, loss=round(sum(vals.values()), 5), lr=lr, **vals)
         if (step + 1) % self.stage.checkpoint_every == 0 or step + 1 == self.stage.steps:
-            save_checkpoint(self.run_dir, step + 1, lambda d: save_policy(policy, os.path.join(d, "policy")), opt,
-                            {"stage": self.stage.name})
+            if self.main:
+                save_checkpoint(self.run_dir, step + 1, lambda d: save_policy(policy, os.path.join(d, "policy")),
+                                opt, {"stage": self.stage.name})
+            self.accelerator.wait_for_everyone()
+
+    def _noise(self, policy, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diffusion noise (batch, chunk, A) and timesteps (batch,) of the *global* batch of ``step``, drawn from
+        :func:`step_noise` in the order :meth:`ActionExpert.compute_loss` would draw them."""
+        cfg = policy.action_expert.config
+        g = step_noise(self.stage, step)
+        noise = torch.randn((batch, cfg.chunk_size, cfg.action_dim), generator=g)
+        return noise, torch.randint(0, cfg.num_train_timesteps, (batch,), generator=g)
+
+    def _bar(self, start: int):
+        st = self.stage
+        return tqdm(range(start, st.steps), desc=st.name, initial=start, total=st.steps,
+                    disable=not (self.progress and self.main))
 
     def train_joint(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
         """VLM parts are trained: every step runs the language model (vision tokens from the cache)."""
@@ -332,28 +353,29 @@ class StageTrainer:
         frames = RobotFrames(self.data, policy, self.progress)
         pool = GeneralPool(st.general_pool, policy, st.seed, self.progress) if st.image_text_share else None
         params, opt = self._optimizer(policy, ckpt)
-        policy, opt = self.accelerator.prepare(policy, opt)
         moe = MoEConfig.from_dict(policy.config.moe)
         n_gen = round(st.batch_size * st.image_text_share) if pool else 0
         n_rob = st.batch_size - n_gen
         pad = policy.processor.tokenizer.pad_token_id
         policy.train()
-        bar = tqdm(range(start, st.steps), desc=st.name, initial=start, total=st.steps, disable=not self.progress)
+        bar = self._bar(start)
         for step in bar:
             rng = np.random.default_rng([st.seed, step])
-            rob = rng.choice(len(frames), n_rob, replace=False)
-            gen = rng.choice(len(pool), n_gen) if n_gen else []
+            rob_all = rng.choice(len(frames), n_rob, replace=False)
+            gen_all = rng.choice(len(pool), n_gen) if n_gen else np.zeros(0, int)
+            noise, timesteps = (shard(x, self.accelerator) for x in self._noise(policy, step, n_rob))
+            rob, gen = shard(rob_all, self.accelerator), shard(gen_all, self.accelerator)
             items = [frames.item(i) for i in rob] + [pool.items[j] for j in gen]
             batch = collate(items, pad)
-            data_type = torch.tensor([ROBOT] * n_rob + [IMAGE_TEXT] * n_gen)
-            feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=n_rob)
+            data_type = torch.tensor([ROBOT] * len(rob) + [IMAGE_TEXT] * len(gen))
+            feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=len(rob))
             terms = {}
             if st.lm_loss:
                 terms["lm"] = lm
             if st.diffusion_loss:
                 terms["diffusion"] = policy.action_expert.compute_loss(
-                    frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning,
-                    generator=step_noise(st, step))[0]
+                    frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning, noise=noise,
+                    timesteps=timesteps)[0]
             if policy.config.keypoint_loss_coef and st.diffusion_loss:
                 terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[rob], frames.anchor_mask[rob])
             if moe.variant != "dense" and moe.aux_loss_coef > 0:
@@ -376,15 +398,17 @@ class StageTrainer:
                 cache += summaries.rows()
                 coords = summaries.coords
         params, opt = self._optimizer(policy, ckpt)
-        policy, opt = self.accelerator.prepare(policy, opt)
         policy.train()
-        bar = tqdm(range(start, st.steps), desc=st.name, initial=start, total=st.steps, disable=not self.progress)
+        bar = self._bar(start)
         for step in bar:
             rng = np.random.default_rng([st.seed, step])
-            idx = rng.choice(len(frames), min(st.batch_size, len(frames)), replace=False)
+            idx_all = rng.choice(len(frames), min(st.batch_size, len(frames)), replace=False)
+            noise, timesteps = (shard(x, self.accelerator) for x in self._noise(policy, step, len(idx_all)))
+            idx = shard(idx_all, self.accelerator)
             feats = policy.condition(Summaries.stack([cache[i] for i in idx], coords))
             terms = {"diffusion": policy.action_expert.compute_loss(
-                frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning, generator=step_noise(st, step))[0]}
+                frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning, noise=noise,
+                timesteps=timesteps)[0]}
             if policy.config.keypoint_loss_coef:
                 terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[idx], frames.anchor_mask[idx])
             self._update(policy, step, terms, params, opt, bar)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from ..training import CsvLog, lr_at, optimizer_step, refuse_changed_config
+from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config
 from .api import collate, encode_example, vision_tokens
 from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample
 
@@ -115,12 +115,15 @@ class FreshBatches(torch.utils.data.IterableDataset):
     ``{"sample", "images", "token_maps"}``; in the *read* and *answer* phases each item also carries its tokenized
     form and the batch ends with ``text_batch`` text-only arithmetic items (no images).
 
-    Batch ``i`` depends only on ``(seed, phase, i)``: a resumed run sees the batches it would have seen."""
+    Batch ``i`` depends only on ``(seed, phase, i)``: a resumed run sees the batches it would have seen.
+    ``shard=(rank, processes)``: every process draws the whole batch's samples (cheap) but renders and returns only
+    its share, items ``rank, rank + processes, ...`` (:func:`~workbench.training.shard`)."""
 
-    def __init__(self, phase: str, cfg: PretrainConfig, processor=None, start: int = 0, stop: int | None = None):
+    def __init__(self, phase: str, cfg: PretrainConfig, processor=None, start: int = 0, stop: int | None = None,
+                 shard: tuple[int, int] = (0, 1)):
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {list(PHASES)}")
-        self.phase, self.cfg, self.processor, self.start = phase, cfg, processor, start
+        self.phase, self.cfg, self.processor, self.start, self.shard = phase, cfg, processor, start, shard
         self.stop = stop if stop is not None else getattr(cfg, f"{phase}_steps")
         self._renderer = None
 
@@ -136,16 +139,21 @@ class FreshBatches(torch.utils.data.IterableDataset):
         items = []
         n = {"see": cfg.see_batch_size, "read": cfg.read_batch_size, "answer": cfg.batch_size}[self.phase]
         talk = self.phase != "see"
-        for k in rng.choice(kinds, n, p=p / p.sum()):
+        rank, processes = self.shard
+        for idx, k in enumerate(rng.choice(kinds, n, p=p / p.sum())):
             s = gen.sample(str(k), same_table=bool(rng.random() < cfg.same_table))
+            if idx % processes != rank:
+                continue
             images, labels = self._renderer(s, labels=True)
             item = {"sample": s, "images": images, "token_maps": labels}
             if talk:
                 item.update(encode_example(self.processor, images, *_qa(s)))
             items.append(item)
         if talk:
-            for _ in range(cfg.text_batch):
+            for idx in range(cfg.text_batch):
                 s = gen.sample("arithmetic")
+                if idx % processes != rank:
+                    continue
                 items.append({"sample": s, "images": [], "token_maps": [],
                               **encode_example(self.processor, [], *_qa(s))})
         return items
@@ -208,8 +216,12 @@ class Pretrainer:
         os.makedirs(work_dir, exist_ok=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
-        self.log = CsvLog(os.path.join(work_dir, "log.csv"), ["phase", "step", "loss", "lr", "metric", "value"])
-        refuse_changed_config(os.path.join(work_dir, "config.json"), dataclasses.asdict(config), "pretraining run")
+        main = self.accelerator.is_main_process
+        self.log = CsvLog(os.path.join(work_dir, "log.csv"), ["phase", "step", "loss", "lr", "metric", "value"],
+                          enabled=main)
+        if main:
+            refuse_changed_config(os.path.join(work_dir, "config.json"), dataclasses.asdict(config), "pretraining run")
+        self.accelerator.wait_for_everyone()
 
     # -- pieces --------------------------------------------------------------------------------
     def fresh_model(self):
@@ -223,16 +235,25 @@ class Pretrainer:
     def _checkpoint(self, phase, step, model, processor, optimizer, head):
         from .api import save_vlm
 
-        extra = {f"head.{k}": v for k, v in head.state_dict().items()}
-        save_checkpoint(self.work, self._global_step(phase, step), lambda d: save_vlm(model, processor, d + "/vlm"),
-                        optimizer, {"phase": phase, "phase_step": step}, extra)
+        if self.accelerator.is_main_process:
+            extra = {f"head.{k}": v for k, v in head.state_dict().items()}
+            save_checkpoint(self.work, self._global_step(phase, step),
+                            lambda d: save_vlm(model, processor, d + "/vlm"), optimizer,
+                            {"phase": phase, "phase_step": step}, extra)
+        self.accelerator.wait_for_everyone()
 
     def _global_step(self, phase, step):
         before = PHASES[:PHASES.index(phase)]
         return sum(getattr(self.cfg, f"{p}_steps") for p in before) + step
 
     def _bar(self, phase, start, total):
-        return tqdm(range(start, total), desc=phase, disable=not self.progress, initial=start, total=total)
+        return tqdm(range(start, total), desc=phase, initial=start, total=total,
+                    disable=not (self.progress and self.accelerator.is_main_process))
+
+    def _batches(self, phase, processor=None, start=0):
+        acc = self.accelerator
+        return _loader(FreshBatches(phase, self.cfg, processor, start=start,
+                                    shard=(acc.process_index, acc.num_processes)), self.cfg.workers)
 
     # -- phases --------------------------------------------------------------------------------
     def run(self):
@@ -281,7 +302,7 @@ class Pretrainer:
             load_checkpoint_state(ckpt, opt)
         visual.train()
         bar = self._bar("see", start, cfg.see_steps)
-        batches = _loader(FreshBatches("see", cfg, start=start), cfg.workers)
+        batches = self._batches("see", start=start)
         for step in bar:
             items = next(batches)
             feats, _ = vision_tokens(visual, processor.image_processor, [im for it in items for im in it["images"]])
@@ -289,7 +310,7 @@ class Pretrainer:
             lr = lr_at(step, cfg.see_steps, cfg.see_lr)
             optimizer_step(self.accelerator, loss, opt, params, lr)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            self.log(phase="see", step=step + 1, loss=round(loss.item(), 5), lr=lr)
+            self.log(phase="see", step=step + 1, loss=round(process_mean(self.accelerator, loss), 5), lr=lr)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.see_steps:
                 self._checkpoint("see", step + 1, model, processor, opt, head)
 
@@ -312,7 +333,7 @@ class Pretrainer:
         pad = processor.tokenizer.pad_token_id
         model.train()
         bar = self._bar(phase, start, steps)
-        batches = _loader(FreshBatches(phase, cfg, processor, start=start), cfg.workers)
+        batches = self._batches(phase, processor, start)
         for step in bar:
             items = next(batches)
             with_images = [it for it in items if it["images"]]
@@ -337,19 +358,24 @@ class Pretrainer:
             lr = lr_at(step, steps, peak)
             optimizer_step(self.accelerator, loss, opt, params, lr)
             bar.set_postfix(lm=f"{lm_loss.item():.3f}", **({} if dense is None else {"dense": f"{dense.item():.3f}"}))
-            self.log(phase=phase, step=step + 1, loss=round(lm_loss.item(), 5), lr=lr,
-                     **({} if dense is None else {"metric": "dense", "value": round(dense.item(), 5)}))
+            self.log(phase=phase, step=step + 1, loss=round(process_mean(self.accelerator, lm_loss), 5), lr=lr,
+                     **({} if dense is None else
+                        {"metric": "dense", "value": round(process_mean(self.accelerator, dense), 5)}))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._checkpoint(phase, step + 1, model, processor, opt, head)
             if (step + 1) % cfg.eval_every == 0:
                 self.evaluate(model, processor, self._global_step(phase, step + 1))
                 model.train()
 
-    def evaluate(self, model, processor, step: int) -> dict:
+    def evaluate(self, model, processor, step: int) -> dict | None:
+        """The held-out knowledge rows (``eval_per_skill`` each), logged; on the main process only (None elsewhere)."""
         from ..evaluation.knowledge import evaluate_knowledge
 
-        result = evaluate_knowledge(model, processor, self.cfg.eval_per_skill, progress=False)
-        for r in result["rows"]:
-            self.log(phase="eval", step=step, metric=r["key"], value=round(r["accuracy"], 4))
+        result = None
+        if self.accelerator.is_main_process:
+            result = evaluate_knowledge(model, processor, self.cfg.eval_per_skill, progress=False)
+            for r in result["rows"]:
+                self.log(phase="eval", step=step, metric=r["key"], value=round(r["accuracy"], 4))
+        self.accelerator.wait_for_everyone()
         return result
 
