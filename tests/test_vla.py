@@ -334,7 +334,7 @@ S.StageTrainer(stage, {s1!r}, {demos!r}, {killed!r}, progress=False).run()
 
 def test_robot_training_data_must_be_in_domain(tmp_path, policy):
     from workbench.dataset import generate_dataset
-    from workbench.vla.stages import RobotFrames
+    from workbench.vla.stage_data import RobotFrames
 
     path = str(tmp_path / "ow")
     generate_dataset(path, tasks=["toy_placement"], splits=["open_world"], episodes=1, progress=False)

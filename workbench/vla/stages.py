@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config, shard
 from .moe import MoEConfig, load_balancing_loss
-from .policy import CAMERA_ORDER, IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
+from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
+from .stage_data import GeneralPool, RobotFrames
 
 #: groups of parameters a stage may train (everything else is frozen)
 PARTS = ("vision", "embeddings", "attention", "experts", "router", "keypoints", "action_expert")
@@ -146,111 +147,6 @@ def format_parts(table: dict) -> str:
     lines = [f"{'part':<14}{'trainable':>11}{'frozen':>11}"]
     lines += [f"{p:<14}{c['trainable']:>11,}{c['frozen']:>11,}" for p, c in table.items() if sum(c.values())]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- data
-class RobotFrames:
-    """In-domain demonstration frames, tokenised once per episode, with cached vision tokens.
-
-    ``item(i)`` is an :func:`~workbench.vlm.api.encode_example` dict (+ ``feats``) whose answer is the
-    episode's reasoning; ``actions[i]`` (chunk, 4): commanded targets
-    (:meth:`~workbench.dataset.DemonstrationDataset.target_chunk`, padded by holding the last), ``states[i]`` (4,);
-    ``anchors[i]`` (2, 2): where keypoints 0 / 1 should land (:meth:`ChatVLA2Policy.keypoint_targets` of the
-    episode's pick object and place reference), ``anchor_mask[i]`` (2,): the pick object counts only until
-    it is grasped (afterwards it is in the hand, not at its spot).
-    The frozen vision tower's tokens of every frame are saved under ``<root>/cache/`` (keyed by a hash of
-    the vision weights), so later stages and reruns skip them."""
-
-    def __init__(self, root: str, policy: ChatVLA2Policy, progress: bool = True, batch: int = 32):
-        from ..dataset import DemonstrationDataset
-        from ..vlm.api import encode_example
-        from ..world.env import anchor_points
-
-        ds = DemonstrationDataset(root, chunk_size=policy.action_expert.config.chunk_size)
-        splits = set(ds.hf["split"])
-        if splits != {"in_domain"}:
-            raise ValueError(f"robot training data must be in-domain only; {root} has splits {sorted(splits)}")
-        self.episode = np.asarray(ds.hf["episode_index"])
-        self.states = torch.tensor(np.asarray(ds.hf["observation.state"], np.float32))
-        # the action expert predicts commanded targets
-        self.actions = torch.tensor(np.stack([ds.target_chunk(i)[0] for i in range(len(ds))]))
-        truth = {e["episode_index"]: e["ground_truth"] for e in ds.meta.episodes}
-        xy = np.stack([anchor_points(truth[int(e)]) for e in self.episode])  # (frames, 2, 2) metres
-        self.anchors = policy.keypoint_targets(xy)
-        before_grasp = np.isin(np.asarray(ds.hf["phase"]), ("reach", "grasp"))
-        self.anchor_mask = torch.tensor(np.stack([before_grasp, np.ones_like(before_grasp)], -1))
-        self.board, self.table = self._vision_tokens(ds, policy, root, progress, batch)
-        self.encoded = {}
-        for ep in np.unique(self.episode):
-            row = ds.hf[int(np.argmax(self.episode == ep))]
-            images = [row[f"observation.images.{c}"].convert("RGB") for c in CAMERA_ORDER]
-            self.encoded[int(ep)] = encode_example(policy.processor, images, row["instruction"], row["reasoning"])
-
-    @staticmethod
-    def _vision_tokens(ds, policy, root, progress, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames, 72, H) board and (frames, 176, H) table tokens, float16, from the cache or computed."""
-        import hashlib
-
-        from safetensors.torch import load_file, save_file
-
-        from ..vlm.api import vision_tokens
-
-        visual, ip = policy.vlm.model.visual.eval(), policy.processor.image_processor
-        digest = hashlib.sha1(b"".join(p.detach().float().numpy().tobytes() for p in visual.parameters()))
-        path = os.path.join(root, "cache", f"vision-{digest.hexdigest()[:12]}-{len(ds)}.safetensors")
-        if os.path.isfile(path):
-            t = load_file(path)
-            return t["board"], t["table"]
-        out: dict[str, list] = {c: [] for c in CAMERA_ORDER}
-        with torch.no_grad():
-            for start in tqdm(range(0, len(ds), batch), desc="caching vision tokens", disable=not progress):
-                rows = ds.hf[start:start + batch]
-                n = len(rows["episode_index"])
-                images = [rows[f"observation.images.{c}"][j].convert("RGB") for j in range(n) for c in CAMERA_ORDER]
-                tokens, per_image = vision_tokens(visual, ip, images)
-                split = tokens.half().split(per_image)
-                for k, c in enumerate(CAMERA_ORDER):
-                    out[c] += split[k::len(CAMERA_ORDER)]
-        tensors = {c: torch.stack(v) for c, v in out.items()}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a killed run leaves no half-written cache
-        return tensors["board"], tensors["table"]
-
-    def __len__(self) -> int:
-        return len(self.episode)
-
-    def item(self, i: int) -> dict:
-        return {**self.encoded[int(self.episode[i])], "feats": [self.board[i].float(), self.table[i].float()]}
-
-    def __repr__(self) -> str:
-        return f"RobotFrames(frames={len(self)}, episodes={len(self.encoded)})"
-
-
-class GeneralPool:
-    """The general image–text subset (no number reading, no arithmetic; its only digits are box coordinates:
-    :data:`~workbench.vlm.corpus.GENERAL_KINDS`), rendered once with the training generator and its vision
-    tokens cached."""
-
-    def __init__(self, size: int, policy: ChatVLA2Policy, seed: int = 0, progress: bool = True):
-        from ..vlm.api import encode_example, vision_tokens
-        from ..vlm.corpus import GENERAL_KINDS, CorpusGenerator, CorpusRenderer, check_general
-
-        samples = CorpusGenerator("train", seed=seed + 7).samples(size, kinds=GENERAL_KINDS)
-        assert all(check_general(s) for s in samples)
-        renderer = CorpusRenderer()
-        visual, ip = policy.vlm.model.visual.eval(), policy.processor.image_processor
-        self.items = []
-        with torch.no_grad():
-            for s in tqdm(samples, desc="image–text pool", disable=not progress):
-                images = renderer(s)
-                tokens, per_image = vision_tokens(visual, ip, images)
-                self.items.append({**encode_example(policy.processor, images, s.question, s.answer),
-                                   "feats": list(tokens.split(per_image))})
-        renderer.close()
-
-    def __len__(self) -> int:
-        return len(self.items)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
