@@ -159,10 +159,10 @@ def test_presets():
 def test_shipped_checkpoint_scores_above_its_floor(root):
     """Regression test: the shipped VLM on a fixed held-out batch of knowledge suite v2 (6 per row, no robustness rows).
 
-    Measured when this floor was set: 14/66 (colour 6, count 5, objects 3; every reading, arithmetic and grounding row
-    0: the shipped checkpoint is the first recipe's, which never saw the held-out font families or grounding; see the
-    README). An untrained model of the same shape scores 0. A change that breaks loading, the processor, the renderer
-    or the scoring drops below the floor.
+    Measured when this floor was set: 12/66 (text arithmetic 6/6, grounding cards 2, board arithmetic 1, spatial 1,
+    count 1, affordance 1; OCR 0/6 on this batch although 53/100 on the full row: see the README). An untrained model
+    of the same shape scores 0. A change that breaks loading, the processor, the renderer or the scoring drops below
+    the floor.
     """
     from workbench.evaluation.knowledge import evaluate_knowledge
 
@@ -170,5 +170,5 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
     result = evaluate_knowledge(model, processor, per_skill=6, seed=1234, progress=False, robustness=False)
     by_key = {r["key"]: r for r in result["rows"]}
     overall = sum(r["correct"] for k, r in by_key.items() if len(k.split()) == 1)
-    assert overall >= 11, result["examples"][:5]
-    assert by_key["colour"]["correct"] >= 5 and by_key["count"]["correct"] >= 3
+    assert overall >= 9, result["examples"][:5]
+    assert by_key["arithmetic"]["correct"] >= 5
