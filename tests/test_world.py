@@ -117,7 +117,7 @@ def test_expert_solves_seeded_episodes(envs, task, split):
 
 def test_doing_nothing_fails_and_truncates(envs):
     env = envs("math_matching")
-    ep = rollout(env, policy=lambda obs: (np.zeros(4, np.float32), "reach"), seed=0)
+    ep = rollout(env, controller=lambda obs: (np.zeros(4, np.float32), "reach"), seed=0)
     assert not ep.success and len(ep) == env.max_steps
 
 
@@ -125,7 +125,7 @@ def test_failing_policy_ends_episode_cleanly(envs):
     def broken(obs):
         raise RuntimeError("model crashed")
 
-    ep = rollout(envs("math_matching"), policy=broken, seed=0)
+    ep = rollout(envs("math_matching"), controller=broken, seed=0)
     assert not ep.success and "model crashed" in ep.error
 
 
