@@ -47,11 +47,9 @@ StageTrainer(stage, {s1!r}, {demos!r}, {str(tmp_path / "two")!r}, progress=False
     moved = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
     assert moved < 1e-4
     # and the check can fail: one process with half the batch does not give these losses
-    half = StageTrainer(dataclasses.replace(stage, batch_size=4), s1, demos, str(tmp_path / "half"),
-                        progress=False).run()
+    StageTrainer(dataclasses.replace(stage, batch_size=4), s1, demos, str(tmp_path / "half"), progress=False).run()
     lh = pd.read_csv(tmp_path / "half.run" / "log.csv")
     assert (la.diffusion - lh.diffusion).abs().max() > 1e-3
-    del half
 
 
 def test_two_processes_pretrain_the_vlm_as_one_process_does(root, tmp_path):

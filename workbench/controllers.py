@@ -30,12 +30,7 @@ def describe_action(action) -> str:
 
 class ExpertController:
     """The scripted expert. Its reasoning and step notes are the dataset's annotations of the ground truth
-    (``language.episode_reasoning`` / ``step_reasoning``); ``phase_notes=True`` notes the bare phase instead
-    (``reach``, ``grasp``, ...), as the recorded demonstrations do."""
-
-    def __init__(self, phase_notes: bool = False):
-        self.phase_notes = phase_notes
-        self.expert = None
+    (``language.episode_reasoning`` / ``step_reasoning``)."""
 
     def start(self, env, obs, info, seed=None, streamer=None) -> str:
         self.expert, self.info = ScriptedExpert(env), info
@@ -44,7 +39,7 @@ class ExpertController:
 
     def __call__(self, obs):
         action, phase = self.expert.act(obs)
-        return action, phase if self.phase_notes else language.step_reasoning(phase, self.info, self.rng)
+        return action, language.step_reasoning(phase, self.info, self.rng)
 
     def path(self):
         return None

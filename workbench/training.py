@@ -53,7 +53,7 @@ def average_gradients(params, processes: int) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view_as(p)  # views of one buffer, used once by this step
         offset += n
 
 

@@ -281,7 +281,7 @@ def rollout_player(policy=None, tasks=("math_matching", "toy_placement"), splits
                    seeds=range(3), max_steps: int = 80):
     """ipywidgets: choose a task, a split and a seed; the episode runs (cached) with ``policy`` (a ChatVLA-2
     policy) or, if None, the scripted expert, and a player steps through it, each frame captioned with what was
-    happening (the expert's phase, or the policy's chunk and reasoning)."""
+    happening (the expert's annotated step, or the policy's chunk and reasoning)."""
     import ipywidgets as widgets
     from IPython.display import display
 
@@ -295,7 +295,7 @@ def rollout_player(policy=None, tasks=("math_matching", "toy_placement"), splits
         if key not in cache:
             env = make_env(task, split, render_mode="rgb_array", max_steps=max_steps)
             obs, info = env.reset(seed=seed)
-            controller = ExpertController(phase_notes=True) if policy is None else PolicyController(policy)
+            controller = ExpertController() if policy is None else PolicyController(policy)
             reasoning = controller.start(env, obs, info, seed)
             frames, captions = [], []
             for step in steps(env, controller, obs):

@@ -290,6 +290,12 @@ class ActionExpert(nn.Module):
             if x is not None and tuple(x.shape) != (B, d):
                 raise ValueError(f"{name} must have shape (B={B}, {d}), got {tuple(x.shape)}")
 
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None, device=None):
+        """Training noise (batch, chunk, A) and then timesteps (batch,), drawn from ``generator`` in that order."""
+        cfg = self.config
+        noise = torch.randn((batch, cfg.chunk_size, cfg.action_dim), generator=generator, device=device)
+        return noise, torch.randint(0, cfg.num_train_timesteps, (batch,), generator=generator, device=device)
+
     def compute_loss(self, actions: torch.Tensor, obs: torch.Tensor, state: torch.Tensor,
                      reasoning: torch.Tensor | None = None, generator: torch.Generator | None = None,
                      noise: torch.Tensor | None = None,
@@ -312,10 +318,9 @@ class ActionExpert(nn.Module):
             raise ValueError(f"actions must be (B, {self.config.chunk_size}, {self.config.action_dim}), "
                              f"got {tuple(actions.shape)}")
         x0 = self.normalizer.normalize_action(actions)  # (B, chunk, A) in [-1, 1]
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = timesteps if timesteps is not None else \
-            torch.randint(0, self.config.num_train_timesteps, (B,), generator=generator, device=x0.device)
+        if noise is None or timesteps is None:
+            noise, timesteps = self.draw_noise(B, generator, x0.device)
+        t = timesteps
         pred = self(self.scheduler.add_noise(x0, noise, t), t, obs, state, reasoning)
         target = {"epsilon": noise, "sample": x0}.get(self.config.prediction_type)
         if target is None:  # v_prediction

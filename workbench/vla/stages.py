@@ -229,12 +229,8 @@ class StageTrainer:
             self.accelerator.wait_for_everyone()
 
     def _noise(self, policy, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The diffusion noise (batch, chunk, A) and timesteps (batch,) of the *global* batch of ``step``, drawn from
-        :func:`step_noise` in the order :meth:`ActionExpert.compute_loss` would draw them."""
-        cfg = policy.action_expert.config
-        g = step_noise(self.stage, step)
-        noise = torch.randn((batch, cfg.chunk_size, cfg.action_dim), generator=g)
-        return noise, torch.randint(0, cfg.num_train_timesteps, (batch,), generator=g)
+        """The diffusion noise and timesteps of the *global* batch of ``step`` (each process keeps its rows)."""
+        return policy.action_expert.draw_noise(batch, step_noise(self.stage, step))
 
     def _bar(self, start: int):
         st = self.stage
