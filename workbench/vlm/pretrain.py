@@ -82,7 +82,7 @@ class PretrainConfig:
     answer_steps: int = 700
     answer_lr: float = 1.5e-3
     scenes_batch_size: int = 48  # scenes phase: table (and a few board) questions per step
-    scenes_steps: int = 600
+    scenes_steps: int = 400
     scenes_lr: float = 1e-3
     vision_lr_scale: float = 0.3  # answer phase: the vision side's learning rate, relative
     dense_coef: float = 0.3  # answer phase: weight of the see phase's dense loss (keeps the vision side seeing)
