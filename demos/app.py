@@ -176,7 +176,7 @@ class Update(NamedTuple):
 def model_view(cameras: dict[str, np.ndarray], reasoning: str = "", path: np.ndarray | None = None) -> Image.Image:
     """The cameras the model saw at the start, enlarged: the reasoning's grounding boxes on the table image (they
     use 0-1000 coordinates of it) and the latest predicted end-effector path (blue, projected into it)."""
-    from workbench.vlm.corpus import parse_boxes
+    from workbench.world.grounding import parse_boxes
 
     s = VIEW_SCALE
     board = Image.fromarray(cameras["board"]).resize((cameras["board"].shape[1] * s, cameras["board"].shape[0] * s))
@@ -249,7 +249,7 @@ def run_episode(controller: ExpertController | PolicyController, task_label: str
     task, seed = TASKS[task_label], check_seed(seed)
     if reasoning is not None:
         try:
-            reasoning = language.check_text(reasoning, "reasoning", max_chars=2000)
+            reasoning = language.check_text(reasoning, "reasoning", max_chars=2000, grounding=True)
         except ValueError as exc:
             raise fail(f"Cannot follow that reasoning: {exc}") from None
     options, has_truth = episode_options(task, custom, source, sketch, photo, answer)

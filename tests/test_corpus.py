@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from workbench.vlm import corpus as C
+from workbench.world import grounding as G
 from workbench.world.catalog import SPLITS as ROBOT_SPLITS
 
 
@@ -62,7 +63,7 @@ def test_grounding_boxes_hold_their_object():
     for kind in ("ground_card", "ground_toy"):
         for _ in range(4):
             s = g.sample(kind)
-            (box,) = C.parse_boxes(s.answer)
+            (box,) = G.parse_boxes(s.answer)
             assert 0 <= box[0] < box[2] <= 1000 and 0 <= box[1] < box[3] <= 1000
             _, (lab,) = r(s, labels=True)
             name = str(s.facts.get("card", s.facts.get("object")))
@@ -77,11 +78,11 @@ def test_affordance_box_is_a_valid_placement():
     g = C.CorpusGenerator("train", seed=7)
     for _ in range(20):
         s = g.sample("affordance")
-        (x1, y1, x2, y2), = C.parse_boxes(s.answer)
+        (x1, y1, x2, y2), = G.parse_boxes(s.answer)
         f = s.facts
-        assert C.affordance_ok(C.table_point((x1 + x2) / 2, (y1 + y2) / 2), f["target_xy"], f["direction"])
+        assert G.affordance_ok(G.table_point((x1 + x2) / 2, (y1 + y2) / 2), f["target_xy"], f["direction"])
         other = {"left": "right", "right": "left", "front": "behind", "behind": "front"}[f["direction"]]
-        assert not C.affordance_ok(C.table_point((x1 + x2) / 2, (y1 + y2) / 2), f["target_xy"], other)
+        assert not G.affordance_ok(G.table_point((x1 + x2) / 2, (y1 + y2) / 2), f["target_xy"], other)
         assert s.answer.startswith("<|object_ref_start|>") and f"the {f['target']}" in s.answer
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from workbench.evaluation import knowledge as E
-from workbench.vlm.corpus import CONDITIONS, CorpusGenerator, parse_boxes
+from workbench.vlm.corpus import CONDITIONS, CorpusGenerator
+from workbench.world.grounding import parse_boxes
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,14 @@ from workbench.dataset import load_meta
 from workbench.evaluation.closed_loop import evaluate_policy, reasoning_scores
 from workbench.evaluation.knowledge import load_backbone
 from workbench.vla.policy import (
+    BOX_FEATURES,
     ChatVLA2Policy,
     Features,
     Observation,
     PolicyConfig,
     SpatialKeypoints,
     Summaries,
+    box_features,
     grid_coords,
     load_policy,
     save_policy,
@@ -44,6 +46,15 @@ def policy(root, demos):
     return ChatVLA2Policy.from_vlm(vlm, processor, load_meta(demos).stats)
 
 
+@pytest.fixture(scope="module")
+def kp_policy(root, demos):
+    """A policy with the (optional) language-queried keypoints."""
+    vlm, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
+    torch.manual_seed(0)
+    return ChatVLA2Policy.from_vlm(vlm, processor, load_meta(demos).stats,
+                                   PolicyConfig(num_keypoints=4, keypoint_loss_coef=1.0))
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 def test_observation_validates_its_fields():
     obs = Observation.fake()
@@ -68,10 +79,12 @@ def test_policy_config_validates():
     with pytest.raises(ValueError):
         PolicyConfig(moe={"variant": "sparse"})
     with pytest.raises(ValueError, match="num_keypoints must be >= 2"):
-        PolicyConfig(num_keypoints=1)
+        PolicyConfig(num_keypoints=1, keypoint_loss_coef=1.0)
     with pytest.raises(ValueError, match="keypoint_loss_coef"):
         PolicyConfig(keypoint_loss_coef=-1.0)
-    PolicyConfig(num_keypoints=0, keypoint_loss_coef=0.0)  # keypoints off is allowed
+    with pytest.raises(ValueError, match="reasoning_boxes"):
+        PolicyConfig(reasoning_boxes="yes")
+    PolicyConfig(num_keypoints=0, keypoint_loss_coef=0.0)  # keypoints off (the default) is allowed
 
 
 # ---------------------------------------------------------------------------------------------- keypoints
@@ -91,7 +104,8 @@ def test_keypoints_read_words_and_point_at_grid_positions():
     assert torch.allclose(kp(words2, mask, tokens, coords)[0][0], points[0])
 
 
-def test_keypoint_targets_and_heatmap_loss(policy):
+def test_keypoint_targets_and_heatmap_loss(kp_policy):
+    policy = kp_policy
     """Targets follow the table camera's geometry; the loss is smallest when the map peaks on the target."""
     # the camera looks straight down at x = 0.55, y = 0: image up = +x, image left = +y
     centre, ahead, left = policy.keypoint_targets(np.array([[0.55, 0.0], [0.65, 0.0], [0.55, 0.1]]))
@@ -113,22 +127,48 @@ def test_keypoint_targets_and_heatmap_loss(policy):
     assert loss(elsewhere, (False, False)) == 0.0  # masked out: no loss
 
 
-def test_summaries_cache_round_trip(policy):
+def test_summaries_cache_round_trip(kp_policy):
     """Summaries.rows (what stage 3 caches, float16, words unpadded) -> Summaries.stack gives the same
-    keypoints as the live summaries."""
+    keypoints, box features and observation vector as the live summaries."""
     from workbench.vlm.api import collate, encode_example
 
+    policy = kp_policy
     obs = [Observation.fake(s) for s in (3, 4)]
-    reasons = ["The card 7 is at the back left.", "I see the red cube and the yellow duck; the red cube goes left."]
+    reasons = ["I need <|object_ref_start|>the card 7<|object_ref_end|><|box_start|>(100,200),(150,260)<|box_end|>.",
+               "I see the red cube and the yellow duck; the red cube goes left."]
     items = [encode_example(policy.processor, [o.board, o.table], INSTRUCTION, r) for o, r in zip(obs, reasons)]
     batch = collate(items, policy.processor.tokenizer.pad_token_id)
     with torch.no_grad():
         live = policy.vlm_summaries(batch)
-        assert live.words.shape[:2] == live.word_mask.shape and live.word_mask.sum(1).tolist()[0] < live.words.shape[1]
+        assert live.words.shape[:2] == live.word_mask.shape and min(live.word_mask.sum(1).tolist()) < live.words.shape[1]
         again = Summaries.stack(live.rows(), live.coords)
         a, b = policy.condition(live), policy.condition(again)
-    assert torch.equal(again.word_mask, live.word_mask)
+    assert torch.equal(again.word_mask, live.word_mask) and torch.equal(again.boxes, live.boxes)
     assert torch.allclose(a.keypoints, b.keypoints, atol=2e-2) and torch.allclose(a.obs, b.obs, atol=2e-2)
+    # the first reasoning states a box to pick and nothing else; the second states no box
+    assert live.boxes[0].tolist() == box_features([parse_reasoning(reasons[0])])[0].tolist()
+    assert live.boxes[0, BOX_FEATURES // 2 - 1] == 1 and live.boxes[0, BOX_FEATURES - 1] == 0
+    assert not live.boxes[1].any()
+
+
+def test_the_reasoning_path_reads_the_boxes_the_reasoning_states(policy):
+    """Two reasonings that differ only in a box give the action expert different reasoning vectors (in the box
+    features, which the hidden-state part would blur), and box features keep positions apart."""
+    from workbench.vlm.api import collate, encode_example
+
+    text = "I'll move <|object_ref_start|>the card 3<|object_ref_end|><|box_start|>({}),(300,300)<|box_end|>."
+    obs = Observation.fake(1)
+    items = [encode_example(policy.processor, [obs.board, obs.table], INSTRUCTION, text.format(c))
+             for c in ("100,100", "700,650")]
+    with torch.no_grad():
+        feats, _ = policy.features(collate(items, policy.processor.tokenizer.pad_token_id))
+    hidden = policy.vlm.config.text_config.hidden_size
+    assert feats.reasoning.shape == (2, hidden + BOX_FEATURES) == (2, policy.action_expert.config.reasoning_dim)
+    boxes = feats.reasoning[:, hidden:]
+    assert (boxes[0] - boxes[1]).abs().max() > 0.5
+    near = box_features([parse_reasoning(text.format("110,100")), parse_reasoning(text.format("100,100"))])
+    assert (near[0] - near[1]).abs().max() < (boxes[0] - boxes[1]).abs().max()
+    assert box_features([]).shape == (0, BOX_FEATURES)
 
 
 # ---------------------------------------------------------------------------------------------- acting
@@ -144,8 +184,8 @@ def test_predict_action_chunk_and_action_queue(policy):
     assert policy.last_targets.shape == (16, 4)
     np.testing.assert_allclose(actions, actions_towards(obs.state[:3], policy.last_targets), atol=1e-6)
     assert reasoning.strip() and reasoning == policy.reasoning and policy.facts == parse_reasoning(reasoning)
-    assert policy.last_features.obs.shape == (1, 128 + 2 * policy.config.num_keypoints)
-    assert policy.last_features.attention.shape == (1, policy.config.num_keypoints, 176)  # 11 x 16 table tokens
+    assert policy.last_features.obs.shape == (1, 128) and policy.last_features.attention is None  # no keypoints
+    assert policy.last_features.reasoning.shape == (1, 128 + BOX_FEATURES)
     policy.reset()
     assert policy.reasoning is None
     calls = []
@@ -344,15 +384,29 @@ def test_robot_training_data_must_be_in_domain(tmp_path, policy):
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def test_reasoning_scores():
-    gt = {"task": "math_matching", "equation": "3+4=?", "answer_card_slot": "back left"}
-    good = parse_reasoning("The whiteboard shows 3 + 4 = ?. 3 + 4 = 7, so I need the card 7. The card 7 is at "
-                           "the back left.")
-    assert reasoning_scores(good, gt) == {"ocr": 4, "math": 2}
-    bad = parse_reasoning("The whiteboard shows 3 × 5 = ?. The card 8 is at the front right.")
-    assert reasoning_scores(bad, gt) == {"ocr": 1, "math": 0}
-    toy = {"task": "toy_placement", "object": "red cube", "target": "yellow duck", "direction": "left"}
-    assert reasoning_scores(parse_reasoning("I see the red cube and the blue mug. The red cube must go to the "
-                                            "left of the blue mug."), toy) == {"recognition": 0.5, "spatial": 1}
+    from workbench.world.grounding import affordance_box, card_box, grounded, toy_box
+
+    gt = {"task": "math_matching", "equation": "3+4=?", "answer_card_slot": "back left",
+          "answer_card_xy": [0.62, 0.21]}
+    good = parse_reasoning("The whiteboard shows 3 + 4 = ?. 3 + 4 = 7, so I need "
+                           f"{grounded('the card 7', card_box([0.625, 0.2]))} at the back left.")
+    assert reasoning_scores(good, gt) == {"ocr": 4, "math": 2, "grounding": 1}
+    bad = parse_reasoning("The whiteboard shows 3 × 5 = ?. The card 8 is at the front right, "
+                          f"{grounded('the card 8', card_box([0.45, -0.2]))}.")
+    assert reasoning_scores(bad, gt) == {"ocr": 1, "math": 0, "grounding": 0}
+    toys = {"red cube": [0.5, 0.1], "yellow duck": [0.55, -0.1], "blue cube": [0.45, -0.15]}
+    toy = {"task": "toy_placement", "object": "red cube", "target": "yellow duck", "direction": "left",
+           "toys": toys}
+    said = (f"I see {grounded('the red cube', toy_box('red cube', (0.5, 0.1, 0)))} and "
+            f"{grounded('the blue cube', toy_box('blue cube', (0.45, -0.15, 0)))}. The red cube must go "
+            f"{grounded('to the left of the blue cube', affordance_box(toys['blue cube'], 'left'))}.")
+    assert reasoning_scores(parse_reasoning(said), toy) == {"recognition": 0.5, "spatial": 1, "grounding": 0.5,
+                                                            "affordance": 0}
+    right = (f"I see {grounded('the red cube', toy_box('red cube', (0.5, 0.1, 0)))} and "
+             f"{grounded('the yellow duck', toy_box('yellow duck', (0.55, -0.1, 0)))}. The red cube must go "
+             f"{grounded('to the left of the yellow duck', affordance_box(toys['yellow duck'], 'left'))}.")
+    assert reasoning_scores(parse_reasoning(right), toy) == {"recognition": 1, "spatial": 1, "grounding": 1,
+                                                             "affordance": 1}
 
 
 def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_path):
@@ -361,13 +415,47 @@ def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_pat
                              video_dir=str(tmp_path), progress=False, oracle_reasoning=True)
     assert result["episodes"] == 1 and 0 <= result["success_rate"] <= 1 and len(result["ci95"]) == 2
     rec = result["records"][0]
-    assert rec["scores"] == {"recognition": 1.0, "spatial": 1} and rec["steps"] > 0 and rec["conclusion_right"]
+    assert rec["scores"] == {"recognition": 1.0, "spatial": 1, "grounding": 1.0, "affordance": 1}
+    assert rec["steps"] > 0 and rec["conclusion_right"]
     assert result["conclusion_right"] == 1 and result["successes_when_right"] == result["successes"]
     assert rec["instruction"] and rec["reasoning"] and result["oracle_reasoning"]
     assert os.listdir(tmp_path)  # one GIF
 
 
-def test_keypoint_evaluation_measures_where_keypoints_land(policy, monkeypatch):
+def test_counterfactual_following_hands_over_another_task(policy):
+    from workbench.evaluation.closed_loop import counterfactual, evaluate_following
+    from workbench.world.env import TabletopEnv
+    from workbench.world.grounding import box_hit, card_box, toy_box
+    from workbench.world.language import episode_reasoning
+
+    env = TabletopEnv("math_matching", "open_world")
+    _, info = env.reset(seed=3)
+    gt, kind = counterfactual(env, info, np.random.default_rng(0))
+    facts = parse_reasoning(episode_reasoning(gt, np.random.default_rng(0)))
+    other = env.scene.body_position(env.scene.cards[gt["answer"]])[:2]
+    assert kind == "card" and gt["answer"] != info["answer"] and gt["answer"] in info["cards"]
+    assert facts.card == gt["answer"] and box_hit(facts.pick_box, card_box(other))
+    env.close()
+    env, kinds = TabletopEnv("toy_placement", "open_world"), set()
+    for seed in range(8):
+        _, info = env.reset(seed=seed)
+        gt, kind = counterfactual(env, info, np.random.default_rng(seed))
+        kinds.add(kind)
+        changed = {k for k in ("object", "target", "direction") if gt[k] != info[k]}
+        assert changed == {"direction" if kind == "side" else "object"}
+        facts = parse_reasoning(episode_reasoning(gt, np.random.default_rng(0)))
+        assert facts.object == gt["object"] and box_hit(facts.pick_box, toy_box(gt["object"],
+                                                                                (*info["toys"][gt["object"]], 0)))
+    env.close()
+    assert kinds == {"side", "object"}
+    result = evaluate_following(policy, "toy_placement", episodes=1, progress=False)
+    rec = result["records"][0]
+    assert result["episodes"] == 1 and result["followed"] == rec["followed"] and rec["kind"] in ("side", "object")
+    assert "<|box_start|>" in rec["reasoning"]  # it was handed the counterfactual's grounded reasoning
+
+
+def test_keypoint_evaluation_measures_where_keypoints_land(kp_policy, monkeypatch):
+    policy = kp_policy
     from workbench.evaluation.closed_loop import EVAL_SEED, evaluate_keypoints
     from workbench.world.env import TabletopEnv, anchor_points
 

@@ -5,6 +5,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
+from workbench.world import grounding as G
 from workbench.world import language
 from workbench.world.catalog import (
     CARD_SLOTS,
@@ -113,6 +114,21 @@ def test_expert_solves_seeded_episodes(envs, task, split):
     ep = results[0]
     assert len(ep.phases) == len(ep.actions) == len(ep.states)
     assert {"reach", "grasp", "carry", "release"} <= set(ep.phases)
+
+
+@pytest.mark.parametrize("task", ["math_matching", "toy_placement"])
+def test_the_env_tells_which_card_is_on_the_pad_and_where_a_toy_rests(envs, task):
+    env = envs(task)
+    ep = rollout(env, seed=4)
+    gt = ep.ground_truth
+    assert ep.success
+    if task == "math_matching":
+        assert env.card_on_pad(gt["answer"])
+        assert not any(env.card_on_pad(d) for d in gt["cards"] if d != gt["answer"])
+    else:
+        assert env.toy_placed(gt["object"], gt["target"], gt["direction"])
+        others = [d for d in ("left", "right", "front", "behind") if d != gt["direction"]]
+        assert not any(env.toy_placed(gt["object"], gt["target"], d) for d in others)
 
 
 def test_doing_nothing_fails_and_truncates(envs):
@@ -234,9 +250,19 @@ def test_reasoning_templates_parse_back(envs, task):
         facts = language.parse_reasoning(text)
         if task == "math_matching":
             assert all(language.math_score_parts(facts, info).values()), (text, facts)
+            card = env.scene.cards[info["answer"]]
+            want = {"pick_box": G.card_box(env.scene.body_position(card)[:2]), "place_box": G.pad_box()}
         else:
             assert (facts.object, facts.target, facts.direction) == (info["object"], info["target"],
                                                                      info["direction"]), text
+            toys = info["toys"]
+            want = {"pick_box": G.toy_box(info["object"], (*toys[info["object"]], 0)),
+                    "target_box": G.toy_box(info["target"], (*toys[info["target"]], 0)),
+                    "place_box": G.affordance_box(toys[info["target"]], info["direction"])}
+            assert G.placement_ok(facts.place_box, toys[info["target"]], info["direction"])
+        # the boxes it states are the simulator's, rounded to the 0-1000 grid
+        for slot, box in want.items():
+            assert np.abs(np.subtract(getattr(facts, slot), box)).max() <= 1, (slot, text)
         for phase in language.PHASES:
             assert language.step_reasoning(phase, info, rng)
 
@@ -252,6 +278,21 @@ def test_parse_reasoning_never_raises():
         language.parse_reasoning(junk)
     f = language.parse_reasoning("the board says 12 - 5 = ? so 12 - 5 = 7; card 7 at the back left")
     assert (f.equation, f.answer, f.card, f.card_slot) == ("12-5", 7, 7, "back left")
+
+
+def test_grounded_phrases_are_read_by_what_they_name():
+    text = ("On the table are <|object_ref_start|>the yellow duck<|object_ref_end|><|box_start|>(10,20),(30,40)"
+            "<|box_end|> and <|object_ref_start|>the red cube<|object_ref_end|><|box_start|>(500,500),(560,580)"
+            "<|box_end|>. I need to place the yellow duck <|object_ref_start|>behind the red cube<|object_ref_end|>"
+            "<|box_start|>(600,480),(700,590)<|box_end|>.")
+    f = language.parse_reasoning(text)
+    assert (f.object, f.target, f.direction) == ("yellow duck", "red cube", "behind")
+    assert (f.pick_box, f.target_box, f.place_box) == ((10, 20, 30, 40), (500, 500, 560, 580), (600, 480, 700, 590))
+    # a malformed box is skipped, not guessed; the grounding tokens are allowed in reasoning, not in instructions
+    assert language.parse_reasoning(text.replace("(10,20),(30,40)", "(10,20)")).pick_box is None
+    assert language.check_text(text, "reasoning", grounding=True) == text
+    with pytest.raises(ValueError, match="box_start"):
+        language.check_text(text, "instruction")
 
 
 def test_card_slots_and_positions():

@@ -6,10 +6,14 @@ in :mod:`workbench.evaluation`.
     python -m workbench.evaluate policy --policy data_samples/policy --task math_matching --split open_world \
         --episodes 50 [--videos 2] [--out outputs/policy_math_open.json]
     python -m workbench.evaluate keypoints --policy data_samples/policy --episodes 50
+    python -m workbench.evaluate following --policy data_samples/policy --episodes 50 [--out outputs/following.json]
     python -m workbench.evaluate report --policy data_samples/policy --episodes 25 \\
         --out data_samples/policy/results.json
 
 ``keypoints``: where the policy's pick and place-reference keypoints land against the simulator's ground truth.
+``following``: counterfactual following on held-out (open-world) scenes of both tasks: the policy is handed the
+reasoning of another task in the same scene (another card; another side or another toy) and the robot's outcome is
+checked against what that text says.
 ``report``: closed-loop results on both tasks and splits, with generated and then with true (oracle) reasoning,
 the keypoints, and the knowledge table of the pretrained VLM beside the policy's backbone (what the README
 shows). ``knowledge`` accepts a policy folder too: it then evaluates the policy's backbone (MoE layers
@@ -24,8 +28,10 @@ import os
 
 from .evaluation.closed_loop import (
     EVAL_SEED,
+    evaluate_following,
     evaluate_keypoints,
     evaluate_policy,
+    format_following_result,
     format_keypoint_result,
     format_policy_result,
     on_every_task_and_split,
@@ -57,6 +63,11 @@ def main(argv=None):
     kp.add_argument("--generated-reasoning", action="store_true",
                     help="let the policy generate its reasoning (default: hand it the true reasoning)")
     kp.add_argument("--out", default=None, help="JSON file for the results and every episode's errors")
+    fo = sub.add_parser("following", help="counterfactual following: hand the policy another task's reasoning")
+    fo.add_argument("--policy", required=True, help="policy folder")
+    fo.add_argument("--episodes", type=int, default=50, help="episodes per task")
+    fo.add_argument("--split", default="open_world", choices=["in_domain", "open_world"])
+    fo.add_argument("--out", default=None, help="JSON file for the results and every episode")
     p = sub.add_parser("policy", help="closed-loop evaluation of a policy in the simulator")
     p.add_argument("--policy", required=True, help="policy folder")
     p.add_argument("--task", required=True, choices=["math_matching", "toy_placement"])
@@ -73,6 +84,8 @@ def main(argv=None):
         return _main_policy(ap, args)
     if args.what == "keypoints":
         return _main_keypoints(ap, args)
+    if args.what == "following":
+        return _main_following(ap, args)
     if args.what == "report":
         result = policy_report(args.policy, args.vlm, args.episodes, args.per_skill, oracle=not args.no_oracle)
         print(format_retention(result["knowledge"]))
@@ -114,6 +127,21 @@ def _main_keypoints(ap, args):
         format_keypoint_result)
     if args.out:
         _write_json(args.out, {"policy": args.policy, "keypoints": results})
+
+
+def _main_following(ap, args):
+    from .vla.policy import load_policy
+    from .world.catalog import TASKS
+
+    if args.episodes < 1:
+        ap.error("--episodes must be at least 1")
+    policy = load_policy(args.policy)
+    results = []
+    for task in TASKS:
+        results.append(evaluate_following(policy, task, args.split, args.episodes))
+        print(format_following_result(results[-1]))
+    if args.out:
+        _write_json(args.out, {"policy": args.policy, "following": results})
 
 
 def _write_json(path: str, obj) -> None:

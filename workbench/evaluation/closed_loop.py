@@ -22,18 +22,34 @@ def reasoning_scores(facts, ground_truth: dict) -> dict:
     """The paper's reasoning scores for one episode, from the parsed reasoning ``facts``.
 
     Math matching: ``ocr`` (0-4) = first operand, operator, second operand read from the board and the
-    answer card's slot read from the table; ``math`` (0-2) = the answer and the card chosen. Toy placement:
-    ``recognition`` (0-1) = mean of object and target named correctly; ``spatial`` (0/1) = the side."""
-    from ..world.catalog import Equation
+    answer card's slot read from the table; ``math`` (0-2) = the answer and the card chosen; ``grounding`` (0/1) =
+    the box of the card to pick finds the answer card (:func:`~workbench.world.grounding.box_hit`). Toy placement:
+    ``recognition`` (0-1) = mean of object and target named correctly; ``spatial`` (0/1) = the side;
+    ``grounding`` (0-1) = mean of the object's and the target's boxes finding them; ``affordance`` (0/1) = a toy
+    put down at the centre of the placement box would succeed (:func:`~workbench.world.grounding.placement_ok`).
+    Boxes the reasoning does not state score 0."""
+    from ..world.catalog import CARD_SLOTS, Equation
+    from ..world.grounding import box_hit, card_box, placement_ok, toy_box
+
+    def hit(box, truth) -> int:
+        return int(box is not None and box_hit(box, truth))
 
     if ground_truth["task"] == "math_matching":
         truth = Equation.parse(ground_truth["equation"])
         read = re.fullmatch(r"(\d+)([+\-×÷])(\d+)", facts.equation or "")
         a, op, b = (int(read[1]), read[2], int(read[3])) if read else (None, None, None)
         ocr = sum([a == truth.a, op == truth.op, b == truth.b, facts.card_slot == ground_truth["answer_card_slot"]])
-        return {"ocr": ocr, "math": int(facts.answer == truth.answer) + int(facts.card == truth.answer)}
-    return {"recognition": (int(facts.object == ground_truth["object"]) + int(facts.target == ground_truth["target"]))
-            / 2, "spatial": int(facts.direction == ground_truth["direction"])}
+        card_xy = ground_truth.get("answer_card_xy") or CARD_SLOTS[ground_truth["answer_card_slot"]]
+        return {"ocr": ocr, "math": int(facts.answer == truth.answer) + int(facts.card == truth.answer),
+                "grounding": hit(facts.pick_box, card_box(card_xy))}
+    toys = ground_truth["toys"]
+    obj, tgt = ground_truth["object"], ground_truth["target"]
+    return {"recognition": (int(facts.object == obj) + int(facts.target == tgt)) / 2,
+            "spatial": int(facts.direction == ground_truth["direction"]),
+            "grounding": (hit(facts.pick_box, toy_box(obj, (*toys[obj], 0.0)))
+                          + hit(facts.target_box, toy_box(tgt, (*toys[tgt], 0.0)))) / 2,
+            "affordance": int(facts.place_box is not None
+                              and placement_ok(facts.place_box, toys[tgt], ground_truth["direction"]))}
 
 
 def conclusion_right(facts, ground_truth: dict) -> bool:
@@ -93,6 +109,87 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
             "success_rate": wins / max(1, len(records)), "ci95": [lo, hi],
             "scores": {k: float(np.mean([r["scores"][k] for r in records])) for k in keys},
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
+
+
+def counterfactual(env, ground_truth: dict, rng) -> tuple[dict, str]:
+    """Another task in the same scene, as (its ground truth, the kind of change): math matching, another card
+    on the table is "the answer" (``"card"``); toy placement, alternately the object goes to another side of the
+    target (``"side"``) or another toy goes where the object should (``"object"``). Positions are read from the
+    simulator, so the counterfactual reasoning's boxes are exact."""
+
+    from ..world.catalog import DIRECTIONS
+    from ..world.env import TOY_REGION
+    from ..world.grounding import affordance_point
+
+    gt = dict(ground_truth)
+    scene = env.unwrapped.scene
+    if gt["task"] == "math_matching":
+        others = sorted(d for d in gt["cards"] if int(d) != gt["answer"])
+        d = int(others[rng.integers(len(others))])
+        gt.update(answer=d, equation=None, answer_card_slot=gt["cards"][d],
+                  answer_card_xy=[float(v) for v in scene.body_position(scene.cards[d])[:2]])
+        return gt, "card"
+    (x0, x1), (y0, y1) = TOY_REGION
+    toys = gt["toys"]
+    if rng.random() < 0.5 or len(toys) < 3:
+        sides = [d for d in DIRECTIONS if d != gt["direction"]
+                 and x0 - 0.04 <= affordance_point(toys[gt["target"]], d)[0] <= x1 + 0.04
+                 and y0 - 0.04 <= affordance_point(toys[gt["target"]], d)[1] <= y1 + 0.04]
+        if sides:
+            gt["direction"] = sides[rng.integers(len(sides))]
+            return gt, "side"
+    others = [n for n in toys if n not in (gt["object"], gt["target"])]
+    gt["object"] = others[rng.integers(len(others))]
+    return gt, "object"
+
+
+def evaluate_following(policy, task: str, split: str = "open_world", episodes: int = 50, seed: int = EVAL_SEED,
+                       progress: bool = True) -> dict:
+    """Counterfactual following: in each seeded scene the policy is handed the reasoning of *another* task
+    (:func:`counterfactual`, written as the datasets annotate reasoning) and ``followed`` counts the episodes where
+    the robot did what that text says (the named card on the pad; the named toy on the named side), ``original``
+    those where it did the instruction's task instead. The instruction is the scene's own, so a policy that
+    re-derives the task from the instruction or the pixels does the original task."""
+    import numpy as np
+
+    from ..controllers import PolicyController
+    from ..world.env import TabletopEnv
+    from ..world.language import episode_reasoning
+    from ..world.rollout import rollout
+
+    env = TabletopEnv(task, split)
+    changed: dict = {}
+
+    def text(info, env_seed):
+        changed["gt"], changed["kind"] = counterfactual(env, info, np.random.default_rng([env_seed, 5]))
+        return episode_reasoning(changed["gt"], np.random.default_rng(env_seed))
+
+    controller = PolicyController(policy, reasoning=text)
+    records = []
+    for i in tqdm(range(episodes), desc=f"following {task}/{split}", disable=not progress):
+        ep = rollout(env, controller, seed=seed + i)
+        want, u = changed["gt"], env.unwrapped
+        if task == "math_matching":
+            followed = u.card_on_pad(want["answer"])
+        else:
+            followed = u.toy_placed(want["object"], want["target"], want["direction"])
+        records.append({"seed": seed + i, "kind": changed["kind"], "followed": followed, "original": ep.success,
+                        "error": ep.error, "reasoning": ep.reasoning})
+    env.close()
+    n = len(records)
+    wins = sum(r["followed"] for r in records)
+    kinds = sorted({r["kind"] for r in records})
+    return {"task": task, "split": split, "episodes": n, "followed": wins, "ci95": list(wilson_interval(wins, n)),
+            "original": sum(r["original"] for r in records),
+            "by_kind": {k: [sum(r["followed"] for r in records if r["kind"] == k),
+                            sum(r["kind"] == k for r in records)] for k in kinds}, "records": records}
+
+
+def format_following_result(r: dict) -> str:
+    kinds = ", ".join(f"{k} {a}/{b}" for k, (a, b) in r["by_kind"].items())
+    return (f"following {r['task']} / {r['split']}: did what the handed reasoning says in {r['followed']}/"
+            f"{r['episodes']} (95% CI {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%; {kinds}); did the "
+            f"instruction's own task instead in {r['original']}")
 
 
 def evaluate_keypoints(policy, task: str, split: str, episodes: int = 50, seed: int = EVAL_SEED,

@@ -39,20 +39,9 @@ def parse_cards(text: str) -> dict[int, str]:
                                                    text or "")}
 
 
-def _box_hit(box, truth) -> bool:
-    """A predicted box finds an object when its centre lies inside the true box or IoU >= 0.5."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    if truth[0] <= cx <= truth[2] and truth[1] <= cy <= truth[3]:
-        return True
-    ix = max(0.0, min(box[2], truth[2]) - max(box[0], truth[0]))
-    iy = max(0.0, min(box[3], truth[3]) - max(box[1], truth[1]))
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (truth[2] - truth[0]) * (truth[3] - truth[1]) - ix * iy
-    return union > 0 and ix * iy / union >= 0.5
-
-
 def score(sample: Sample, output: str) -> bool:
     """Whether ``output`` answers ``sample`` correctly (lenient parsing, strict facts)."""
-    from ..vlm.corpus import affordance_ok, parse_boxes, table_point
+    from ..world.grounding import box_hit, parse_boxes, placement_ok
 
     f, raw = sample.facts, (output or "").strip()
     out = raw.lower()
@@ -83,13 +72,10 @@ def score(sample: Sample, output: str) -> bool:
         return out.split()[:1] == [NUMBER_WORDS[f["count"]]]
     if sample.kind in ("ground_card", "ground_toy"):
         boxes = parse_boxes(raw)
-        return len(boxes) == 1 and _box_hit(boxes[0], f["box"])
+        return len(boxes) == 1 and box_hit(boxes[0], f["box"])
     if sample.kind == "affordance":
         boxes = parse_boxes(raw)
-        if len(boxes) != 1:
-            return False
-        x1, y1, x2, y2 = boxes[0]
-        return affordance_ok(table_point((x1 + x2) / 2, (y1 + y2) / 2), f["target_xy"], f["direction"])
+        return len(boxes) == 1 and placement_ok(boxes[0], f["target_xy"], f["direction"])
     raise ValueError(f"cannot score kind {sample.kind!r}")
 
 

@@ -119,11 +119,13 @@ class PolicyConfig:
 
     moe: dict = field(default_factory=lambda: MoEConfig().to_dict())
     action: dict = field(default_factory=dict)  # ActionExpertConfig fields (obs/reasoning dims are derived)
-    num_keypoints: int = 4
+    num_keypoints: int = 0
     n_action_steps: int = 8  # actions executed from each predicted chunk before predicting again
-    max_reasoning_tokens: int = 72
+    max_reasoning_tokens: int = 128
     #: weight of the auxiliary loss pulling keypoints 0 / 1 to the pick object / place reference (0 = off)
-    keypoint_loss_coef: float = 1.0
+    keypoint_loss_coef: float = 0.0
+    #: the reasoning path also gets the boxes the reasoning states (what to pick, where to put it) as numbers
+    reasoning_boxes: bool = True
 
     def __post_init__(self):
         MoEConfig.from_dict(self.moe)  # validates
@@ -139,6 +141,8 @@ class PolicyConfig:
             raise ValueError(f"n_action_steps must be an int in [1, chunk_size={chunk}], got {self.n_action_steps!r}")
         if not (isinstance(self.max_reasoning_tokens, int) and self.max_reasoning_tokens > 0):
             raise ValueError(f"max_reasoning_tokens must be a positive int, got {self.max_reasoning_tokens!r}")
+        if not isinstance(self.reasoning_boxes, bool):
+            raise ValueError(f"reasoning_boxes must be True or False, got {self.reasoning_boxes!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,6 +206,34 @@ class SpatialKeypoints(nn.Module):
         return torch.einsum("bkn,nc->bkc", att, coords).reshape(b, 2 * self.k), att, read.mean(2)
 
 
+#: Fourier frequencies (times pi) of the box coordinates given to the reasoning path
+BOX_FREQUENCIES = (1.0, 2.0, 4.0, 8.0)
+#: the boxes of :class:`~workbench.world.language.ReasoningFacts` the reasoning path reads
+BOX_SLOTS = ("pick_box", "place_box")
+#: per box: centre (u, v) as sines and cosines at each frequency, and whether the reasoning stated it
+BOX_FEATURES = len(BOX_SLOTS) * (4 * len(BOX_FREQUENCIES) + 1)
+
+
+def box_features(facts: list[ReasoningFacts]) -> torch.Tensor:
+    """(B, :data:`BOX_FEATURES`): Fourier features of the centres of what each reasoning says to pick and where
+    to put it (0-1000 table-camera boxes, scaled to [-1, 1]); zeros and a 0 flag for a box it does not state."""
+    f = torch.tensor(BOX_FREQUENCIES) * torch.pi
+    rows = []
+    for fact in facts:
+        row = []
+        for slot in BOX_SLOTS:
+            box = getattr(fact, slot)
+            if box is None:
+                row.append(torch.zeros(4 * len(BOX_FREQUENCIES) + 1))
+                continue
+            x1, y1, x2, y2 = (min(max(float(v), 0.0), 1000.0) for v in box)
+            centre = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2]) / 500.0 - 1.0  # (2,) in [-1, 1]
+            angles = (centre[:, None] * f).flatten()
+            row.append(torch.cat([angles.sin(), angles.cos(), torch.ones(1)]))
+        rows.append(torch.cat(row))
+    return torch.stack(rows) if rows else torch.zeros(0, BOX_FEATURES)
+
+
 def grid_coords(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     """(N, 2) (row, col) in [-1, 1] of an image's merged tokens, raster order; ``grid_thw`` = (1, h, w)."""
     gh, gw = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
@@ -222,7 +254,8 @@ class Summaries:
     prompt: (B, H) mean over the prompt (images + instruction); reasoning: (B, H) mean over the reasoning;
     words: (B, R, H) the reasoning tokens' (frozen) input embeddings, left-aligned, with word_mask (B, R)
     true where real;
-    table: (B, N, H) the table camera's merged tokens; coords: (N, 2) their grid positions in [-1, 1].
+    table: (B, N, H) the table camera's merged tokens; coords: (N, 2) their grid positions in [-1, 1];
+    boxes: (B, :data:`BOX_FEATURES`) the :func:`box_features` of the boxes the reasoning states.
     """
 
     prompt: torch.Tensor
@@ -231,21 +264,24 @@ class Summaries:
     word_mask: torch.Tensor
     table: torch.Tensor
     coords: torch.Tensor
+    boxes: torch.Tensor
 
     def rows(self) -> list[dict]:
-        """One float16 dict per frame, with the padding of ``words`` cut off (for caches)."""
+        """One dict per frame (float16; the box features float32), with the padding of ``words`` cut off (for
+        caches)."""
         n = self.word_mask.sum(1).tolist()
         return [{"prompt": self.prompt[i].half(), "reasoning": self.reasoning[i].half(),
-                 "words": self.words[i, : n[i]].half(), "table": self.table[i].half()} for i in range(len(n))]
+                 "words": self.words[i, : n[i]].half(), "table": self.table[i].half(), "boxes": self.boxes[i]}
+                for i in range(len(n))]
 
     @classmethod
     def stack(cls, rows: list[dict], coords: torch.Tensor) -> Summaries:
         """The inverse of :meth:`rows` (float32, words padded again)."""
         words = nn.utils.rnn.pad_sequence([r["words"].float() for r in rows], batch_first=True)
         lengths = torch.tensor([len(r["words"]) for r in rows])
-        stacked = {k: torch.stack([r[k].float() for r in rows]) for k in ("prompt", "reasoning", "table")}
+        stacked = {k: torch.stack([r[k].float() for r in rows]) for k in ("prompt", "reasoning", "table", "boxes")}
         mask = torch.arange(words.shape[1])[None] < lengths[:, None]
-        return cls(stacked["prompt"], stacked["reasoning"], words, mask, stacked["table"], coords)
+        return cls(stacked["prompt"], stacked["reasoning"], words, mask, stacked["table"], coords, stacked["boxes"])
 
 
 @dataclass
@@ -280,7 +316,8 @@ class ChatVLA2Policy(nn.Module):
         hidden = vlm.config.text_config.hidden_size
         self.keypoints = SpatialKeypoints(hidden, config.num_keypoints) if config.num_keypoints else None
         acfg = ActionExpertConfig.from_dict({**config.action, "obs_dim": hidden + 2 * config.num_keypoints,
-                                             "reasoning_dim": hidden, "state_dim": STATE_DIM})
+                                             "reasoning_dim": hidden + (BOX_FEATURES if config.reasoning_boxes else 0),
+                                             "state_dim": STATE_DIM})
         self.action_expert = ActionExpert(acfg, normalizer)
         self.merge = vlm.config.vision_config.spatial_merge_size
         self.image_token_id = vlm.config.image_token_id
@@ -341,14 +378,17 @@ class ChatVLA2Policy(nn.Module):
         ids = torch.gather(batch["input_ids"], 1, order)  # (B, R)
         words = self.vlm.get_input_embeddings()(ids)  # (B, R, H)
         word_mask = torch.arange(words.shape[1], device=h.device)[None] < lengths[:, None]
-        return Summaries(masked_mean(h, prompt), masked_mean(h, reasoning), words, word_mask, tokens, coords)
+        texts = [self.processor.tokenizer.decode(row[:n]) for row, n in zip(ids.tolist(), lengths.tolist())]
+        boxes = box_features([parse_reasoning(t) for t in texts]).to(h)
+        return Summaries(masked_mean(h, prompt), masked_mean(h, reasoning), words, word_mask, tokens, coords, boxes)
 
     def condition(self, s: Summaries) -> Features:
         """:class:`Features` for the action expert from :class:`Summaries`."""
+        reasoning = torch.cat([s.reasoning, s.boxes], -1) if self.config.reasoning_boxes else s.reasoning
         if self.keypoints is None:
-            return Features(s.prompt, s.reasoning)
+            return Features(s.prompt, reasoning)
         kp, att, read = self.keypoints(s.words, s.word_mask, s.table, s.coords)
-        return Features(torch.cat([s.prompt, kp], -1), s.reasoning, kp, att, s.coords, read)
+        return Features(torch.cat([s.prompt, kp], -1), reasoning, kp, att, s.coords, read)
 
     # ------------------------------------------------------------------ keypoint supervision
     def keypoint_targets(self, anchors_xy) -> torch.Tensor:
@@ -421,8 +461,9 @@ class ChatVLA2Policy(nn.Module):
 
     def set_reasoning(self, reasoning: str, instruction: str) -> None:
         """Use ``reasoning`` for this episode's chunks (as if generated): the reasoning-following path acts on it."""
-        if not isinstance(reasoning, str) or not reasoning.strip():
-            raise ValueError(f"reasoning must be a non-empty string, got {reasoning!r}")
+        from ..world.language import check_text
+
+        reasoning = check_text(reasoning, "reasoning", max_chars=4000, grounding=True)
         self.reasoning, self._instruction = reasoning, _check_instruction(instruction)
         self.facts = parse_reasoning(reasoning)
 
@@ -543,7 +584,8 @@ def load_policy(path: str, verify: bool = True) -> ChatVLA2Policy:
     if verify:
         verify_checksum(os.path.join(path, "model.safetensors"), meta.get("weights_sha256"))
     try:
-        config = PolicyConfig(**meta["policy"])
+        # folders written before the reasoning path read boxes have no "reasoning_boxes": they did not
+        config = PolicyConfig(**{"reasoning_boxes": False, **meta["policy"]})
         vlm = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(meta["vlm_config"]))
         upcycle(vlm, MoEConfig.from_dict(config.moe))
         processor = TinyQwen2VLProcessor.from_pretrained(path)

@@ -39,9 +39,7 @@ Held out from training, for the knowledge evaluation (``split="heldout"``):
 
 from __future__ import annotations
 
-import functools
 import itertools
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +47,7 @@ from PIL import Image
 
 from ..world.catalog import CARD_SLOTS, DIRECTION_PHRASES, DIRECTIONS, EQUATIONS, OBJECTS, WRITING_STYLES, Equation
 from ..world.env import TOY_REGION
+from ..world.grounding import affordance_box, affordance_point, card_box, grounded, strip_boxes, toy_box
 from ..world.language import describe_position, equation_words
 
 KINDS = ("ocr", "solve", "arithmetic", "cards", "card_where", "answer_card", "objects", "colour", "count",
@@ -98,7 +97,6 @@ _Q = {
                    "Give the box where the {o} should be placed {phrase} the {t}."),
 }
 #: where a placed toy goes: this far from the target, a box this wide (metres) -- inside the success zone
-AFFORDANCE_HALF = 0.035
 _SPATIAL_WORD = {"left": "left", "right": "right", "front": "in front", "behind": "behind"}
 
 
@@ -163,112 +161,6 @@ def spatial_relation(a_xy, b_xy) -> str | None:
     if abs(dx) >= 2 * abs(dy):
         return "behind" if dx > 0 else "front"
     return None
-
-
-def format_box(box) -> str:
-    """Qwen2-VL's box text for ``(x1, y1, x2, y2)`` in 0-1000 image coordinates."""
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
-
-
-def grounded(phrase: str, box) -> str:
-    """``<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``."""
-    return f"<|object_ref_start|>{phrase}<|object_ref_end|>{format_box(box)}"
-
-
-_BOX = re.compile(r"<\|box_start\|>\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,"
-                  r"\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*<\|box_end\|>")
-
-
-def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
-    """Every ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` in ``text``, in order."""
-    return [tuple(int(v) for v in m) for m in _BOX.findall(text or "")]
-
-
-def table_box(points) -> tuple[float, float, float, float]:
-    """The 0-1000 box ``(x1, y1, x2, y2)`` in the table camera's image around world points (N, 3)."""
-    from ..world.scene import CAMERAS
-
-    cam = CAMERAS["table"]
-    rc = cam.project(np.asarray(points, float))
-    v0, u0 = rc.min(0)
-    v1, u1 = rc.max(0)
-    sx, sy = 1000 / cam.width, 1000 / cam.height
-    return (float(np.clip(u0 * sx, 0, 1000)), float(np.clip(v0 * sy, 0, 1000)),
-            float(np.clip(u1 * sx, 0, 1000)), float(np.clip(v1 * sy, 0, 1000)))
-
-
-def table_point(u: float, v: float, z: float = 0.0) -> np.ndarray:
-    """The table point (x, y) in metres seen at 0-1000 image coordinates ``(u, v)`` of the table camera
-    (the camera looks straight down, so the map is affine; fitted once per height)."""
-    return _table_affine(round(z, 3)) @ np.array([u, v, 1.0])
-
-
-@functools.cache
-def _table_affine(z: float) -> np.ndarray:
-    xs, ys = np.meshgrid(np.linspace(0.3, 0.8, 4), np.linspace(-0.3, 0.3, 4))
-    world = np.c_[xs.ravel(), ys.ravel(), np.full(xs.size, z)]
-    box_uv = np.array([table_box(w[None]) for w in world])[:, :2]
-    A, *_ = np.linalg.lstsq(np.c_[box_uv, np.ones(len(box_uv))], world[:, :2], rcond=None)
-    return A.T  # (2, 3)
-
-
-def card_box(xy) -> tuple[float, ...]:
-    from ..world.scene import CARD_SIZE
-
-    hx, hy, hz = (v / 2 for v in CARD_SIZE)
-    return table_box([[xy[0] + sx * hx, xy[1] + sy * hy, z] for sx in (-1, 1) for sy in (-1, 1) for z in (0, 2 * hz)])
-
-
-def toy_box(name: str, pose) -> tuple[float, ...]:
-    """The 0-1000 box of toy ``name`` at ``pose`` = (x, y, yaw): its bounding box as the scene spawns it
-    (centred on (x, y), resting on the table)."""
-    lo, hi = toy_extents(name, pose[2])
-    return table_box([[pose[0] + x, pose[1] + y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                      for z in (0.0, hi[2])])
-
-
-@functools.lru_cache(maxsize=4096)
-def _toy_extents(name: str, yaw_key: int):
-    from ..world.scene import TabletopScene
-
-    scene = _extent_scene()
-    body = scene._spawn(OBJECTS[name], (0.5, 0.0), yaw_key / 100)
-    lo, hi = scene.body_aabb(body)
-    import pybullet as pb
-
-    pb.removeBody(body, physicsClientId=scene.client)
-    del TabletopScene
-    return (lo[0] - 0.5, lo[1], 0.0), (hi[0] - 0.5, hi[1], hi[2])
-
-
-@functools.cache
-def _extent_scene():
-    from ..world.scene import TabletopScene
-
-    return TabletopScene()
-
-
-def toy_extents(name: str, yaw: float):
-    """((x0, y0, 0), (x1, y1, height)) of toy ``name`` spawned with ``yaw`` at the origin (centred)."""
-    return _toy_extents(name, int(round(yaw * 100)))
-
-
-def affordance_point(target_xy, direction: str) -> np.ndarray:
-    """Where a toy goes to be ``direction`` of a target at ``target_xy`` (the expert's goal)."""
-    from ..world.env import PLACE_OFFSET
-
-    return np.asarray(target_xy[:2], float) + PLACE_OFFSET * np.array(DIRECTIONS[direction])
-
-
-def affordance_ok(point_xy, target_xy, direction: str) -> bool:
-    """Whether a toy resting at ``point_xy`` is ``direction`` of the target (the env's success rule)."""
-    from ..world.env import PLACE_ACROSS, PLACE_ALONG
-
-    d = np.array(DIRECTIONS[direction])
-    off = np.asarray(point_xy, float)[:2] - np.asarray(target_xy, float)[:2]
-    along, across = float(off @ d), float(abs(off[0] * d[1] - off[1] * d[0]))
-    return PLACE_ALONG[0] <= along <= PLACE_ALONG[1] and across <= PLACE_ACROSS
 
 
 class CorpusGenerator:
@@ -416,8 +308,7 @@ class CorpusGenerator:
                 (x0, x1), (y0, y1) = TOY_REGION
                 if not (x0 - 0.04 <= goal[0] <= x1 + 0.04 and y0 - 0.04 <= goal[1] <= y1 + 0.04):
                     continue
-                h = AFFORDANCE_HALF
-                box = table_box([[goal[0] + sx * h, goal[1] + sy * h, 0.0] for sx in (-1, 1) for sy in (-1, 1)])
+                box = affordance_box(toys[t], d)
                 phrase = DIRECTION_PHRASES[d]
                 return Sample(kind, self._q(kind, o=o, t=t, phrase=phrase), grounded(f"{phrase} the {t}", box),
                               ("table",), table=table,
@@ -436,7 +327,7 @@ class CorpusGenerator:
 def check_general(sample: Sample) -> bool:
     """True if a sample has no number reading and no arithmetic (the co-training general subset's rule):
     no digits outside box coordinates, no arithmetic signs."""
-    text = _BOX.sub("", sample.question + " " + sample.answer)
+    text = strip_boxes(sample.question + " " + sample.answer)
     return not any(ch.isdigit() for ch in text) and not any(op in text for op in ("+", "×", "÷", "="))
 
 

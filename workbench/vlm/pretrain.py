@@ -95,8 +95,8 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("vocab_size", "batch_size", "see_batch_size", "read_batch_size", "scenes_batch_size", "checkpoint_every",
-                     "eval_every", "eval_per_skill"):
+        for name in ("vocab_size", "batch_size", "see_batch_size", "read_batch_size", "scenes_batch_size",
+                     "checkpoint_every", "eval_every", "eval_per_skill"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("see_steps", "read_steps", "answer_steps", "scenes_steps", "text_batch", "workers"):

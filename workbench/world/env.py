@@ -49,6 +49,7 @@ from .catalog import (
     Equation,
     get_split,
 )
+from .grounding import affordance_ok
 from .scene import CAMERAS, CONTROL_HZ, HOME_EE, OVERVIEW, WORKSPACE_HIGH, WORKSPACE_LOW, TabletopScene
 from .writing import as_rgb_image, render_text
 
@@ -164,6 +165,7 @@ class TabletopEnv(gym.Env):
             "instruction": instruction, "equation": equation, "answer": int(answer),
             "writing_style": style, "cards": {d: slot for d, (slot, _) in cards.items()},
             "answer_card_slot": cards[int(answer)][0],
+            "answer_card_xy": [round(v, 4) for v in cards[int(answer)][1]],
         }
 
     def _card_layout(self, cards, answer: int, rng) -> dict[int, tuple[str, tuple[float, float]]]:
@@ -303,27 +305,31 @@ class TabletopEnv(gym.Env):
         return self._obs(), float(success), terminated, truncated, self._info(success)
 
     def is_success(self) -> bool:
-        s = self.scene
         if self.task == "math_matching":
-            body = s.cards[self._gt["answer"]]
-            pos = s.body_position(body)
-            return bool(body != s.grasped and abs(pos[0] - ANSWER_PAD[0]) < PAD_TOLERANCE
-                        and abs(pos[1] - ANSWER_PAD[1]) < PAD_TOLERANCE and pos[2] < 0.04)
-        obj, target = s.toys[self._gt["object"]], s.toys[self._gt["target"]]
-        po, pt = s.body_center(obj), s.body_center(target)
-        lo, _ = s.body_aabb(obj)
-        d = np.array(DIRECTIONS[self._gt["direction"]])
-        off = po[:2] - pt[:2]
-        along = float(off @ d)
-        across = float(abs(off[0] * d[1] - off[1] * d[0]))
-        return bool(obj != s.grasped and PLACE_ALONG[0] <= along <= PLACE_ALONG[1]
-                    and across <= PLACE_ACROSS and lo[2] < 0.02)
+            return self.card_on_pad(self._gt["answer"])
+        return self.toy_placed(self._gt["object"], self._gt["target"], self._gt["direction"])
+
+    def card_on_pad(self, digit: int) -> bool:
+        """Whether the card ``digit`` lies on the answer pad (released)."""
+        s = self.scene
+        body = s.cards[digit]
+        pos = s.body_position(body)
+        return bool(body != s.grasped and abs(pos[0] - ANSWER_PAD[0]) < PAD_TOLERANCE
+                    and abs(pos[1] - ANSWER_PAD[1]) < PAD_TOLERANCE and pos[2] < 0.04)
+
+    def toy_placed(self, obj: str, target: str, direction: str) -> bool:
+        """Whether toy ``obj`` rests ``direction`` of toy ``target`` (released, on the table)."""
+        s = self.scene
+        body = s.toys[obj]
+        lo, _ = s.body_aabb(body)
+        return bool(body != s.grasped and lo[2] < 0.02
+                    and affordance_ok(s.body_center(body), s.body_center(s.toys[target]), direction))
 
     # ------------------------------------------------------------------ ground truth & helpers
     def ground_truth(self) -> dict:
         """The episode's ground truth: task, split, instruction and either (equation, answer,
-        writing_style, cards {digit: slot}, answer_card_slot) or (object, target, direction,
-        toys {name: [x, y]})."""
+        writing_style, cards {digit: slot}, answer_card_slot, answer_card_xy [x, y]) or (object, target,
+        direction, toys {name: [x, y]})."""
         return copy.deepcopy(self._gt)
 
     def pick_and_place_targets(self) -> tuple[int, np.ndarray]:

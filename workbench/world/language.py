@@ -33,16 +33,21 @@ TOY_INSTRUCTIONS = (
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 
 
-def check_text(text, what: str = "text", max_chars: int = 1000, example: str = "") -> str:
-    """The one validator of what people type (instructions, questions): a non-empty string of at most
-    ``max_chars`` characters with no chat-template special token in it (``<|image_pad|>``, ``<|im_end|>``, ...).
-    Returns it stripped; raises ``ValueError`` naming ``what`` and what was expected."""
+#: the special tokens of Qwen2-VL's grounding format, which reasoning may contain
+GROUNDING_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>")
+
+
+def check_text(text, what: str = "text", max_chars: int = 1000, example: str = "", grounding: bool = False) -> str:
+    """The one validator of what people type (instructions, questions, edited reasoning): a non-empty string of at
+    most ``max_chars`` characters with no chat-template special token in it (``<|image_pad|>``, ``<|im_end|>``,
+    ...; ``grounding=True`` allows :data:`GROUNDING_TOKENS`). Returns it stripped; raises ``ValueError`` naming
+    ``what`` and what was expected."""
     hint = f" such as {example!r}" if example else ""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{what} must be a non-empty string{hint}, got {text!r}")
     if len(text) > max_chars:
         raise ValueError(f"{what} is {len(text)} characters long; at most {max_chars} are allowed")
-    special = _SPECIAL.findall(text)
+    special = [t for t in _SPECIAL.findall(text) if not (grounding and t in GROUNDING_TOKENS)]
     if special:
         raise ValueError(f"{what} contains the special token(s) {sorted(set(special))}; these belong to the chat "
                          "template (images are passed separately, not written into the text)")
@@ -103,21 +108,20 @@ def describe_position(x: float, y: float) -> str:
 
 # ---------------------------------------------------------------------------- reasoning
 
+# {card}, {pad}, {obj}, {tgt} and {place} are grounded phrases (:func:`~workbench.world.grounding.grounded`): the
+# reasoning says *where* each thing is, in Qwen2-VL's box format on the table camera, as ChatVLA-2's does
 _MATH_REASONING = (
-    "The whiteboard shows {eq} = ?. {eq} = {ans}, so I need the card {ans}. The card {ans} is at "
-    "the {pos}. I will place it on the green pad.",
-    "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. The card {ans} lies at "
-    "the {pos}; I'll move it to the green pad.",
-    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see the card {ans} at "
-    "the {pos}, so I'll carry it to the green pad.",
+    "The whiteboard shows {eq} = ?. {eq} = {ans}, so I need {card} at the {pos}. I will place it on {pad}.",
+    "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. I'll move {card}, at the {pos}, "
+    "to {pad}.",
+    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {card} at the {pos}, so I'll "
+    "carry it to {pad}.",
 )
 _TOY_REASONING = (
-    "I see the {object} and the {target}. The {object} must go {phrase} the {target}. I'll pick up "
-    "the {object} and put it there.",
-    "The task names the {object} and the {target}; I can see both on the table. The goal is the "
-    "{object} {phrase} the {target}, so I will grasp the {object} first.",
-    "On the table are the {object} and the {target}. I need to place the {object} {phrase} the "
-    "{target}. First I pick up the {object}.",
+    "I see {obj} and {tgt}. The {object} must go {place}. I'll pick up the {object} and put it there.",
+    "The task names the {object} and the {target}; I can see {obj} and {tgt}. The goal is {place}, so I "
+    "will grasp the {object} first.",
+    "On the table are {obj} and {tgt}. I need to place the {object} {place}. First I pick up the {object}.",
 )
 _STEP = {
     "reach": ("Moving above the {thing}.", "Reaching for the {thing}.", "Going to the {thing}."),
@@ -140,18 +144,27 @@ def equation_words(eq: Equation) -> str:
 
 
 def episode_reasoning(ground_truth: dict, rng: np.random.Generator) -> str:
-    """What the model should say before acting, from an episode's ground truth (``info``)."""
+    """What the model should say before acting, from an episode's ground truth (``info``): the facts and,
+    grounded with their boxes on the table camera, what to pick and where to put it."""
+    from .grounding import affordance_box, card_box, grounded, pad_box, toy_box
+
     if ground_truth["task"] == "math_matching":
+        ans, pos = ground_truth["answer"], ground_truth["answer_card_slot"]
+        xy = ground_truth.get("answer_card_xy") or CARD_SLOTS[pos]
+        card = grounded(f"the card {ans}", card_box(xy))
+        pad = grounded("the green pad", pad_box())
         if ground_truth.get("equation") is None:  # a caller's whiteboard: only its answer is known
-            ans, pos = ground_truth["answer"], ground_truth["answer_card_slot"]
-            return (f"The whiteboard's answer is {ans}, so I need the card {ans}. The card {ans} is at the {pos}. "
-                    "I will place it on the green pad.")
+            return f"The whiteboard's answer is {ans}, so I need {card} at the {pos}. I will place it on {pad}."
         eq = Equation.parse(ground_truth["equation"])
         template = _MATH_REASONING[rng.integers(len(_MATH_REASONING))]
-        return template.format(eq=equation_words(eq), ans=eq.answer, pos=ground_truth["answer_card_slot"])
+        return template.format(eq=equation_words(eq), ans=eq.answer, pos=pos, card=card, pad=pad)
+    obj, tgt, d = ground_truth["object"], ground_truth["target"], ground_truth["direction"]
+    toys = ground_truth["toys"]
+    phrase = DIRECTION_PHRASES[d]
     template = _TOY_REASONING[rng.integers(len(_TOY_REASONING))]
-    return template.format(object=ground_truth["object"], target=ground_truth["target"],
-                           phrase=DIRECTION_PHRASES[ground_truth["direction"]])
+    return template.format(object=obj, target=tgt, obj=grounded(f"the {obj}", toy_box(obj, (*toys[obj][:2], 0.0))),
+                           tgt=grounded(f"the {tgt}", toy_box(tgt, (*toys[tgt][:2], 0.0))),
+                           place=grounded(f"{phrase} the {tgt}", affordance_box(toys[tgt], d)))
 
 
 def step_reasoning(phase: str, ground_truth: dict, rng: np.random.Generator) -> str:
@@ -180,6 +193,11 @@ class ReasoningFacts:
     object: str | None = None
     target: str | None = None
     direction: str | None = None
+    #: 0-1000 boxes (x1, y1, x2, y2) on the table camera: what to pick (the card / the object), the target
+    #: object, and where to put it (the pad / the placement spot)
+    pick_box: tuple | None = None
+    target_box: tuple | None = None
+    place_box: tuple | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,7 +244,35 @@ def parse_reasoning(text: str) -> ReasoningFacts:
         others = [o for o in objs if o != objs[0]]
         facts.target = others[0] if others else None
     facts.direction = _find_direction(text)
+    for phrase, box in grounded_phrases(text):
+        named = find_objects(phrase)
+        if _find_direction(phrase) is not None or "pad" in phrase:
+            slot = "place_box"
+        elif "card" in phrase or (named and named[0] == facts.object):
+            slot = "pick_box"
+        elif named and named[0] == facts.target:
+            slot = "target_box"
+        else:
+            continue
+        if getattr(facts, slot) is None:
+            setattr(facts, slot, box)
     return facts
+
+
+_GROUNDED_RE = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>\s*(<\|box_start\|>.*?<\|box_end\|>)")
+
+
+def grounded_phrases(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Every ``<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`` in ``text``,
+    as (phrase, box), in order (malformed boxes are skipped)."""
+    from .grounding import parse_boxes
+
+    out = []
+    for phrase, box_text in _GROUNDED_RE.findall(text or ""):
+        boxes = parse_boxes(box_text)
+        if boxes:
+            out.append((phrase.strip().lower(), boxes[0]))
+    return out
 
 
 def math_score_parts(facts: ReasoningFacts, ground_truth: dict) -> dict:
@@ -243,6 +289,7 @@ def math_score_parts(facts: ReasoningFacts, ground_truth: dict) -> dict:
 
 __all__ = [
     "PHASES", "ReasoningFacts", "describe_position", "episode_reasoning", "equation_words", "find_objects",
+    "GROUNDING_TOKENS", "check_text", "grounded_phrases",
     "math_instruction", "math_score_parts", "parse_equation", "parse_reasoning", "parse_toy_instruction",
     "step_reasoning", "toy_instruction", "OPERATORS",
 ]
