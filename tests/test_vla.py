@@ -140,7 +140,8 @@ def test_summaries_cache_round_trip(kp_policy):
     batch = collate(items, policy.processor.tokenizer.pad_token_id)
     with torch.no_grad():
         live = policy.vlm_summaries(batch)
-        assert live.words.shape[:2] == live.word_mask.shape and min(live.word_mask.sum(1).tolist()) < live.words.shape[1]
+        assert live.words.shape[:2] == live.word_mask.shape
+        assert min(live.word_mask.sum(1).tolist()) < live.words.shape[1]
         again = Summaries.stack(live.rows(), live.coords)
         a, b = policy.condition(live), policy.condition(again)
     assert torch.equal(again.word_mask, live.word_mask) and torch.equal(again.boxes, live.boxes)
@@ -295,9 +296,29 @@ def test_stage_configs_validate_and_recipes_chain_stages():
     assert STAGES["action_finetuning"].caches_vlm and not STAGES["reasoning_alignment"].caches_vlm
     assert [s.name for s in RECIPES["chatvla2"]] == ["knowledge_freezing", "reasoning_alignment", "action_finetuning"]
     assert RECIPES["two_stage"][0].upcycle and len(RECIPES["two_stage"]) == 2
+    with pytest.raises(ValueError, match="moe_variant"):
+        StageConfig("x", moe_variant="dense")  # only an upcycling stage builds the backbone
+    with pytest.raises(ValueError, match="moe_variant"):
+        StageConfig("x", upcycle=True, moe_variant="sparse")
 
 
-def test_every_parameter_belongs_to_a_part_and_freezing_follows_the_stage(policy):
+def test_full_finetune_trains_a_dense_backbone_on_robot_data_only(root, demos, tmp_path):
+    (stage,) = RECIPES["full_finetune"]
+    assert stage.image_text_share == 0 and stage.lm_loss and not stage.caches_vlm
+    out = str(tmp_path / "ft")
+    vlm_dir = os.path.join(root, "data_samples", "vlm")
+    trained = StageTrainer(dataclasses.replace(stage, steps=2, batch_size=4), vlm_dir, demos, out, progress=False).run()
+    names = {n for n, _ in trained.named_parameters()}
+    assert not any(".router." in n or ".experts." in n for n in names)  # dense: the MLPs stay MLPs
+    before = dict(load_vlm(vlm_dir)[0].named_parameters())
+    after = {n[len("vlm."):]: p for n, p in trained.named_parameters() if n.startswith("vlm.")}
+    changed = {part_of("vlm." + n) for n, p in after.items() if not torch.equal(p, before[n])}
+    assert changed == {"embeddings", "attention", "experts"}  # everything but the vision tower moved
+    assert load_policy(out).config.moe["variant"] == "dense"
+
+
+def test_every_parameter_belongs_to_a_part_and_freezing_follows_the_stage(kp_policy):
+    policy = kp_policy
     names = dict(policy.named_parameters())
     parts = {part_of(n) for n in names}
     assert parts == set(PARTS)

@@ -19,8 +19,10 @@ project, not the paper's: it pulls keypoint 0 onto the object to pick and keypoi
 read from each episode's ground truth (:func:`~workbench.world.env.anchor_points`).
 
 Recipes (:data:`RECIPES`) chain stages: ``chatvla2`` (all three, the default), ``two_stage`` (the camera-ready
-paper's view: upcycling folded into co-training, then action fine-tuning), and the ablations
-``only_alignment`` / ``only_action``. Robot data comes only from *in-domain* splits (checked).
+paper's view: upcycling folded into co-training, then action fine-tuning), the ablations
+``only_alignment`` / ``only_action``, and ``full_finetune``, the end-to-end VLA the paper argues against (one
+stage: a dense backbone trained with the action expert on robot data only, no image–text mix, no frozen knowledge).
+Robot data comes only from *in-domain* splits (checked).
 
 CLI (each stage is one call; kill and rerun to resume from the newest checkpoint)::
 
@@ -91,8 +93,15 @@ class StageConfig:
     general_pool: int = 400  # image–text samples rendered and cached for the mix
     checkpoint_every: int = 100
     seed: int = 0
+    #: upcycling stages: the backbone's MoE variant, instead of the policy config's (``full_finetune``: dense)
+    moe_variant: str | None = None
 
     def __post_init__(self):
+        from .moe import VARIANTS
+
+        if self.moe_variant is not None and (not self.upcycle or self.moe_variant not in VARIANTS):
+            raise ValueError(f"moe_variant must be None or, in an upcycling stage, one of {list(VARIANTS)}; got "
+                             f"{self.moe_variant!r} (upcycle={self.upcycle})")
         self.train = tuple(self.train)
         bad = [p for p in self.train if p not in PARTS]
         if bad:
@@ -125,8 +134,15 @@ STAGES: dict[str, StageConfig] = {
                                      train=("keypoints", "action_expert"), checkpoint_every=500),
 }
 
+#: the end-to-end VLA the paper argues against: a dense backbone, all of it trained (but the vision tower, whose
+#: tokens are cached on 2 CPU cores) on robot data only, reasoning and actions at once, no image–text mix
+FULL_FINETUNE = StageConfig("full_finetune", upcycle=True, moe_variant="dense", steps=3000, batch_size=16, lr=1e-3,
+                            lm_loss=True, train=("embeddings", "attention", "experts", "action_expert"),
+                            checkpoint_every=200)
+
 RECIPES: dict[str, tuple[StageConfig, ...]] = {
     "chatvla2": (STAGES["knowledge_freezing"], STAGES["reasoning_alignment"], STAGES["action_finetuning"]),
+    "full_finetune": (FULL_FINETUNE,),
     "two_stage": (dataclasses.replace(STAGES["reasoning_alignment"], upcycle=True), STAGES["action_finetuning"]),
     "only_alignment": (STAGES["knowledge_freezing"], STAGES["reasoning_alignment"]),
     "only_action": (STAGES["knowledge_freezing"], STAGES["action_finetuning"]),
@@ -176,7 +192,10 @@ class StageTrainer:
             return load_policy(os.path.join(ckpt, "policy"))
         if self.stage.upcycle:
             vlm, processor = load_vlm(self.init)
-            return ChatVLA2Policy.from_vlm(vlm, processor, load_meta(self.data).stats, self.policy_config)
+            config = self.policy_config
+            if self.stage.moe_variant is not None:
+                config = dataclasses.replace(config, moe={**config.moe, "variant": self.stage.moe_variant})
+            return ChatVLA2Policy.from_vlm(vlm, processor, load_meta(self.data).stats, config)
         return load_policy(self.init)
 
     def run(self) -> ChatVLA2Policy:
