@@ -16,7 +16,7 @@ from workbench.world.catalog import (
     Equation,
     get_split,
 )
-from workbench.world.env import TabletopEnv, anchor_points
+from workbench.world.env import TabletopEnv
 from workbench.world.expert import ScriptedExpert
 from workbench.world.rollout import rollout
 from workbench.world.scene import CAMERAS
@@ -317,21 +317,22 @@ def test_grasp_holds_while_carrying(envs):
 
 
 @pytest.mark.parametrize("task", ["math_matching", "toy_placement"])
-def test_table_camera_projection_lands_on_the_named_objects(envs, task):
-    """anchor_points -> Camera.project: the pixel under each projected anchor shows that object."""
+def test_grounding_boxes_land_on_the_named_objects(envs, task):
+    """The boxes the reasoning states (ground truth -> Camera.project): the table camera shows the object at each
+    box's centre, and the box is about its size."""
     env = envs(task, cameras=("table",))
     obs, _ = env.reset(seed=5)
     gt = env.ground_truth()
-    pick, ref = anchor_points(gt)
-    body, _ = env.pick_and_place_targets()
-    assert np.linalg.norm(env.scene.body_position(body)[:2] - pick) < 0.02  # the anchor is the object to pick
-    rows, cols = CAMERAS["table"].project(np.c_[np.stack([pick, ref]), np.full(2, 0.02)]).T
+    if task == "math_matching":
+        boxes = [G.card_box(gt["answer_card_xy"]), G.pad_box()]
+    else:
+        boxes = [G.toy_box(name, (*gt["toys"][name], 0)) for name in (gt["object"], gt["target"])]
     table = obs["table"].astype(int)
     background = table[2, 2]  # the table's colour, far from every object
-    for r, c in zip(rows, cols):
-        assert 0 <= r < 176 and 0 <= c < 256
-        assert np.abs(table[int(r), int(c)] - background).sum() > 60  # something other than bare table
-    with pytest.raises(ValueError, match="neither"):
-        anchor_points({"instruction": "x"})
+    for box in boxes:
+        u, v = G.box_centre(box)
+        r, c = int(v / 1000 * 176), int(u / 1000 * 256)
+        assert np.abs(table[r, c] - background).sum() > 60, box  # something other than bare table
+        assert 20 < box[2] - box[0] < 300 and 20 < box[3] - box[1] < 300, box
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         CAMERAS["table"].project([[0.5, 0.0]])

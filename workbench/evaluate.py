@@ -5,17 +5,15 @@ in :mod:`workbench.evaluation`.
     python -m workbench.evaluate knowledge --model data_samples/vlm [--per-skill 100] [--out outputs/knowledge.json]
     python -m workbench.evaluate policy --policy data_samples/policy --task math_matching --split open_world \
         --episodes 50 [--videos 2] [--out outputs/policy_math_open.json]
-    python -m workbench.evaluate keypoints --policy data_samples/policy --episodes 50
     python -m workbench.evaluate following --policy data_samples/policy --episodes 50 [--out outputs/following.json]
     python -m workbench.evaluate report --policy data_samples/policy --episodes 25 \\
         --out data_samples/policy/results.json
 
-``keypoints``: where the policy's pick and place-reference keypoints land against the simulator's ground truth.
 ``following``: counterfactual following on held-out (open-world) scenes of both tasks: the policy is handed the
 reasoning of another task in the same scene (another card; another side or another toy) and the robot's outcome is
 checked against what that text says.
 ``report``: closed-loop results on both tasks and splits, with generated and then with true (oracle) reasoning,
-the keypoints, and the knowledge table of the pretrained VLM beside the policy's backbone (what the README
+counterfactual following, and the knowledge table of the pretrained VLM beside the policy's backbone (what the README
 shows). ``knowledge`` accepts a policy folder too: it then evaluates the policy's backbone (MoE layers
 included).
 """
@@ -29,12 +27,9 @@ import os
 from .evaluation.closed_loop import (
     EVAL_SEED,
     evaluate_following,
-    evaluate_keypoints,
     evaluate_policy,
     format_following_result,
-    format_keypoint_result,
     format_policy_result,
-    on_every_task_and_split,
 )
 from .evaluation.knowledge import evaluate_knowledge, format_table, load_backbone
 from .evaluation.report import format_retention, policy_report
@@ -57,12 +52,6 @@ def main(argv=None):
     r.add_argument("--out", required=True, help="JSON file (e.g. POLICY/results.json)")
     r.add_argument("--no-oracle", action="store_true",
                    help="skip the second pass with the true reasoning handed to the policy")
-    kp = sub.add_parser("keypoints", help="where a policy's keypoints land, on both tasks and splits")
-    kp.add_argument("--policy", required=True, help="policy folder")
-    kp.add_argument("--episodes", type=int, default=50)
-    kp.add_argument("--generated-reasoning", action="store_true",
-                    help="let the policy generate its reasoning (default: hand it the true reasoning)")
-    kp.add_argument("--out", default=None, help="JSON file for the results and every episode's errors")
     fo = sub.add_parser("following", help="counterfactual following: hand the policy another task's reasoning")
     fo.add_argument("--policy", required=True, help="policy folder")
     fo.add_argument("--episodes", type=int, default=50, help="episodes per task")
@@ -82,8 +71,6 @@ def main(argv=None):
     use_all_cores()
     if args.what == "policy":
         return _main_policy(ap, args)
-    if args.what == "keypoints":
-        return _main_keypoints(ap, args)
     if args.what == "following":
         return _main_following(ap, args)
     if args.what == "report":
@@ -113,20 +100,6 @@ def _main_policy(ap, args):
     print(format_policy_result(result))
     if args.out:
         _write_json(args.out, result)
-
-
-def _main_keypoints(ap, args):
-    from .vla.policy import load_policy
-
-    if args.episodes < 1:
-        ap.error("--episodes must be at least 1")
-    policy = load_policy(args.policy)
-    results = on_every_task_and_split(
-        lambda task, split: evaluate_keypoints(policy, task, split, args.episodes,
-                                               oracle_reasoning=not args.generated_reasoning),
-        format_keypoint_result)
-    if args.out:
-        _write_json(args.out, {"policy": args.policy, "keypoints": results})
 
 
 def _main_following(ap, args):

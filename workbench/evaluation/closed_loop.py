@@ -1,5 +1,6 @@
 """Closed-loop evaluation: a ChatVLA-2 policy acting in the simulator, its reasoning scored against the ground
-truth (the paper's OCR /4, math /2, recognition, spatial), and where its keypoints land.
+truth (the paper's OCR /4, math /2, recognition, spatial; grounding and affordance from its boxes), and whether it
+follows a reasoning it is handed (counterfactual following).
 
 Every function runs seeded episodes (``EVAL_SEED`` onwards; training episodes use other seeds) through the one
 closed loop (:func:`workbench.world.rollout.rollout`) with a :class:`~workbench.controllers.PolicyController`.
@@ -190,57 +191,6 @@ def format_following_result(r: dict) -> str:
     return (f"following {r['task']} / {r['split']}: did what the handed reasoning says in {r['followed']}/"
             f"{r['episodes']} (95% CI {100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%; {kinds}); did the "
             f"instruction's own task instead in {r['original']}")
-
-
-def evaluate_keypoints(policy, task: str, split: str, episodes: int = 50, seed: int = EVAL_SEED,
-                       oracle_reasoning: bool = True, progress: bool = True) -> dict:
-    """Where the policy's keypoints 0 (pick) and 1 (place reference) land at each episode's first step, against
-    the simulator's ground truth projected into the table camera (:func:`~workbench.world.env.anchor_points`),
-    in table-camera tokens (one token is about 3 cm of table). ``hits``: episodes whose pick keypoint is nearer
-    the thing to pick than any other card or toy on the table. Seeds as in :func:`evaluate_policy`."""
-    import numpy as np
-
-    from ..vla.policy import token_spacing
-    from ..world.env import CARD_SLOTS, TabletopEnv, anchor_points
-    from ..world.language import episode_reasoning
-
-    if not policy.config.num_keypoints:
-        raise ValueError("this policy has no keypoints (num_keypoints=0)")
-    env = TabletopEnv(task, split)
-    records = []
-    for i in tqdm(range(episodes), desc=f"keypoints {task}/{split}", disable=not progress):
-        env_seed = seed + i
-        obs, _ = env.reset(seed=env_seed)
-        gt = env.ground_truth()
-        policy.reset(seed=env_seed)
-        reasoning = episode_reasoning(gt, np.random.default_rng(env_seed)) if oracle_reasoning else None
-        policy.predict_action_chunk(obs, gt["instruction"], reasoning=reasoning)
-        feats = policy.last_features
-        token = token_spacing(feats.coords).numpy()  # (2,) one token in grid units (row, col)
-        found = feats.keypoints[0, :4].view(2, 2).numpy() / token
-        wanted = policy.keypoint_targets(anchor_points(gt)).numpy() / token
-        if task == "math_matching":  # every card on the table, and which one is the answer
-            names, right = list(gt["cards"].values()), gt["answer_card_slot"]
-            things = [CARD_SLOTS[slot] for slot in names]
-        else:
-            names, right = list(gt["toys"]), gt["object"]
-            things = list(gt["toys"].values())
-        places = policy.keypoint_targets(np.stack([things, things], 1))[:, 0].numpy() / token  # (M, 2)
-        nearest = names[int(np.linalg.norm(places - found[0], axis=-1).argmin())]
-        records.append({"seed": env_seed, "pick_error": float(np.linalg.norm(found[0] - wanted[0])),
-                        "ref_error": float(np.linalg.norm(found[1] - wanted[1])), "hit": nearest == right})
-    env.close()
-    return {"task": task, "split": split, "oracle_reasoning": oracle_reasoning, "episodes": len(records),
-            "pick_error_median": float(np.median([r["pick_error"] for r in records])),
-            "ref_error_median": float(np.median([r["ref_error"] for r in records])),
-            "hits": sum(r["hit"] for r in records), "records": records}
-
-
-def format_keypoint_result(r: dict) -> str:
-    oracle = " (oracle reasoning)" if r["oracle_reasoning"] else ""
-    return (f"keypoints {r['task']} / {r['split']}{oracle}: pick error median {r['pick_error_median']:.2f} tokens, "
-            f"nearest the right one in {r['hits']}/{r['episodes']}; place-reference error median "
-            f"{r['ref_error_median']:.2f} tokens")
 
 
 def on_every_task_and_split(evaluate, format_result) -> list[dict]:

@@ -1,5 +1,5 @@
 """The report the README shows for a trained policy: closed-loop results with generated and with true reasoning,
-counterfactual following, its keypoints (if it has them), and the knowledge table of the pretrained VLM beside the
+counterfactual following, and the knowledge table of the pretrained VLM beside the
 policy's backbone."""
 
 from __future__ import annotations
@@ -7,11 +7,8 @@ from __future__ import annotations
 from .closed_loop import (
     EVAL_SEED,
     evaluate_following,
-    evaluate_keypoints,
     evaluate_policy_everywhere,
     format_following_result,
-    format_keypoint_result,
-    on_every_task_and_split,
 )
 from .knowledge import evaluate_knowledge
 
@@ -20,9 +17,8 @@ def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill
                   progress: bool = True, oracle: bool = True) -> dict:
     """What the README reports for a trained policy: closed-loop success on both tasks and splits with the
     reasoning it generates and, if ``oracle``, again with the true reasoning handed to it (the action side
-    alone); counterfactual following on open-world scenes of both tasks (:func:`evaluate_following`); where its
-    keypoints land (:func:`evaluate_keypoints`, true reasoning; policies with keypoints only); and the knowledge
-    table of the pretrained VLM beside the policy's backbone (same held-out questions)."""
+    alone); counterfactual following on open-world scenes of both tasks (:func:`evaluate_following`); and the
+    knowledge table of the pretrained VLM beside the policy's backbone (same held-out questions)."""
     from ..vla.policy import load_policy
     from ..vlm.api import load_vlm
     from ..world.catalog import TASKS
@@ -35,14 +31,11 @@ def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill
     for task in TASKS:
         following.append(evaluate_following(policy, task, "open_world", episodes, progress=progress))
         print(format_following_result(following[-1]))
-    keypoints = on_every_task_and_split(
-        lambda task, split: evaluate_keypoints(policy, task, split, episodes, progress=progress),
-        format_keypoint_result) if policy.config.num_keypoints else []
     knowledge = {"pretrained": evaluate_knowledge(*load_vlm(vlm_path), per_skill, progress=progress)["rows"],
                  "policy": evaluate_knowledge(policy.vlm, policy.processor, per_skill, progress=progress)["rows"]}
     return {"policy": policy_path, "pretrained_vlm": vlm_path, "episodes_per_split": episodes,
             "eval_seeds": [EVAL_SEED, EVAL_SEED + episodes - 1], "knowledge_per_skill": per_skill,
-            "closed_loop": closed, "following": following, "keypoints": keypoints, "knowledge": knowledge}
+            "closed_loop": closed, "following": following, "knowledge": knowledge}
 
 
 def format_retention(knowledge: dict) -> str:

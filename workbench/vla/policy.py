@@ -5,23 +5,24 @@ One control cycle (10 Hz steps, chunks of ``chunk_size`` = 16, ``n_action_steps`
 
     episode start:  [board, table, instruction] --VLM.generate--> reasoning text  (once per episode)
     every chunk:    [board, table, instruction, reasoning] --VLM forward--> hidden states h (B, L, H)
-                      obs  = [mean of h over the prompt tokens ; K keypoints on the table camera]
-                      why  = mean of h over the reasoning tokens
+                      obs  = mean of h over the prompt tokens
+                      why  = [mean of h over the reasoning tokens ; Fourier features of the boxes it states]
                     ActionExpert.sample(obs, state, why) -> actions (16, 4); the first 8 are executed
 
 Reasoning is generated once per episode, at the first call after :meth:`ChatVLA2Policy.reset`: it states
 facts that do not change while the robot acts (equation, answer, which card and where; object, target,
-side), and at the start the arm occludes neither camera. Later chunks re-read the *same* reasoning against
-the current images, so its hidden states (and the keypoints they query) follow the scene.
+side) and, as ChatVLA-2's reasoning does, *where* the things to act on are: boxes on the table camera in
+Qwen2-VL's grounding format (what to pick, the target, where to put it; :mod:`workbench.world.grounding`).
+At the start the arm occludes neither camera. Later chunks re-read the *same* reasoning against the current
+images, so its hidden states follow the scene.
 
-Deviation from the paper, stated plainly: the paper pools the VLM's hidden states into one vector. A
-mean-pooled vector of a tiny VLM keeps too little of *where* things are, so the observation vector here
-also carries K soft-argmax keypoints on the table camera (:class:`SpatialKeypoints`; K = 0 turns it off).
-Each keypoint reads the reasoning's words and looks for what it read among the table camera's tokens. In
-training, keypoint 0 is supervised to land on the object to pick and keypoint 1 on the place reference (math:
-the answer pad; toys: the target object), from the simulator's ground truth (:meth:`ChatVLA2Policy.keypoint_loss`,
-a heat-map cross-entropy; ``keypoint_loss_coef = 0`` turns it off). Without that supervision the action side
-memorised the 200 training layouts and went to the wrong card on every new episode.
+Deviation from the paper, stated plainly: the paper's action expert reads the reasoning through its hidden
+states alone. Here the reasoning path also gets the boxes the reasoning states, read back by the parser
+(:func:`~workbench.world.language.parse_reasoning`), as numbers (:func:`box_features`;
+``PolicyConfig.reasoning_boxes=False`` turns them off). The pooled hidden states of a 128-wide model keep too
+little of *where* a box is; the numbers keep all of it, for any object the VLM can ground, seen in robot data or
+not. (An earlier version found things with language-queried keypoints over the table camera's tokens, read
+from the reasoning's word embeddings; they could not find objects whose names no robot episode contains.)
 """
 
 from __future__ import annotations
@@ -45,12 +46,6 @@ from .moe import MoEConfig, moe_config_of, routing_context, upcycle
 #: data types for static routing and logging
 IMAGE_TEXT, ROBOT = 0, 1
 CAMERA_ORDER = ("board", "table")
-#: height (metres) at which anchor points are projected into the table camera (cards are flat, toys ~4 cm)
-ANCHOR_HEIGHT = 0.02
-#: width (in tokens) of the Gaussian heat map that supervises a keypoint
-HEATMAP_SIGMA = 0.6
-#: reasoning tokens are placed on a [0, 1] scale of this length for the keypoints' word positions
-MAX_WORDS = 128
 POLICY_FILES = ("policy_config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
 
 
@@ -119,23 +114,13 @@ class PolicyConfig:
 
     moe: dict = field(default_factory=lambda: MoEConfig().to_dict())
     action: dict = field(default_factory=dict)  # ActionExpertConfig fields (obs/reasoning dims are derived)
-    num_keypoints: int = 0
     n_action_steps: int = 8  # actions executed from each predicted chunk before predicting again
     max_reasoning_tokens: int = 128
-    #: weight of the auxiliary loss pulling keypoints 0 / 1 to the pick object / place reference (0 = off)
-    keypoint_loss_coef: float = 0.0
     #: the reasoning path also gets the boxes the reasoning states (what to pick, where to put it) as numbers
     reasoning_boxes: bool = True
 
     def __post_init__(self):
         MoEConfig.from_dict(self.moe)  # validates
-        if not (isinstance(self.num_keypoints, int) and self.num_keypoints >= 0):
-            raise ValueError(f"num_keypoints must be an int >= 0, got {self.num_keypoints!r}")
-        if not (isinstance(self.keypoint_loss_coef, (int, float)) and self.keypoint_loss_coef >= 0):
-            raise ValueError(f"keypoint_loss_coef must be a number >= 0, got {self.keypoint_loss_coef!r}")
-        if self.keypoint_loss_coef and self.num_keypoints < 2:
-            raise ValueError(f"keypoint_loss_coef > 0 supervises keypoints 0 and 1: num_keypoints must be >= 2, "
-                             f"got {self.num_keypoints} (or set keypoint_loss_coef=0)")
         chunk = self.action.get("chunk_size", ActionExpertConfig().chunk_size)
         if not (isinstance(self.n_action_steps, int) and 1 <= self.n_action_steps <= chunk):
             raise ValueError(f"n_action_steps must be an int in [1, chunk_size={chunk}], got {self.n_action_steps!r}")
@@ -149,63 +134,6 @@ class PolicyConfig:
 
 
 # ---------------------------------------------------------------------------------------------- model
-class SpatialKeypoints(nn.Module):
-    """Language-queried soft-argmax: K (row, col) keypoints on an image's token grid.
-
-    Keypoint k first *reads* the reasoning: a learned query attends over the reasoning's words (their token
-    embeddings, keyed also by their place in the sentence), so keypoint 0 can pick out "back left" or
-    "purple ball" rather than a mean of the whole text. Words, not the LM's contextual hidden states: with a
-    few hundred demonstrations, a reader of hidden states learned to recognise *episodes* (it read "the" and
-    ",", whose states mix in the whole scene) and missed on new ones. What it read becomes a query over the
-    image tokens, whose keys are their hidden states plus a learned embedding of their grid position (Fourier
-    features of ``coords``: Qwen2-VL keeps position only in its rotary embeddings, so hidden states alone do
-    not say *where* a token is). The keypoint is the attention-weighted mean of the token positions.
-
-    Args (forward):
-        words: (B, R, H) — embeddings of the reasoning tokens; ``word_mask``: (B, R) true where real.
-        tokens: (B, N, H) — hidden states of the image's N merged tokens, in raster order.
-        coords: (N, 2) — each token's (row, col) position scaled to [-1, 1].
-    Returns:
-        (B, 2K) keypoints [row_0, col_0, row_1, ...] in the same [-1, 1] scale, the (B, K, N) attention maps
-        over the image and the (B, K, R) attention over the reasoning words, averaged over the read heads
-        (both for plots).
-    """
-
-    FREQUENCIES = (1.0, 2.0, 4.0, 8.0)
-    #: words each keypoint reads at once ("back" and "left"; "soccer" and "ball"): one attention each
-    READ_HEADS = 2
-
-    def __init__(self, hidden: int, num_keypoints: int):
-        super().__init__()
-        self.k = num_keypoints
-        self.read = nn.Parameter(torch.randn(num_keypoints, self.READ_HEADS, hidden))  # (K, heads, H) word queries
-        self.word_key = nn.Linear(hidden, hidden)
-        self.word_pos = nn.Linear(4 * len(self.FREQUENCIES), hidden)
-        self.q = nn.Linear(self.READ_HEADS * hidden, hidden)
-        self.q_bias = nn.Parameter(torch.zeros(num_keypoints, hidden))  # (K, H): tells keypoints apart
-        self.key = nn.Linear(hidden, hidden)
-        self.pos = nn.Linear(4 * len(self.FREQUENCIES), hidden)
-
-    def position_features(self, coords: torch.Tensor) -> torch.Tensor:
-        """(N, 2) coords -> (N, 4F) sines and cosines at :attr:`FREQUENCIES` (times pi)."""
-        f = torch.tensor(self.FREQUENCIES, dtype=coords.dtype, device=coords.device) * torch.pi
-        angles = (coords.unsqueeze(-1) * f).flatten(1)  # (N, 2F)
-        return torch.cat([angles.sin(), angles.cos()], -1)
-
-    def forward(self, words, word_mask, tokens, coords):
-        b, n, h = tokens.shape
-        # word position as a fraction of MAX_WORDS (a longer reasoning just continues past 1)
-        place = (torch.arange(words.shape[1], device=words.device, dtype=words.dtype) / (MAX_WORDS - 1))[:, None]
-        place = place.expand(-1, 2)
-        word_keys = self.word_key(words) + self.word_pos(self.position_features(place))  # (B, R, H)
-        scores = torch.einsum("kah,brh->bkar", self.read, word_keys).div(h**0.5)  # (B, K, heads, R)
-        read = scores.masked_fill(~word_mask.bool()[:, None, None], float("-inf")).softmax(-1)
-        q = self.q(torch.einsum("bkar,brh->bkah", read, words).flatten(2)) + self.q_bias  # (B, K, H)
-        keys = self.key(tokens) + self.pos(self.position_features(coords))  # (B, N, H)
-        att = torch.einsum("bkh,bnh->bkn", q, keys).div(h**0.5).softmax(-1)  # (B, K, N)
-        return torch.einsum("bkn,nc->bkc", att, coords).reshape(b, 2 * self.k), att, read.mean(2)
-
-
 #: Fourier frequencies (times pi) of the box coordinates given to the reasoning path
 BOX_FREQUENCIES = (1.0, 2.0, 4.0, 8.0)
 #: the boxes of :class:`~workbench.world.language.ReasoningFacts` the reasoning path reads
@@ -234,69 +162,37 @@ def box_features(facts: list[ReasoningFacts]) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, BOX_FEATURES)
 
 
-def grid_coords(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """(N, 2) (row, col) in [-1, 1] of an image's merged tokens, raster order; ``grid_thw`` = (1, h, w)."""
-    gh, gw = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
-    rows, cols = torch.meshgrid(torch.linspace(-1, 1, gh), torch.linspace(-1, 1, gw), indexing="ij")
-    return torch.stack([rows.flatten(), cols.flatten()], -1)
-
-
-def token_spacing(coords: torch.Tensor) -> torch.Tensor:
-    """(2,) the distance between neighbouring tokens, per axis (row, col), of (N, 2) :func:`grid_coords`."""
-    return torch.stack([c.unique().diff().min() for c in coords.T])
-
-
 @dataclass
 class Summaries:
     """What the action side reads from the VLM's last hidden states for a batch of B robot frames (cacheable
     when the VLM is frozen).
 
     prompt: (B, H) mean over the prompt (images + instruction); reasoning: (B, H) mean over the reasoning;
-    words: (B, R, H) the reasoning tokens' (frozen) input embeddings, left-aligned, with word_mask (B, R)
-    true where real;
-    table: (B, N, H) the table camera's merged tokens; coords: (N, 2) their grid positions in [-1, 1];
     boxes: (B, :data:`BOX_FEATURES`) the :func:`box_features` of the boxes the reasoning states.
     """
 
     prompt: torch.Tensor
     reasoning: torch.Tensor
-    words: torch.Tensor
-    word_mask: torch.Tensor
-    table: torch.Tensor
-    coords: torch.Tensor
     boxes: torch.Tensor
 
     def rows(self) -> list[dict]:
-        """One dict per frame (float16; the box features float32), with the padding of ``words`` cut off (for
-        caches)."""
-        n = self.word_mask.sum(1).tolist()
-        return [{"prompt": self.prompt[i].half(), "reasoning": self.reasoning[i].half(),
-                 "words": self.words[i, : n[i]].half(), "table": self.table[i].half(), "boxes": self.boxes[i]}
-                for i in range(len(n))]
+        """One dict per frame (the hidden-state means float16, the box features float32), for caches."""
+        return [{"prompt": self.prompt[i].half(), "reasoning": self.reasoning[i].half(), "boxes": self.boxes[i]}
+                for i in range(len(self.prompt))]
 
     @classmethod
-    def stack(cls, rows: list[dict], coords: torch.Tensor) -> Summaries:
-        """The inverse of :meth:`rows` (float32, words padded again)."""
-        words = nn.utils.rnn.pad_sequence([r["words"].float() for r in rows], batch_first=True)
-        lengths = torch.tensor([len(r["words"]) for r in rows])
-        stacked = {k: torch.stack([r[k].float() for r in rows]) for k in ("prompt", "reasoning", "table", "boxes")}
-        mask = torch.arange(words.shape[1])[None] < lengths[:, None]
-        return cls(stacked["prompt"], stacked["reasoning"], words, mask, stacked["table"], coords, stacked["boxes"])
+    def stack(cls, rows: list[dict]) -> Summaries:
+        """The inverse of :meth:`rows` (float32)."""
+        return cls(*(torch.stack([r[k].float() for r in rows]) for k in ("prompt", "reasoning", "boxes")))
 
 
 @dataclass
 class Features:
-    """What the action expert is conditioned on. obs: (B, H + 2K); reasoning: (B, H); keypoints: (B, 2K),
-    the last 2K entries of ``obs``; attention: (B, K, N) keypoint maps over the table camera's N tokens at
-    ``coords`` (N, 2); reading: (B, K, R) each keypoint's attention over the reasoning tokens (the last four
-    are None without keypoints)."""
+    """What the action expert is conditioned on. obs: (B, H) the observation vector; reasoning: (B, R) the
+    reasoning vector (R = H, plus :data:`BOX_FEATURES` with ``reasoning_boxes``)."""
 
     obs: torch.Tensor
     reasoning: torch.Tensor
-    keypoints: torch.Tensor | None = None
-    attention: torch.Tensor | None = None
-    coords: torch.Tensor | None = None
-    reading: torch.Tensor | None = None
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -306,7 +202,7 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ChatVLA2Policy(nn.Module):
-    """VLM (Qwen2-VL + MoE) + keypoints + diffusion action expert. Build one with :meth:`from_vlm`
+    """VLM (Qwen2-VL + MoE) + diffusion action expert. Build one with :meth:`from_vlm`
     (stage 1) or :func:`load_policy`; use :meth:`predict_action_chunk` / :meth:`select_action` /
     :meth:`reset` like a LeRobot policy."""
 
@@ -314,13 +210,10 @@ class ChatVLA2Policy(nn.Module):
         super().__init__()
         self.vlm, self.processor, self.config = vlm, processor, config
         hidden = vlm.config.text_config.hidden_size
-        self.keypoints = SpatialKeypoints(hidden, config.num_keypoints) if config.num_keypoints else None
-        acfg = ActionExpertConfig.from_dict({**config.action, "obs_dim": hidden + 2 * config.num_keypoints,
+        acfg = ActionExpertConfig.from_dict({**config.action, "obs_dim": hidden,
                                              "reasoning_dim": hidden + (BOX_FEATURES if config.reasoning_boxes else 0),
                                              "state_dim": STATE_DIM})
         self.action_expert = ActionExpert(acfg, normalizer)
-        self.merge = vlm.config.vision_config.spatial_merge_size
-        self.image_token_id = vlm.config.image_token_id
         self.reset()
 
     @classmethod
@@ -351,7 +244,6 @@ class ChatVLA2Policy(nn.Module):
                                                   batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
         n = h.shape[0] if n_robot is None else n_robot
         robot = {k: batch[k][:n] for k in ("input_ids", "labels", "attention_mask")}
-        robot["image_grid_thw"] = batch["image_grid_thw"][: len(CAMERA_ORDER) * n]
         return self.condition(self.summaries(h[:n], robot)), lm_loss
 
     def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,61 +263,14 @@ class ChatVLA2Policy(nn.Module):
         reasoning)."""
         reasoning = batch["labels"] != -100  # (B, L)
         prompt = batch["attention_mask"].bool() & (reasoning.long().cumsum(1) == 0)
-        tokens, coords = self.table_tokens(h, batch)
-        lengths = reasoning.sum(1)
-        # each row's reasoning tokens moved to the front (a stable sort keeps their order)
-        order = torch.sort((~reasoning).long(), dim=1, stable=True).indices[:, : int(lengths.max())]
-        ids = torch.gather(batch["input_ids"], 1, order)  # (B, R)
-        words = self.vlm.get_input_embeddings()(ids)  # (B, R, H)
-        word_mask = torch.arange(words.shape[1], device=h.device)[None] < lengths[:, None]
-        texts = [self.processor.tokenizer.decode(row[:n]) for row, n in zip(ids.tolist(), lengths.tolist())]
+        texts = [self.processor.tokenizer.decode(ids[mask]) for ids, mask in zip(batch["input_ids"], reasoning)]
         boxes = box_features([parse_reasoning(t) for t in texts]).to(h)
-        return Summaries(masked_mean(h, prompt), masked_mean(h, reasoning), words, word_mask, tokens, coords, boxes)
+        return Summaries(masked_mean(h, prompt), masked_mean(h, reasoning), boxes)
 
     def condition(self, s: Summaries) -> Features:
         """:class:`Features` for the action expert from :class:`Summaries`."""
         reasoning = torch.cat([s.reasoning, s.boxes], -1) if self.config.reasoning_boxes else s.reasoning
-        if self.keypoints is None:
-            return Features(s.prompt, reasoning)
-        kp, att, read = self.keypoints(s.words, s.word_mask, s.table, s.coords)
-        return Features(torch.cat([s.prompt, kp], -1), reasoning, kp, att, s.coords, read)
-
-    # ------------------------------------------------------------------ keypoint supervision
-    def keypoint_targets(self, anchors_xy) -> torch.Tensor:
-        """Where keypoints 0 and 1 should land for table positions ``anchors_xy`` (..., 2, 2) (x, y) metres
-        (:func:`~workbench.world.env.anchor_points`): (..., 2, 2) (row, col) in the token-grid scale of
-        :func:`grid_coords` (-1 / +1 = the centres of the first / last token row or column)."""
-        cam = CAMERAS[CAMERA_ORDER[-1]]
-        xy = np.asarray(anchors_xy, dtype=np.float64)
-        pts = np.concatenate([xy.reshape(-1, 2), np.full((xy.size // 2, 1), ANCHOR_HEIGHT)], -1)
-        token_px = self.vlm.config.vision_config.patch_size * self.merge
-        grid = np.array([cam.height, cam.width]) / token_px  # (rows, cols) of merged tokens
-        rc = (cam.project(pts) / token_px - 0.5) / (grid - 1) * 2 - 1
-        return torch.tensor(rc.reshape(xy.shape), dtype=torch.float32)
-
-    def keypoint_loss(self, feats: Features, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Heat-map supervision of keypoints 0 and 1: cross-entropy between their attention maps over the
-        table tokens and a Gaussian (sigma = :data:`HEATMAP_SIGMA` tokens) around ``targets`` (B, 2, 2), where
-        ``mask`` (B, 2) is true; times ``config.keypoint_loss_coef``. (Cross-entropy on the map trains a
-        near-uniform attention far faster than a distance on its soft-argmax.)"""
-        coords = feats.coords  # (N, 2)
-        spacing = token_spacing(coords)  # (2,) one token in coords units
-        d2 = (((coords[None, None] - targets[:, :, None]) / spacing) ** 2).sum(-1)  # (B, 2, N) tokens^2
-        want = (-d2 / (2 * HEATMAP_SIGMA**2)).softmax(-1)
-        ce = -(want * feats.attention[:, :2].clamp_min(1e-8).log()).sum(-1)  # (B, 2)
-        m = mask.to(ce.dtype)
-        return self.config.keypoint_loss_coef * (ce * m).sum() / m.sum().clamp_min(1.0)
-
-    def table_tokens(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states of the last image's (the table camera's) tokens: (B, N, H), and their (N, 2) grid
-        coordinates. Every row must show the cameras of :data:`CAMERA_ORDER`."""
-        last = batch["image_grid_thw"][len(CAMERA_ORDER) - 1]  # (3,): the table camera's grid
-        n = int(last.prod()) // self.merge**2
-        is_img = batch["input_ids"] == self.image_token_id  # (B, L)
-        # positions of each sample's image tokens; the table camera's are the last n
-        idx = torch.stack([row.nonzero().squeeze(-1)[-n:] for row in is_img])  # (B, N)
-        tokens = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return tokens, grid_coords(last, self.merge).to(h)
+        return Features(s.prompt, reasoning)
 
     # ------------------------------------------------------------------ acting
     def reset(self, seed: int | None = None) -> None:
@@ -523,7 +368,7 @@ class ChatVLA2Policy(nn.Module):
 
     def extra_repr(self) -> str:
         moe = moe_config_of(self.vlm)
-        return (f"moe={moe.variant if moe else 'dense'}, keypoints={self.config.num_keypoints}, "
+        return (f"moe={moe.variant if moe else 'dense'}, reasoning_boxes={self.config.reasoning_boxes}, "
                 f"n_action_steps={self.config.n_action_steps}")
 
 
@@ -548,6 +393,16 @@ def save_policy(policy: ChatVLA2Policy, path: str, extra: dict | None = None, ha
             json.dump(meta, f, indent=1)
         policy.processor.save_pretrained(tmp)
     return path
+
+
+def _current_fields(saved: dict, path: str) -> dict:
+    """The saved policy config in today's terms: folders written before the reasoning path read boxes have no
+    ``reasoning_boxes`` (they did not); keypoints are gone (a folder that used them cannot be loaded)."""
+    saved = {"reasoning_boxes": False, **saved}
+    if saved.pop("num_keypoints", 0) or saved.pop("keypoint_loss_coef", 0):
+        raise ValueError(f"{path} holds a policy with keypoints (SpatialKeypoints), which this version no longer has: "
+                         "retrain it (python -m workbench.train recipe chatvla2 ...)")
+    return saved
 
 
 def is_policy_folder(path: str) -> bool:
@@ -584,8 +439,7 @@ def load_policy(path: str, verify: bool = True) -> ChatVLA2Policy:
     if verify:
         verify_checksum(os.path.join(path, "model.safetensors"), meta.get("weights_sha256"))
     try:
-        # folders written before the reasoning path read boxes have no "reasoning_boxes": they did not
-        config = PolicyConfig(**{"reasoning_boxes": False, **meta["policy"]})
+        config = PolicyConfig(**_current_fields(meta["policy"], path))
         vlm = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(meta["vlm_config"]))
         upcycle(vlm, MoEConfig.from_dict(config.moe))
         processor = TinyQwen2VLProcessor.from_pretrained(path)
@@ -596,5 +450,5 @@ def load_policy(path: str, verify: bool = True) -> ChatVLA2Policy:
     return policy.eval()
 
 
-__all__ = ["ChatVLA2Policy", "Features", "Observation", "PolicyConfig", "SpatialKeypoints", "Summaries",
+__all__ = ["BOX_FEATURES", "ChatVLA2Policy", "Features", "Observation", "PolicyConfig", "Summaries", "box_features",
            "is_policy_folder", "load_policy", "save_policy", "IMAGE_TEXT", "ROBOT"]

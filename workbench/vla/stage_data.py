@@ -18,17 +18,13 @@ class RobotFrames:
 
     ``item(i)`` is an :func:`~workbench.vlm.api.encode_example` dict (+ ``feats``) whose answer is the
     episode's reasoning; ``actions[i]`` (chunk, 4): commanded targets
-    (:meth:`~workbench.dataset.DemonstrationDataset.target_chunk`, padded by holding the last), ``states[i]`` (4,);
-    ``anchors[i]`` (2, 2): where keypoints 0 / 1 should land (:meth:`ChatVLA2Policy.keypoint_targets` of the
-    episode's pick object and place reference), ``anchor_mask[i]`` (2,): the pick object counts only until
-    it is grasped (afterwards it is in the hand, not at its spot).
+    (:meth:`~workbench.dataset.DemonstrationDataset.target_chunk`, padded by holding the last), ``states[i]`` (4,).
     The frozen vision tower's tokens of every frame are saved under ``<root>/cache/`` (keyed by a hash of
     the vision weights), so later stages and reruns skip them."""
 
     def __init__(self, root: str, policy: ChatVLA2Policy, progress: bool = True, batch: int = 32):
         from ..dataset import DemonstrationDataset
         from ..vlm.api import encode_example
-        from ..world.env import anchor_points
 
         ds = DemonstrationDataset(root, chunk_size=policy.action_expert.config.chunk_size)
         splits = set(ds.hf["split"])
@@ -38,11 +34,6 @@ class RobotFrames:
         self.states = torch.tensor(np.asarray(ds.hf["observation.state"], np.float32))
         # the action expert predicts commanded targets
         self.actions = torch.tensor(np.stack([ds.target_chunk(i)[0] for i in range(len(ds))]))
-        truth = {e["episode_index"]: e["ground_truth"] for e in ds.meta.episodes}
-        xy = np.stack([anchor_points(truth[int(e)]) for e in self.episode])  # (frames, 2, 2) metres
-        self.anchors = policy.keypoint_targets(xy)
-        before_grasp = np.isin(np.asarray(ds.hf["phase"]), ("reach", "grasp"))
-        self.anchor_mask = torch.tensor(np.stack([before_grasp, np.ones_like(before_grasp)], -1))
         self.board, self.table = self._vision_tokens(ds, policy, root, progress, batch)
         self.encoded = {}
         for ep in np.unique(self.episode):

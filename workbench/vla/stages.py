@@ -7,16 +7,12 @@ knowledge_freezing     upcycle the pretrained VLM's MLPs into experts (each   no
                        a copy), attach a fresh action expert + normaliser     policy; the vision tower and
                                                                               embeddings stay frozen
 reasoning_alignment    co-train on the *general* image–text subset (no        attention, experts,
-                       digits) mixed 1:3 with in-domain robot frames whose    routers, keypoints,
-                       target is the reasoning text; loss = LM CE + diffusion action expert
-                       (+ router load balancing + keypoint heat maps)
-action_finetuning      the whole VLM frozen; the action expert learns to      keypoints, action expert
-                       follow the reasoning (diffusion + keypoint heat maps)
+                       digits) mixed 1:3 with in-domain robot frames whose    routers, action expert
+                       target is the reasoning text; loss = LM CE + diffusion
+                       (+ router load balancing)
+action_finetuning      the whole VLM frozen; the action expert learns to      action expert
+                       follow the reasoning (diffusion)
 =====================  =====================================================  ==========================
-
-The keypoint term (:meth:`~workbench.vla.policy.ChatVLA2Policy.keypoint_loss`) is an auxiliary loss of this
-project, not the paper's: it pulls keypoint 0 onto the object to pick and keypoint 1 onto the place reference,
-read from each episode's ground truth (:func:`~workbench.world.env.anchor_points`).
 
 Recipes (:data:`RECIPES`) chain stages: ``chatvla2`` (all three, the default), ``two_stage`` (the camera-ready
 paper's view: upcycling folded into co-training, then action fine-tuning), the ablations
@@ -57,15 +53,13 @@ from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, 
 from .stage_data import GeneralPool, RobotFrames
 
 #: groups of parameters a stage may train (everything else is frozen)
-PARTS = ("vision", "embeddings", "attention", "experts", "router", "keypoints", "action_expert")
+PARTS = ("vision", "embeddings", "attention", "experts", "router", "action_expert")
 
 
 def part_of(name: str) -> str:
     """Which of :data:`PARTS` a policy parameter belongs to."""
     if name.startswith("action_expert."):
         return "action_expert"
-    if name.startswith("keypoints."):
-        return "keypoints"
     if name.startswith("vlm.model.visual."):
         return "vision"
     if ".router." in name:
@@ -129,9 +123,9 @@ STAGES: dict[str, StageConfig] = {
     "knowledge_freezing": StageConfig("knowledge_freezing", upcycle=True),
     "reasoning_alignment": StageConfig(
         "reasoning_alignment", steps=1200, batch_size=16, lr=1e-3, image_text_share=0.25, lm_loss=True,
-        train=("attention", "experts", "router", "keypoints", "action_expert"), checkpoint_every=200),
+        train=("attention", "experts", "router", "action_expert"), checkpoint_every=200),
     "action_finetuning": StageConfig("action_finetuning", steps=20000, batch_size=64, lr=1e-3,
-                                     train=("keypoints", "action_expert"), checkpoint_every=500),
+                                     train=("action_expert",), checkpoint_every=500),
 }
 
 #: the end-to-end VLA the paper argues against: a dense backbone, all of it trained (but the vision tower, whose
@@ -181,7 +175,7 @@ class StageTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process  # logs, checkpoints and saves (see workbench.training)
         self.log = CsvLog(os.path.join(self.run_dir, "log.csv"),
-                          ["stage", "step", "loss", "lm", "diffusion", "keypoints", "aux", "lr"], enabled=self.main)
+                          ["stage", "step", "loss", "lm", "diffusion", "aux", "lr"], enabled=self.main)
 
     def initial_policy(self, ckpt: str | None) -> ChatVLA2Policy:
         """The policy to train: from checkpoint ``ckpt`` (resume), else built from ``init``."""
@@ -287,8 +281,6 @@ class StageTrainer:
                 terms["diffusion"] = policy.action_expert.compute_loss(
                     frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning, noise=noise,
                     timesteps=timesteps)[0]
-            if policy.config.keypoint_loss_coef and st.diffusion_loss:
-                terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[rob], frames.anchor_mask[rob])
             if moe.variant != "dense" and moe.aux_loss_coef > 0:
                 terms["aux"] = moe.aux_loss_coef * load_balancing_loss(policy.vlm)
             self._update(policy, step, terms, params, opt, bar)
@@ -301,13 +293,11 @@ class StageTrainer:
         frames = RobotFrames(self.data, policy, self.progress)
         pad = policy.processor.tokenizer.pad_token_id
         policy.eval()
-        cache, coords = [], None
+        cache = []
         with torch.no_grad():
             for i in tqdm(range(0, len(frames), 32), desc="caching VLM summaries", disable=not self.progress):
                 idx = range(i, min(i + 32, len(frames)))
-                summaries = policy.vlm_summaries(collate([frames.item(j) for j in idx], pad))
-                cache += summaries.rows()
-                coords = summaries.coords
+                cache += policy.vlm_summaries(collate([frames.item(j) for j in idx], pad)).rows()
         params, opt = self._optimizer(policy, ckpt)
         policy.train()
         bar = self._bar(start)
@@ -316,12 +306,10 @@ class StageTrainer:
             idx_all = rng.choice(len(frames), min(st.batch_size, len(frames)), replace=False)
             noise, timesteps = (shard(x, self.accelerator) for x in self._noise(policy, step, len(idx_all)))
             idx = shard(idx_all, self.accelerator)
-            feats = policy.condition(Summaries.stack([cache[i] for i in idx], coords))
+            feats = policy.condition(Summaries.stack([cache[i] for i in idx]))
             terms = {"diffusion": policy.action_expert.compute_loss(
                 frames.actions[idx], feats.obs, frames.states[idx], feats.reasoning, noise=noise,
                 timesteps=timesteps)[0]}
-            if policy.config.keypoint_loss_coef:
-                terms["keypoints"] = policy.keypoint_loss(feats, frames.anchors[idx], frames.anchor_mask[idx])
             self._update(policy, step, terms, params, opt, bar)
 
 

@@ -391,19 +391,6 @@ def actions_towards(start, targets) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def anchor_points(ground_truth: dict) -> np.ndarray:
-    """(2, 2) table positions (x, y) in metres that an episode's ground truth names: the object to pick
-    (math: the answer card's slot centre; toys: the object) and the reference of the place (math: the answer
-    pad; toys: the target object). They supervise the policy's keypoints."""
-    if "answer_card_slot" in ground_truth:
-        return np.array([CARD_SLOTS[ground_truth["answer_card_slot"]], ANSWER_PAD], dtype=np.float32)
-    if "toys" in ground_truth:
-        toys = ground_truth["toys"]
-        return np.array([toys[ground_truth["object"]][:2], toys[ground_truth["target"]][:2]], dtype=np.float32)
-    raise ValueError(f"ground truth has neither 'answer_card_slot' (math) nor 'toys' (toy placement): "
-                     f"keys {sorted(ground_truth)}")
-
-
 def _check_xy(where, what: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in where)
