@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw
 from workbench.controllers import ExpertController, PolicyController
 from workbench.viz import compose_frame, save_gif
 from workbench.vlm.api import ask_stream
-from workbench.world import language, make_env, steps
-from workbench.world.catalog import ANSWER_PAD, Equation
+from workbench.world import grounding, language, make_env, steps
+from workbench.world.catalog import CARD_SLOTS, DIRECTION_PHRASES, Equation
 from workbench.world.scene import CAMERAS
 from workbench.world.writing import as_rgb_image
 
@@ -176,14 +176,12 @@ class Update(NamedTuple):
 def model_view(cameras: dict[str, np.ndarray], reasoning: str = "", path: np.ndarray | None = None) -> Image.Image:
     """The cameras the model saw at the start, enlarged: the reasoning's grounding boxes on the table image (they
     use 0-1000 coordinates of it) and the latest predicted end-effector path (blue, projected into it)."""
-    from workbench.world.grounding import parse_boxes
-
     s = VIEW_SCALE
     board = Image.fromarray(cameras["board"]).resize((cameras["board"].shape[1] * s, cameras["board"].shape[0] * s))
     table = Image.fromarray(cameras["table"]).resize((cameras["table"].shape[1] * s, cameras["table"].shape[0] * s))
     draw = ImageDraw.Draw(table)
     w, h = table.size
-    for x1, y1, x2, y2 in parse_boxes(reasoning):
+    for x1, y1, x2, y2 in grounding.parse_boxes(reasoning):
         draw.rectangle([x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000], outline=(230, 0, 0), width=3)
     if path is not None and len(path):
         rc = CAMERAS["table"].project(path) * s
@@ -209,13 +207,26 @@ def truth_table(reasoning: str, info: dict, has_truth: bool) -> str:
         rows = [("equation", facts.equation, None if eq is None else f"{eq.a}{eq.op}{eq.b}"),
                 ("answer", facts.answer, info["answer"]), ("card", facts.card, info["answer"]),
                 ("card slot", facts.card_slot, info["answer_card_slot"])]
+        card_xy = info.get("answer_card_xy") or CARD_SLOTS[info["answer_card_slot"]]
+        boxes = [("card's box", facts.pick_box, grounding.card_box(card_xy))]
     else:
+        toys = info["toys"]
         rows = [("object", facts.object, info["object"]), ("target", facts.target, info["target"]),
                 ("side", facts.direction, info["direction"])]
+        boxes = [("object's box", facts.pick_box, grounding.toy_box(info["object"], (*toys[info["object"]], 0))),
+                 ("target's box", facts.target_box, grounding.toy_box(info["target"], (*toys[info["target"]], 0)))]
     lines = ["| fact | the reasoning says | truth | |", "|---|---|---|---|"]
     for name, said, truth in rows:
         mark = "" if truth is None else ("✓ right" if said == truth else "✗ wrong")
         lines.append(f"| {name} | {_v(said)} | {_v(truth) if truth is not None else '(your drawing)'} | {mark} |")
+    for name, said, truth in boxes:  # a box is right when it finds the thing (IoU >= 0.5 or centre inside)
+        mark = "✓ finds it" if said is not None and grounding.box_hit(said, truth) else "✗ misses"
+        lines.append(f"| {name} | {_v(said)} | {_v(tuple(round(v) for v in truth))} | {mark} |")
+    if info["task"] == "toy_placement":
+        ok = facts.place_box is not None and grounding.placement_ok(facts.place_box, toys[info["target"]],
+                                                                    info["direction"])
+        lines.append(f"| placement box | {_v(facts.place_box)} | {DIRECTION_PHRASES[info['direction']]} the "
+                     f"{html.escape(info['target'])} | {'✓ right side' if ok else '✗ wrong place'} |")
     return "\n".join(lines)
 
 
@@ -224,13 +235,8 @@ def _v(value) -> str:
 
 
 def card_on_pad(env) -> int | None:
-    """The card resting on the answer pad (within 5 cm of its centre), if any."""
-    scene = env.unwrapped.scene
-    for digit, body in scene.cards.items():
-        x, y, _ = scene.body_position(body)
-        if np.hypot(x - ANSWER_PAD[0], y - ANSWER_PAD[1]) < 0.05 and body != scene.grasped:
-            return int(digit)
-    return None
+    """The card resting on the answer pad, if any."""
+    return next((int(d) for d in env.unwrapped.scene.cards if env.unwrapped.card_on_pad(d)), None)
 
 
 # ------------------------------------------------------------------------------------------------ episode

@@ -91,10 +91,15 @@ def test_fast_run_resumes_after_a_kill_and_read_trains_the_language_side_only(tm
     monkeypatch.setattr(P.Pretrainer, "talk", lambda self, phase, *a, **k: started.append((phase, k.get("start")))
                         or original_talk(self, phase, *a, **k))
     model, processor = P.Pretrainer(cfg, work, progress=False).run()
-    assert started == [("read", 2), ("answer", 0)]  # resumed at the end of "read": nothing was redone
-    assert ck.latest_checkpoint(work).endswith("step-000010")
+    assert started == [("read", 2), ("answer", 0), ("scenes", 0)]  # resumed at the end of "read": nothing redone
+    assert ck.latest_checkpoint(work).endswith("step-000012")
     rows = open(os.path.join(work, "log.csv")).read().splitlines()
-    assert [sum(f",{p}," in r for r in rows) for p in P.PHASES] == [4, 2, 4]
+    assert [sum(f",{p}," in r for r in rows) for p in P.PHASES] == [4, 2, 4, 2]
+    # *scenes* froze the vision side again
+    after_answer, after_scenes = (load_file(os.path.join(work, "checkpoints", f"step-0000{n}", "vlm",
+                                                         "model.safetensors")) for n in (10, 12))
+    assert all(torch.equal(after_answer[k], after_scenes[k]) for k in vision)
+    assert not all(torch.equal(after_answer[k], after_scenes[k]) for k in language)
     with pytest.raises(ValueError, match="different config.*batch_size"):
         P.Pretrainer(P.PretrainConfig.fast(see_steps=4, read_steps=2, answer_steps=4, checkpoint_every=2,
                                            batch_size=5), work, progress=False)
