@@ -63,9 +63,11 @@ def test_attention_maps_are_distributions_over_the_prompt(board_probe):
 
 def test_integrated_gradients_is_complete(board_probe):
     probe, _ = board_probe
-    ig = I.attributions(probe, "integrated_gradients", target="answer digit", n_steps=256)
+    # the first answer token is the first character read off the board (the answer digit after "=" follows from the
+    # text before it, by arithmetic the model knows: the board hardly moves it)
+    ig = I.attributions(probe, "integrated_gradients", target=0, n_steps=256)
     change = ig.output[0] - ig.output[1]
-    # the board makes the answer digit likelier than a blank board does (the shipped model: +0.33 on this board)
+    # the board makes that character likelier than a blank board does (the shipped model: +2.57 on this board)
     assert abs(change) > 0.2
     assert abs(ig.delta) < 0.05 * abs(change) + 0.05, (ig.delta, change)  # sum(attr) = f(x) - f(baseline)
     assert ig.cells.shape == (6, 12) and np.abs(ig.normalised).max() == pytest.approx(1.0)
