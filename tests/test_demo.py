@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from workbench.world import language
+from workbench.world.catalog import CARD_SLOTS
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +142,9 @@ def test_policy_streams_its_reasoning_and_follows_an_edited_one(app, policy):
     info = env.reset(seed=4)[1]
     env.close()
     other = next(d for d, slot in info["cards"].items() if d != info["answer"])
-    edited = f"I read the board. The card {other} is at the {info['cards'][other]}; I'll move it to the green pad."
+    slot = info["cards"][other]
+    edited = language.episode_reasoning({**info, "equation": None, "answer": other, "answer_card_slot": slot,
+                                         "answer_card_xy": CARD_SLOTS[slot]}, np.random.default_rng(0))
     controller = app.PolicyController(copy.deepcopy(policy))
     followed = list(app.run_episode(controller, "math matching", "in_domain", 4, "", reasoning=edited))
     assert followed[-1].reasoning == edited and "✗ wrong" in followed[-1].truth
