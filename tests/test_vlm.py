@@ -161,8 +161,8 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
 
     Measured when this floor was set: 18/66 (text arithmetic 6/6, colour 5, count 2, and 1 each for board arithmetic,
     objects, spatial, grounding cards and affordance; OCR 0/6 on this batch although 49/100 on the full row: see the
-    README). An untrained model of the same shape scores 0. A change that breaks loading, the processor, the renderer or the scoring drops below
-    the floor.
+    README). An untrained model of the same shape scores 0. A change that breaks loading, the processor, the renderer
+    or the scoring drops below the floor.
     """
     from workbench.evaluation.knowledge import evaluate_knowledge
 
