@@ -124,7 +124,8 @@ def tokenizer_texts(n_samples: int = 4000, seed: int = 0) -> list[str]:
         if o == t:
             continue
         d = ("left", "right", "front", "behind")[i % 4]
-        gt_toy = {"task": "toy_placement", "object": o, "target": t, "direction": d}
+        gt_toy = {"task": "toy_placement", "object": o, "target": t, "direction": d,
+                  "toys": {o: [0.45 + 0.002 * (i % 50), 0.12], t: [0.55, -0.1]}}
         texts.append(language.toy_instruction(o, t, d, rng))
         texts.append(language.episode_reasoning(gt_toy, rng))
         for ph in language.PHASES:
