@@ -28,6 +28,7 @@ from the reasoning's word embeddings; they could not find objects whose names no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections import deque
@@ -162,6 +163,10 @@ def box_features(facts: list[ReasoningFacts]) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, BOX_FEATURES)
 
 
+#: parse_reasoning, remembered per text: an episode's reasoning is re-read at every chunk and training step
+_parsed = functools.lru_cache(maxsize=4096)(parse_reasoning)
+
+
 @dataclass
 class Summaries:
     """What the action side reads from the VLM's last hidden states for a batch of B robot frames (cacheable
@@ -264,7 +269,7 @@ class ChatVLA2Policy(nn.Module):
         reasoning = batch["labels"] != -100  # (B, L)
         prompt = batch["attention_mask"].bool() & (reasoning.long().cumsum(1) == 0)
         texts = [self.processor.tokenizer.decode(ids[mask]) for ids, mask in zip(batch["input_ids"], reasoning)]
-        boxes = box_features([parse_reasoning(t) for t in texts]).to(h)
+        boxes = box_features([_parsed(t) for t in texts]).to(h)
         return Summaries(masked_mean(h, prompt), masked_mean(h, reasoning), boxes)
 
     def condition(self, s: Summaries) -> Features:
