@@ -119,8 +119,7 @@ def counterfactual(env, ground_truth: dict, rng) -> tuple[dict, str]:
     simulator, so the counterfactual reasoning's boxes are exact."""
 
     from ..world.catalog import DIRECTIONS
-    from ..world.env import TOY_REGION
-    from ..world.grounding import affordance_point
+    from ..world.grounding import placement_reachable
 
     gt = dict(ground_truth)
     scene = env.unwrapped.scene
@@ -130,12 +129,9 @@ def counterfactual(env, ground_truth: dict, rng) -> tuple[dict, str]:
         gt.update(answer=d, equation=None, answer_card_slot=gt["cards"][d],
                   answer_card_xy=[float(v) for v in scene.body_position(scene.cards[d])[:2]])
         return gt, "card"
-    (x0, x1), (y0, y1) = TOY_REGION
     toys = gt["toys"]
     if rng.random() < 0.5 or len(toys) < 3:
-        sides = [d for d in DIRECTIONS if d != gt["direction"]
-                 and x0 - 0.04 <= affordance_point(toys[gt["target"]], d)[0] <= x1 + 0.04
-                 and y0 - 0.04 <= affordance_point(toys[gt["target"]], d)[1] <= y1 + 0.04]
+        sides = [d for d in DIRECTIONS if d != gt["direction"] and placement_reachable(toys[gt["target"]], d)]
         if sides:
             gt["direction"] = sides[rng.integers(len(sides))]
             return gt, "side"

@@ -47,7 +47,7 @@ from PIL import Image
 
 from ..world.catalog import CARD_SLOTS, DIRECTION_PHRASES, DIRECTIONS, EQUATIONS, OBJECTS, WRITING_STYLES, Equation
 from ..world.env import TOY_REGION
-from ..world.grounding import affordance_box, affordance_point, card_box, grounded, strip_boxes, toy_box
+from ..world.grounding import affordance_box, card_box, grounded, placement_reachable, strip_boxes, toy_box
 from ..world.language import describe_position, equation_words
 
 KINDS = ("ocr", "solve", "arithmetic", "cards", "card_where", "answer_card", "objects", "colour", "count",
@@ -304,9 +304,7 @@ class CorpusGenerator:
                     continue
                 o, t = (str(v) for v in rng.choice(list(toys), 2, replace=False))
                 d = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-                goal = affordance_point(toys[t], d)
-                (x0, x1), (y0, y1) = TOY_REGION
-                if not (x0 - 0.04 <= goal[0] <= x1 + 0.04 and y0 - 0.04 <= goal[1] <= y1 + 0.04):
+                if not placement_reachable(toys[t], d):
                     continue
                 box = affordance_box(toys[t], d)
                 phrase = DIRECTION_PHRASES[d]

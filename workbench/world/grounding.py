@@ -121,6 +121,15 @@ def affordance_point(target_xy, direction: str) -> np.ndarray:
     return np.asarray(target_xy[:2], float) + PLACE_OFFSET * np.array(DIRECTIONS[direction])
 
 
+def placement_reachable(target_xy, direction: str, margin: float = 0.04) -> bool:
+    """Whether the spot ``direction`` of a target at ``target_xy`` lies on the toy area (within ``margin`` metres)."""
+    from .env import TOY_REGION
+
+    goal = affordance_point(target_xy, direction)
+    (x0, x1), (y0, y1) = TOY_REGION
+    return bool(x0 - margin <= goal[0] <= x1 + margin and y0 - margin <= goal[1] <= y1 + margin)
+
+
 def affordance_ok(point_xy, target_xy, direction: str) -> bool:
     """Whether a toy resting at ``point_xy`` is ``direction`` of the target (the env's success rule)."""
     from .env import PLACE_ACROSS, PLACE_ALONG
