@@ -179,7 +179,8 @@ def client_run(client, task="math matching", seed=2, controller="scripted expert
                           None, None, None, api_name="/run")
 
 
-@pytest.mark.parametrize("controller, task", [("scripted expert", "math matching"), ("scripted expert", "toy placement"),
+@pytest.mark.parametrize("controller, task", [("scripted expert", "math matching"),
+                                              ("scripted expert", "toy placement"),
                                               ("ChatVLA-2 policy", "math matching")])  # the policy on toys: below
 def test_client_runs_each_controller_and_task(client, controller, task):
     live, seen, reasoning, truth, log, status, gif = client_run(client, task, 5, controller)

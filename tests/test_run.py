@@ -19,11 +19,11 @@ def test_wilson_interval():
 
 def test_main_job_writes_results_and_gifs(tmp_path, capsys, root):
     policy = os.path.join(root, "data_samples", "policy")
-    run.main(["--episodes", "2", "--policy-episodes", "1", "--policy", policy, "--out", str(tmp_path)])
+    run.main(["--episodes", "1", "--policy-episodes", "1", "--policy", policy, "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "math_matching" in printed and "open_world" in printed and "ChatVLA-2 policy" in printed
     results = json.load(open(tmp_path / "results.json"))
-    assert len(results["expert"]) == 4 and all(r["episodes"] == 2 for r in results["expert"])
+    assert len(results["expert"]) == 4 and all(r["episodes"] == 1 for r in results["expert"])
     assert all(r["errors"] == 0 for r in results["expert"])
     assert len(results["policy"]) == 4 and all(r["records"][0]["reasoning"] for r in results["policy"])
     for task in ("math_matching", "toy_placement"):

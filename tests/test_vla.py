@@ -11,10 +11,10 @@ import torch
 from workbench.dataset import load_meta
 from workbench.evaluation.closed_loop import evaluate_policy, reasoning_scores
 from workbench.evaluation.knowledge import load_backbone
+from workbench.vla.observation import Observation
 from workbench.vla.policy import (
     BOX_FEATURES,
     ChatVLA2Policy,
-    Observation,
     PolicyConfig,
     Summaries,
     box_features,
@@ -378,6 +378,32 @@ def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_pat
     assert result["conclusion_right"] == 1 and result["successes_when_right"] == result["successes"]
     assert rec["instruction"] and rec["reasoning"] and result["oracle_reasoning"]
     assert os.listdir(tmp_path)  # one GIF
+
+
+def test_reasoning_check_scores_the_first_frame_without_acting(policy, monkeypatch):
+    """``evaluate reasoning``: the true reasoning scores full marks, a wrong one nothing; no step is taken."""
+    from workbench.evaluation.closed_loop import EVAL_SEED, evaluate_reasoning
+    from workbench.world import language, make_env
+
+    env = make_env("math_matching", "open_world", cameras=())
+    truths = iter([language.episode_reasoning(env.reset(seed=EVAL_SEED + i)[1], np.random.default_rng(i))
+                   for i in range(2)])
+    env.close()
+    monkeypatch.setattr("workbench.world.env.TabletopEnv.step", lambda *a: pytest.fail("the check must not act"))
+    monkeypatch.setattr(policy, "generate_reasoning", lambda obs, instruction: next(truths))
+    r = evaluate_reasoning(policy, "math_matching", "open_world", episodes=2, progress=False)
+    assert r["conclusion_right"] == 2 and r["scores"] == {"ocr": 4.0, "math": 2.0, "grounding": 1.0}
+    monkeypatch.setattr(policy, "generate_reasoning", lambda obs, instruction: "I read nothing.")
+    r = evaluate_reasoning(policy, "toy_placement", "open_world", episodes=1, progress=False)
+    assert r["conclusion_right"] == 0 and set(r["scores"].values()) == {0.0}
+
+
+def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path):
+    from workbench import train
+
+    with pytest.raises(SystemExit):
+        train.main(["stage", "reasoning_alignment", "--init", str(tmp_path), "--data", demos, "--out",
+                    str(tmp_path / "x"), "--train", "experts,brain"])
 
 
 def test_counterfactual_following_hands_over_another_task(policy):

@@ -84,7 +84,8 @@ def bench_sim(steps: int = 200, episodes: int = 6) -> list[tuple[str, str]]:
 def bench_policy(path: str = "data_samples/policy", repeats: int = 30) -> list[tuple[str, str]]:
     import torch
 
-    from .vla.policy import Observation, load_policy
+    from .vla.observation import Observation
+    from .vla.policy import load_policy
     from .world.env import TabletopEnv
 
     policy = load_policy(path)

@@ -6,9 +6,12 @@ in :mod:`workbench.evaluation`.
     python -m workbench.evaluate policy --policy data_samples/policy --task math_matching --split open_world \
         --episodes 50 [--videos 2] [--out outputs/policy_math_open.json]
     python -m workbench.evaluate following --policy data_samples/policy --episodes 50 [--out outputs/following.json]
+    python -m workbench.evaluate reasoning --policy runs/s2 [--episodes 10] [--per-skill 12] [--out outputs/s2.json]
     python -m workbench.evaluate report --policy data_samples/policy --episodes 25 \\
         --out data_samples/policy/results.json
 
+``reasoning``: the reasoning a policy (or a stage-2 checkpoint) generates at the first frame of held-out episodes,
+scored without acting, and a slice of the knowledge suite (no robustness rows): a check in a few minutes.
 ``following``: counterfactual following on held-out (open-world) scenes of both tasks: the policy is handed the
 reasoning of another task in the same scene (another card; another side or another toy) and the robot's outcome is
 checked against what that text says.
@@ -28,8 +31,11 @@ from .evaluation.closed_loop import (
     EVAL_SEED,
     evaluate_following,
     evaluate_policy,
+    evaluate_reasoning,
     format_following_result,
     format_policy_result,
+    format_reasoning_result,
+    on_every_task_and_split,
 )
 from .evaluation.knowledge import evaluate_knowledge, format_table, load_backbone
 from .evaluation.report import format_retention, policy_report
@@ -57,6 +63,12 @@ def main(argv=None):
     fo.add_argument("--episodes", type=int, default=50, help="episodes per task")
     fo.add_argument("--split", default="open_world", choices=["in_domain", "open_world"])
     fo.add_argument("--out", default=None, help="JSON file for the results and every episode")
+    rs = sub.add_parser("reasoning", help="first-frame reasoning scores (no acting) + a knowledge slice")
+    rs.add_argument("--policy", required=True, help="policy folder (any stage)")
+    rs.add_argument("--episodes", type=int, default=10, help="episodes per task and split")
+    rs.add_argument("--per-skill", type=int, default=12, help="knowledge questions per skill (OCR, solving, "
+                    "text arithmetic, objects)")
+    rs.add_argument("--out", default=None, help="JSON file for the results and every reasoning")
     p = sub.add_parser("policy", help="closed-loop evaluation of a policy in the simulator")
     p.add_argument("--policy", required=True, help="policy folder")
     p.add_argument("--task", required=True, choices=["math_matching", "toy_placement"])
@@ -73,6 +85,8 @@ def main(argv=None):
         return _main_policy(ap, args)
     if args.what == "following":
         return _main_following(ap, args)
+    if args.what == "reasoning":
+        return _main_reasoning(ap, args)
     if args.what == "report":
         result = policy_report(args.policy, args.vlm, args.episodes, args.per_skill, oracle=not args.no_oracle)
         print(format_retention(result["knowledge"]))
@@ -115,6 +129,27 @@ def _main_following(ap, args):
         print(format_following_result(results[-1]))
     if args.out:
         _write_json(args.out, {"policy": args.policy, "following": results})
+
+
+#: the knowledge rows of ``evaluate reasoning``: what co-training is most likely to erase
+REASONING_CHECK_ROWS = ("ocr", "solve", "arithmetic", "objects")
+
+
+def _main_reasoning(ap, args):
+    from .evaluation.knowledge import knowledge_samples
+    from .vla.policy import load_policy
+
+    if args.episodes < 1 or args.per_skill < 1:
+        ap.error("--episodes and --per-skill must be at least 1")
+    policy = load_policy(args.policy)
+    policy.eval()
+    results = on_every_task_and_split(lambda task, split: evaluate_reasoning(policy, task, split, args.episodes),
+                                      format_reasoning_result)
+    samples = [s for s in knowledge_samples(args.per_skill, robustness=False) if s.kind in REASONING_CHECK_ROWS]
+    knowledge = evaluate_knowledge(policy.vlm, policy.processor, samples=samples)
+    print(format_table(knowledge, f"Knowledge slice of {args.policy} (held-out)"))
+    if args.out:
+        _write_json(args.out, {"policy": args.policy, "reasoning": results, "knowledge": knowledge})
 
 
 def _write_json(path: str, obj) -> None:

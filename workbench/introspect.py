@@ -513,7 +513,8 @@ def write_figures(out: str, vlm: str = "data_samples/vlm", policy: str = "data_s
     per patch over both cameras. Returns the PNG paths written in ``out``."""
     import os
 
-    from .vla.policy import ROBOT, Observation, load_policy
+    from .vla.observation import Observation
+    from .vla.policy import ROBOT, load_policy
     from .vlm.api import load_vlm
     from .vlm.corpus import CorpusGenerator, CorpusRenderer
     from .world import make_env

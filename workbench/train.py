@@ -49,6 +49,10 @@ def main(argv=None):
         a.add_argument("--steps", type=int, default=None, help="override the steps of every trained stage")
         a.add_argument("--batch-size", type=int, default=None)
         a.add_argument("--general-pool", type=int, default=None, help="image–text samples rendered for the mix")
+        if name == "stage":
+            a.add_argument("--train", default=None, help="comma-separated parts to train instead of the stage's "
+                           "(vision, embeddings, attention, experts, router, action_expert)")
+            a.add_argument("--lr", type=float, default=None, help="peak learning rate instead of the stage's")
     k = sub.add_parser("package", help="copy a trained policy (float16 weights) and its training logs")
     k.add_argument("--policy", required=True, help="trained policy folder (e.g. RECIPE_OUT/policy)")
     k.add_argument("--out", required=True, help="where to write it (e.g. data_samples/policy)")
@@ -111,8 +115,11 @@ def _main_vla(ap, args, StageConfig):
 
     moe = {k: v for k, v in (("variant", args.moe_variant), ("num_experts", args.num_experts),
                               ("top_k", args.top_k)) if v is not None}
+    train = getattr(args, "train", None)
     stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
-                                    ("general_pool", args.general_pool)) if v is not None}
+                                    ("general_pool", args.general_pool), ("lr", getattr(args, "lr", None)),
+                                    ("train", tuple(p.strip() for p in train.split(",")) if train else None))
+                  if v is not None}
     try:
         pcfg = PolicyConfig(moe=MoEConfig(**moe).to_dict(), action={"reasoning_injection": args.reasoning_injection}
                             if args.reasoning_injection else {})

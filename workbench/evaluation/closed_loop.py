@@ -112,6 +112,37 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
 
 
+def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: int = EVAL_SEED,
+                       progress: bool = True) -> dict:
+    """The reasoning ``policy`` generates at the first frame of ``episodes`` seeded episodes, scored as in
+    :func:`evaluate_policy`, without acting: a check of a stage-2 checkpoint in about a minute (the robot's success
+    needs the action expert of stage 3)."""
+    import numpy as np
+
+    from ..world.env import TabletopEnv
+    from ..world.language import parse_reasoning
+
+    env = TabletopEnv(task, split)
+    records = []
+    for i in tqdm(range(episodes), desc=f"reasoning {task}/{split}", disable=not progress):
+        obs, info = env.reset(seed=seed + i)
+        text = policy.generate_reasoning(obs, info["instruction"])
+        facts = parse_reasoning(text)
+        records.append({"seed": seed + i, "reasoning": text, "scores": reasoning_scores(facts, info),
+                        "conclusion_right": conclusion_right(facts, info)})
+    env.close()
+    keys = records[0]["scores"] if records else {}
+    return {"task": task, "split": split, "episodes": len(records),
+            "conclusion_right": sum(r["conclusion_right"] for r in records),
+            "scores": {k: float(np.mean([r["scores"][k] for r in records])) for k in keys}, "records": records}
+
+
+def format_reasoning_result(r: dict) -> str:
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in r["scores"].items())
+    return (f"reasoning {r['task']} / {r['split']}: conclusion right in {r['conclusion_right']}/{r['episodes']}; "
+            f"scores: {scores}")
+
+
 def counterfactual(env, ground_truth: dict, rng) -> tuple[dict, str]:
     """Another task in the same scene, as (its ground truth, the kind of change): math matching, another card
     on the table is "the answer" (``"card"``); toy placement, alternately the object goes to another side of the

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .policy import CAMERA_ORDER, ChatVLA2Policy
+from .observation import CAMERA_ORDER
+from .policy import ChatVLA2Policy
 
 
 class RobotFrames:
