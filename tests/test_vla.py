@@ -398,12 +398,18 @@ def test_reasoning_check_scores_the_first_frame_without_acting(policy, monkeypat
     assert r["conclusion_right"] == 0 and set(r["scores"].values()) == {0.0}
 
 
-def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path):
+def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, capsys):
     from workbench import train
 
+    args = ["stage", "reasoning_alignment", "--init", str(tmp_path), "--data", demos, "--out", str(tmp_path / "x")]
+    ran = []
+    monkeypatch.setattr(StageTrainer, "run", lambda self: ran.append(self.stage))
+    train.main([*args, "--train", "attention, experts", "--lr", "2e-4"])
+    assert ran[0].train == ("attention", "experts") and ran[0].lr == 2e-4
+    assert ran[0].steps == STAGES["reasoning_alignment"].steps  # everything else as the stage says
     with pytest.raises(SystemExit):
-        train.main(["stage", "reasoning_alignment", "--init", str(tmp_path), "--data", demos, "--out",
-                    str(tmp_path / "x"), "--train", "experts,brain"])
+        train.main([*args, "--train", "experts,brain"])
+    assert "unknown parts ['brain']" in capsys.readouterr().err
 
 
 def test_counterfactual_following_hands_over_another_task(policy):

@@ -65,6 +65,14 @@ def conclusion_right(facts, ground_truth: dict) -> bool:
         (ground_truth["object"], ground_truth["target"], ground_truth["direction"])
 
 
+def mean_scores(records: list[dict]) -> dict:
+    """Each reasoning score (:func:`reasoning_scores`) averaged over episode ``records``."""
+    import numpy as np
+
+    keys = records[0]["scores"] if records else {}
+    return {k: float(np.mean([r["scores"][k] for r in records])) for k in keys}
+
+
 def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int = EVAL_SEED, videos: int = 0,
                     video_dir: str | None = None, progress: bool = True, oracle_reasoning: bool = False) -> dict:
     """Closed-loop success of ``policy`` on ``episodes`` seeded episodes (seeds ``seed`` .. ``seed + episodes - 1``),
@@ -102,13 +110,12 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
     env.close()
     wins = sum(r["success"] for r in records)
     lo, hi = wilson_interval(wins, len(records))
-    keys = records[0]["scores"] if records else {}
     right = [r for r in records if r["conclusion_right"]]
     return {"task": task, "split": split, "oracle_reasoning": oracle_reasoning, "episodes": len(records),
             "successes": wins, "conclusion_right": len(right),
             "successes_when_right": sum(r["success"] for r in right),
             "success_rate": wins / max(1, len(records)), "ci95": [lo, hi],
-            "scores": {k: float(np.mean([r["scores"][k] for r in records])) for k in keys},
+            "scores": mean_scores(records),
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
 
 
@@ -117,8 +124,6 @@ def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: 
     """The reasoning ``policy`` generates at the first frame of ``episodes`` seeded episodes, scored as in
     :func:`evaluate_policy`, without acting: a check of a stage-2 checkpoint in about a minute (the robot's success
     needs the action expert of stage 3)."""
-    import numpy as np
-
     from ..world.env import TabletopEnv
     from ..world.language import parse_reasoning
 
@@ -131,10 +136,9 @@ def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: 
         records.append({"seed": seed + i, "reasoning": text, "scores": reasoning_scores(facts, info),
                         "conclusion_right": conclusion_right(facts, info)})
     env.close()
-    keys = records[0]["scores"] if records else {}
     return {"task": task, "split": split, "episodes": len(records),
             "conclusion_right": sum(r["conclusion_right"] for r in records),
-            "scores": {k: float(np.mean([r["scores"][k] for r in records])) for k in keys}, "records": records}
+            "scores": mean_scores(records), "records": records}
 
 
 def format_reasoning_result(r: dict) -> str:
