@@ -127,3 +127,46 @@ def test_cli_fast_run(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "vlm" / "model.safetensors")
     summary = json.load(open(tmp_path / "w" / "summary.json"))
     assert summary["config"]["see_steps"] == 2
+
+
+def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path):
+    """``init`` + ``phases``: a saved VLM continues with some phases (the shipped model's last step); the probe's
+    *where* term trains the vision side in *see* and *scenes* leaves it frozen."""
+    from safetensors.torch import load_file
+
+    first = P.Pretrainer(P.PretrainConfig.fast(), str(tmp_path / "a"), progress=False)
+    model, processor = first.run()
+    from workbench.vlm.api import save_vlm
+
+    save_vlm(model, processor, str(tmp_path / "vlm"))
+    cfg = P.PretrainConfig.fast(init=str(tmp_path / "vlm"), phases="see,scenes", see_steps=2, scenes_steps=2)
+    P.Pretrainer(cfg, str(tmp_path / "b"), progress=False).run()
+    rows = open(tmp_path / "b" / "log.csv").read().splitlines()
+    assert [sum(f",{p}," in r for r in rows) for p in P.PHASES] == [2, 0, 0, 2]
+    before = load_file(str(tmp_path / "vlm" / "model.safetensors"))
+    after_see, after_scenes = (load_file(str(tmp_path / "b" / "checkpoints" / f"step-00000{n}" / "vlm" /
+                                              "model.safetensors")) for n in (2, 4))
+    vision = [k for k in before if k.startswith("visual.")]
+    assert not all(torch.equal(before[k], after_see[k]) for k in vision)
+    assert all(torch.equal(after_see[k], after_scenes[k]) for k in vision)
+
+
+@pytest.mark.parametrize("bad, message", [({"phases": "read"}, "need init"), ({"phases": "scenes,see"}, "in that order"),
+                                          ({"phases": "see,look"}, "distinct names"),
+                                          ({"init": "/nonexistent"}, "not a saved VLM"), ({"where_coef": 2.0}, "where")])
+def test_phase_selection_is_validated(bad, message):
+    with pytest.raises(ValueError, match=message):
+        P.PretrainConfig(**bad)
+
+
+def test_where_term_learns_position_from_features():
+    head = P.ReadingHead.__new__(P.ReadingHead)
+    torch.nn.Module.__init__(head)
+    head.where = torch.nn.Linear(8, 2 * P.ReadingHead.MAX_GRID)
+    grid = (3, 4)
+    feats = torch.zeros(12, 8)
+    feats[torch.arange(12), torch.arange(12) % 8] = 1.0  # distinct features for most tokens
+    loss = head.where_loss(feats, [grid])
+    assert loss.item() > 0
+    with pytest.raises(ValueError, match="exceed"):
+        head.where_loss(torch.zeros(40 * 2, 8), [(2, 40)])
