@@ -151,22 +151,33 @@ def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path):
     assert all(torch.equal(after_see[k], after_scenes[k]) for k in vision)
 
 
-@pytest.mark.parametrize("bad, message", [({"phases": "read"}, "need init"), ({"phases": "scenes,see"}, "in that order"),
+@pytest.mark.parametrize("bad, message", [({"phases": "read"}, "need init"),
+                                          ({"phases": "scenes,see"}, "in that order"),
                                           ({"phases": "see,look"}, "distinct names"),
-                                          ({"init": "/nonexistent"}, "not a saved VLM"), ({"where_coef": 2.0}, "where")])
+                                          ({"init": "/nonexistent"}, "not a saved VLM"),
+                                          ({"where_coef": 2.0}, "where")])
 def test_phase_selection_is_validated(bad, message):
     with pytest.raises(ValueError, match=message):
         P.PretrainConfig(**bad)
 
 
-def test_where_term_learns_position_from_features():
-    head = P.ReadingHead.__new__(P.ReadingHead)
-    torch.nn.Module.__init__(head)
-    head.where = torch.nn.Linear(8, 2 * P.ReadingHead.MAX_GRID)
-    grid = (3, 4)
-    feats = torch.zeros(12, 8)
-    feats[torch.arange(12), torch.arange(12) % 8] = 1.0  # distinct features for most tokens
-    loss = head.where_loss(feats, [grid])
-    assert loss.item() > 0
+def test_where_term_is_low_only_when_features_say_where_they_are():
+    """The *where* term can be driven to ~0 by features that encode each token's row and column, not by features
+    that are the same everywhere (then it stays at log(rows) + log(cols)); grids larger than it labels are refused."""
+    import math
+
+    rows, cols = 3, 4
+    informative = torch.cat([torch.eye(rows).repeat_interleave(cols, 0), torch.eye(cols).repeat(rows, 1)], 1)
+    for feats, low in ((informative, True), (torch.ones(rows * cols, rows + cols), False)):
+        head = torch.nn.Module()
+        head.MAX_GRID = P.ReadingHead.MAX_GRID
+        head.where = torch.nn.Linear(rows + cols, 2 * P.ReadingHead.MAX_GRID)
+        opt = torch.optim.Adam(head.where.parameters(), lr=0.1)
+        for _ in range(200):
+            opt.zero_grad()
+            loss = P.ReadingHead.where_loss(head, feats, [(rows, cols)])
+            loss.backward()
+            opt.step()
+        assert (loss.item() < 0.05) if low else (loss.item() > math.log(rows) + math.log(cols) - 0.05)
     with pytest.raises(ValueError, match="exceed"):
-        head.where_loss(torch.zeros(40 * 2, 8), [(2, 40)])
+        P.ReadingHead.where_loss(head, torch.zeros(80, rows + cols), [(2, 40)])

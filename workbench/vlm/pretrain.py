@@ -238,12 +238,13 @@ class ReadingHead(torch.nn.Module):
         return self.scale * F.normalize(feats, dim=-1) @ F.normalize(vectors, dim=-1).T
 
     def where_loss(self, feats: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
-        """Cross-entropy of each token's row plus that of its column, from its feature alone: (N, D) merged image tokens in
-        row-major order, ``grids`` the (rows, cols) of each image. Qwen2-VL's vision tower has no absolute position
-        embedding and the language model's M-RoPE gives image columns only its lowest frequencies (``tiny``: at most
-        0.003 rad per column), so without this term the tokens do not say where they are: a linear probe on the
-        features of the model trained without it found the row of 22% and the column of 13% of held-out table
-        tokens (11 x 16 grid), and the model located cards and toys no better than guessing the mean box."""
+        """Cross-entropy of each token's row plus that of its column, from its feature alone: (N, D) merged image
+        tokens in row-major order, ``grids`` the (rows, cols) of each image. Qwen2-VL's vision tower has no absolute
+        position embedding and the language model's M-RoPE gives image columns only its lowest frequencies
+        (``tiny``: at most 0.003 rad per column), so without this term the tokens do not say where they are: a
+        linear probe on the features of the model trained without it found the row of 22% and the column of 13%
+        of held-out table tokens (11 x 16 grid), and the model located cards and toys no better than guessing the
+        mean box."""
         if any(max(g) > self.MAX_GRID for g in grids):
             raise ValueError(f"image token grids {grids} exceed {self.MAX_GRID} tokens a side")
         rows = torch.cat([torch.arange(h).repeat_interleave(w) for h, w in grids]).to(feats.device)
