@@ -13,6 +13,7 @@ from workbench.vla.moe import (
     MoEConfig,
     MoEMLP,
     count_moe_parameters,
+    dispatch,
     load_balancing_loss,
     moe_config_of,
     routing,
@@ -231,3 +232,20 @@ def test_2b_preset_upcycles_on_the_meta_device():
     assert n["active"] == n["total"] - 28 * 6 * mlp  # 6 idle experts per token and layer
     mem = training_memory_gib(n["total"])
     assert 140 < mem["total"] < 170  # 10.3 B parameters x 16 bytes: a ZeRO-2 job across 8 GPUs, not one
+
+
+def test_dispatch_of_one_token_calls_only_its_experts_and_matches_the_batched_path():
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+    called = []
+    for e, expert in enumerate(experts):
+        expert.register_forward_hook(lambda *_, e=e: called.append(e))
+    x = torch.randn(3, 8)
+    idx = torch.tensor([[2, 0], [1, 3], [3, 2]])
+    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]])
+    batched = dispatch(experts, x, idx, weights)
+    for n in range(3):
+        called.clear()
+        one = dispatch(experts, x[n:n + 1], idx[n:n + 1], weights[n:n + 1])
+        assert sorted(called) == sorted(idx[n].tolist())
+        torch.testing.assert_close(one, batched[n:n + 1])

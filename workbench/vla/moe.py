@@ -135,6 +135,11 @@ def dispatch(experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor, weights
     """Sparse mixture ``out[n] = sum_j weights[n, j] * experts[idx[n, j]](x[n])``. x (N, H), idx (N, k) long,
     weights (N, k) -> (N, H). Each expert runs only on the rows routed to it (N * k rows in all)."""
     out = torch.zeros_like(x)
+    if x.shape[0] == 1:  # one token (a decoding step): call only its k experts, summed in the same order as below
+        chosen = idx[0].tolist()
+        for slot in sorted(range(len(chosen)), key=chosen.__getitem__):
+            out += experts[chosen[slot]](x) * weights[0, slot].to(x.dtype)
+        return out
     for e, expert in enumerate(experts):
         rows, slot = (idx == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
         if rows.numel():
