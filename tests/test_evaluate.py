@@ -74,3 +74,25 @@ def test_clis_report_bad_input_in_one_line(argv):
     lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "pybullet build time" not in ln]
     assert len(lines) == 1 and lines[0].startswith("error:") and "/nonexistent/vlm" in lines[0], out.stderr
     assert "Traceback" not in out.stderr and "RuntimeWarning" not in out.stderr
+
+
+def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_does_not(root):
+    """On the shipped VLM the board tokens know their row (a frame and a line of text: 96% at 120 images) while
+    the table tokens hardly do (22%); its boxes are written and scored against the mean-box baseline."""
+    import os
+
+    import numpy as np
+
+    from workbench.evaluation.positions import box_errors, format_positions, position_probe
+    from workbench.vlm.api import load_vlm
+
+    model, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
+    model.eval()
+    probe = position_probe(model, processor, images=12, steps=150)
+    assert probe["board"]["grid"] == [(6, 12)] and probe["table"]["grid"] == [(11, 16)]
+    assert probe["board"]["row"] > 0.6 > probe["table"]["row"]
+    boxes = box_errors(model, processor, per_kind=3)
+    assert all(r["answered"] == 3 and np.all(np.array(r["mean_box_error"]) > 0) for r in boxes.values())
+    assert "chance 16.7%" in format_positions(probe, boxes, "t")
+    with pytest.raises(ValueError, match="at least 4"):
+        position_probe(model, processor, images=2)

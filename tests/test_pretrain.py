@@ -139,7 +139,8 @@ def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path):
     from workbench.vlm.api import save_vlm
 
     save_vlm(model, processor, str(tmp_path / "vlm"))
-    cfg = P.PretrainConfig.fast(init=str(tmp_path / "vlm"), phases="see,scenes", see_steps=2, scenes_steps=2)
+    cfg = P.PretrainConfig.fast(init=str(tmp_path / "vlm"), phases="see,scenes", see_steps=2, scenes_steps=2,
+                                where_coef=1.0)
     P.Pretrainer(cfg, str(tmp_path / "b"), progress=False).run()
     rows = open(tmp_path / "b" / "log.csv").read().splitlines()
     assert [sum(f",{p}," in r for r in rows) for p in P.PHASES] == [2, 0, 0, 2]

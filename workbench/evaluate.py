@@ -9,12 +9,15 @@ in :mod:`workbench.evaluation`.
     python -m workbench.evaluate reasoning --policy runs/s2 [--episodes 10] [--per-skill 12] [--out outputs/s2.json]
     python -m workbench.evaluate report --policy data_samples/policy --episodes 25 \\
         --out data_samples/policy/results.json
+    python -m workbench.evaluate positions --model data_samples/vlm [--images 120] [--boxes 30] [--out F]
 
 ``reasoning``: the reasoning a policy (or a stage-2 checkpoint) generates at the first frame of held-out episodes,
 scored without acting, and a slice of the knowledge suite (no robustness rows): a check in a few minutes.
 ``following``: counterfactual following on held-out (open-world) scenes of both tasks: the policy is handed the
 reasoning of another task in the same scene (another card; another side or another toy) and the robot's outcome is
 checked against what that text says.
+``positions``: does a VLM know where things are (:mod:`workbench.evaluation.positions`): a linear probe of each
+image token's row and column, and the error of the boxes it writes against always answering the mean box.
 ``report``: closed-loop results on both tasks and splits, with generated and then with true (oracle) reasoning,
 counterfactual following, and the knowledge table of the pretrained VLM beside the policy's backbone (what the README
 shows). ``knowledge`` accepts a policy folder too: it then evaluates the policy's backbone (MoE layers
@@ -69,6 +72,11 @@ def main(argv=None):
     rs.add_argument("--per-skill", type=int, default=12, help="knowledge questions per skill (OCR, solving, "
                     "text arithmetic, objects)")
     rs.add_argument("--out", default=None, help="JSON file for the results and every reasoning")
+    po = sub.add_parser("positions", help="does a VLM know where things are: position probe + box errors")
+    po.add_argument("--model", required=True, help="VLM checkpoint folder, or a policy folder (its backbone)")
+    po.add_argument("--images", type=int, default=120, help="held-out tables (and as many boards) for the probe")
+    po.add_argument("--boxes", type=int, default=30, help="held-out grounding questions per kind")
+    po.add_argument("--out", default=None, help="JSON file for the figures")
     p = sub.add_parser("policy", help="closed-loop evaluation of a policy in the simulator")
     p.add_argument("--policy", required=True, help="policy folder")
     p.add_argument("--task", required=True, choices=["math_matching", "toy_placement"])
@@ -87,6 +95,8 @@ def main(argv=None):
         return _main_following(ap, args)
     if args.what == "reasoning":
         return _main_reasoning(ap, args)
+    if args.what == "positions":
+        return _main_positions(ap, args)
     if args.what == "report":
         result = policy_report(args.policy, args.vlm, args.episodes, args.per_skill, oracle=not args.no_oracle)
         print(format_retention(result["knowledge"]))
@@ -150,6 +160,20 @@ def _main_reasoning(ap, args):
     print(format_table(knowledge, f"Knowledge slice of {args.policy} (held-out)"))
     if args.out:
         _write_json(args.out, {"policy": args.policy, "reasoning": results, "knowledge": knowledge})
+
+
+def _main_positions(ap, args):
+    from .evaluation.positions import box_errors, format_positions, position_probe
+
+    if args.images < 4 or args.boxes < 1:
+        ap.error("--images must be at least 4 and --boxes at least 1")
+    model, processor = load_backbone(args.model)
+    model.eval()
+    result = {"model": args.model, "probe": position_probe(model, processor, args.images),
+              "boxes": box_errors(model, processor, args.boxes)}
+    print(format_positions(result["probe"], result["boxes"], f"Where things are, for {args.model} (held-out)"))
+    if args.out:
+        _write_json(args.out, result)
 
 
 def _write_json(path: str, obj) -> None:

@@ -86,7 +86,7 @@ class PretrainConfig:
     scenes_lr: float = 1e-3
     vision_lr_scale: float = 0.3  # answer phase: the vision side's learning rate, relative
     dense_coef: float = 0.3  # answer phase: weight of the see phase's dense loss (keeps the vision side seeing)
-    where_coef: float = 1.0  # weight of the probe's *where* term (each token's row and column) in the dense loss
+    where_coef: float = 0.0  # weight of the probe's *where* term (each token's row and column) in the dense loss
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     same_table: float = 0.5  # chance that a table question reuses the previous table (one render, two questions)
     workers: int = 1  # background processes rendering batches (0: render in the training process)
@@ -241,10 +241,9 @@ class ReadingHead(torch.nn.Module):
         """Cross-entropy of each token's row plus that of its column, from its feature alone: (N, D) merged image
         tokens in row-major order, ``grids`` the (rows, cols) of each image. Qwen2-VL's vision tower has no absolute
         position embedding and the language model's M-RoPE gives image columns only its lowest frequencies
-        (``tiny``: at most 0.003 rad per column), so without this term the tokens do not say where they are: a
-        linear probe on the features of the model trained without it found the row of 22% and the column of 13%
-        of held-out table tokens (11 x 16 grid), and the model located cards and toys no better than guessing the
-        mean box."""
+        (``tiny``: at most 0.003 rad per column); without this term the tokens of the shipped model hardly say
+        where they are (README, "Where the image tokens are"). Off by default (``where_coef=0``): it is not
+        part of the shipped model's recipe."""
         if any(max(g) > self.MAX_GRID for g in grids):
             raise ValueError(f"image token grids {grids} exceed {self.MAX_GRID} tokens a side")
         rows = torch.cat([torch.arange(h).repeat_interleave(w) for h, w in grids]).to(feats.device)

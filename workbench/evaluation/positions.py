@@ -1,0 +1,130 @@
+"""Does the VLM know *where* things are? Two diagnostics of position, on held-out images.
+
+* :func:`position_probe`: a linear probe (softmax regression) from each merged image token's feature to its row
+  and to its column, fitted on 3/4 of the held-out images and scored on the rest. Qwen2-VL's vision tower has no
+  absolute position embedding (2-D RoPE only), so a token knows where it is only if training taught it.
+* :func:`box_errors`: how far the centre of the box the model writes for "Locate the card 7." / "Locate the
+  teddy bear." lies from the true centre (0-1000 units of the table image), next to the error of always
+  answering the mean true centre. A model that cannot locate anything scores near that baseline.
+
+    python -m workbench.evaluate positions --model data_samples/vlm [--images 120] [--boxes 30]
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from ..vlm.corpus import CorpusGenerator, CorpusRenderer
+
+#: which held-out sample kind shows each image type (first camera of the sample)
+IMAGE_KINDS = {"table": "objects", "board": "ocr"}
+_BOX = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")
+
+
+def _centre(text: str) -> np.ndarray | None:
+    m = _BOX.search(text)
+    return None if m is None else np.array([(int(m[1]) + int(m[3])) / 2, (int(m[2]) + int(m[4])) / 2])
+
+
+@torch.no_grad()
+def _token_features(model, processor, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    from ..vlm.api import vision_tokens
+
+    feats, _ = vision_tokens(model.model.visual, processor.image_processor, [image])
+    grid = processor.image_processor([image], return_tensors="pt")["image_grid_thw"][0]
+    merge = model.model.visual.spatial_merge_size
+    return feats.float().numpy(), (int(grid[1]) // merge, int(grid[2]) // merge)
+
+
+def _fit_and_score(x_train, y_train, x_test, y_test, classes: int, steps: int) -> float:
+    """Accuracy on the test tokens of a softmax regression fitted (Adam, full batch) on standardised features."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    xt, xe = (torch.from_numpy((x - mean) / std).float() for x in (x_train, x_test))
+    layer = torch.nn.Linear(xt.shape[1], classes)
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    target = torch.from_numpy(y_train)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(layer(xt), target).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((layer(xe).argmax(1).numpy() == y_test).mean())
+
+
+def position_probe(model, processor, images: int = 120, seed: int = 5, steps: int = 300) -> dict:
+    """Row and column accuracy of a linear probe on the merged image tokens of ``images`` held-out tables and as
+    many boards (3/4 fit, 1/4 scored, split by image): ``{"table": {"row", "col", "grid", "chance_row",
+    "chance_col", "images"}, "board": {...}}``."""
+    if images < 4:
+        raise ValueError(f"images must be at least 4 (3/4 fit the probe, 1/4 score it), got {images}")
+    renderer = CorpusRenderer()
+    out = {}
+    try:
+        for name, kind in IMAGE_KINDS.items():
+            gen = CorpusGenerator("heldout", seed=seed)
+            feats, rows, cols, grids = [], [], [], set()
+            for _ in range(images):
+                f, (h, w) = _token_features(model, processor, renderer(gen.sample(kind))[0])
+                feats.append(f)
+                rows.append(np.repeat(np.arange(h), w))
+                cols.append(np.tile(np.arange(w), h))
+                grids.add((h, w))
+            fit = images * 3 // 4
+            result = {"images": images, "grid": sorted(grids)}
+            for axis, labels in (("row", rows), ("col", cols)):
+                classes = int(max(lab.max() for lab in labels)) + 1
+                result[axis] = _fit_and_score(np.concatenate(feats[:fit]), np.concatenate(labels[:fit]),
+                                              np.concatenate(feats[fit:]), np.concatenate(labels[fit:]),
+                                              classes, steps)
+                result[f"chance_{axis}"] = 1 / classes
+            out[name] = result
+    finally:
+        renderer.close()
+    return out
+
+
+def box_errors(model, processor, per_kind: int = 30, seed: int = 321) -> dict:
+    """Mean |dx|, |dy| (0-1000 units) between the centre of the box the model writes and the true centre, on
+    ``per_kind`` held-out "ground_card" and "ground_toy" questions, beside the mean-centre baseline:
+    ``{kind: {"error": [dx, dy], "mean_box_error": [dx, dy], "answered": n, "n": per_kind}}``."""
+    from ..vlm.api import ask
+
+    renderer = CorpusRenderer()
+    out = {}
+    try:
+        for kind in ("ground_card", "ground_toy"):
+            gen = CorpusGenerator("heldout", seed=seed)
+            truth, said = [], []
+            for _ in range(per_kind):
+                s = gen.sample(kind)
+                truth.append(_centre(s.answer))
+                said.append(_centre(ask(model, processor, renderer(s), s.question, max_new_tokens=64)))
+            answered = [(t, p) for t, p in zip(truth, said) if p is not None]
+            t_all = np.array(truth)
+            error = np.abs(np.array([t - p for t, p in answered])).mean(0) if answered else np.full(2, np.nan)
+            out[kind] = {"error": error.round(1).tolist(),
+                         "mean_box_error": np.abs(t_all - t_all.mean(0)).mean(0).round(1).tolist(),
+                         "answered": len(answered), "n": per_kind}
+    finally:
+        renderer.close()
+    return out
+
+
+def format_positions(probe: dict, boxes: dict, title: str) -> str:
+    lines = [title, "| measure | value | reference |", "|---|---|---|"]
+    for name, r in probe.items():
+        grid = " / ".join(f"{h} x {w}" for h, w in r["grid"])
+        for axis in ("row", "col"):
+            lines.append(f"| linear probe, {name} token {axis} ({grid} grid, {r['images']} images) | "
+                         f"{100 * r[axis]:.1f}% | chance {100 * r[f'chance_{axis}']:.1f}% |")
+    for kind, r in boxes.items():
+        dx, dy = r["error"]
+        bx, by = r["mean_box_error"]
+        lines.append(f"| {kind}: box-centre error in x, y ({r['answered']}/{r['n']} boxes written) | "
+                     f"{dx:.0f}, {dy:.0f} | mean box: {bx:.0f}, {by:.0f} |")
+    return "\n".join(lines)
