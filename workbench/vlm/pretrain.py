@@ -29,6 +29,9 @@ model trains; nothing is cached, so nothing can be memorised (the first recipe's
 was: ``shared/DESIGN.md`` §4). Batch ``i`` of a phase depends only on ``(seed, phase, i)``, so a resumed
 run sees exactly the batches it would have seen.
 
+A saved VLM can also continue with chosen phases (``init`` and ``phases``; e.g. *see* with the probe's *where*
+term, ``where_coef``, then *read* and *scenes*: the README's "Where the image tokens are").
+
 Every phase checkpoints atomically to ``<work>/checkpoints`` every ``checkpoint_every`` steps and a
 restarted run resumes from the newest checkpoint; ``<work>/log.csv`` logs losses and the held-out
 knowledge rows (``eval_every``) against wall-clock time.
