@@ -129,22 +129,17 @@ def test_cli_fast_run(tmp_path, capsys):
     assert summary["config"]["see_steps"] == 2
 
 
-def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path):
-    """``init`` + ``phases``: a saved VLM continues with some phases (the shipped model's last step); the probe's
-    *where* term trains the vision side in *see* and *scenes* leaves it frozen."""
+def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path, root):
+    """``init`` + ``phases``: a saved VLM continues with some phases (how the README's *where* continuation ran);
+    the probe's *where* term trains the vision side in *see* and *scenes* leaves it frozen."""
     from safetensors.torch import load_file
 
-    first = P.Pretrainer(P.PretrainConfig.fast(), str(tmp_path / "a"), progress=False)
-    model, processor = first.run()
-    from workbench.vlm.api import save_vlm
-
-    save_vlm(model, processor, str(tmp_path / "vlm"))
-    cfg = P.PretrainConfig.fast(init=str(tmp_path / "vlm"), phases="see,scenes", see_steps=2, scenes_steps=2,
-                                where_coef=1.0)
+    shipped = os.path.join(root, "data_samples", "vlm")
+    cfg = P.PretrainConfig.fast(init=shipped, phases="see,scenes", see_steps=2, scenes_steps=2, where_coef=1.0)
     P.Pretrainer(cfg, str(tmp_path / "b"), progress=False).run()
     rows = open(tmp_path / "b" / "log.csv").read().splitlines()
     assert [sum(f",{p}," in r for r in rows) for p in P.PHASES] == [2, 0, 0, 2]
-    before = load_file(str(tmp_path / "vlm" / "model.safetensors"))
+    before = load_file(os.path.join(shipped, "model.safetensors"))
     after_see, after_scenes = (load_file(str(tmp_path / "b" / "checkpoints" / f"step-00000{n}" / "vlm" /
                                               "model.safetensors")) for n in (2, 4))
     vision = [k for k in before if k.startswith("visual.")]
