@@ -12,31 +12,20 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
-from ..vlm.corpus import CorpusGenerator, CorpusRenderer
+from ..vlm.corpus import CorpusGenerator, CorpusRenderer, token_grid
+from ..world.grounding import parse_boxes
 
-#: which held-out sample kind shows each image type (first camera of the sample)
+#: which held-out sample kind shows each image type (its one camera image)
 IMAGE_KINDS = {"table": "objects", "board": "ocr"}
-_BOX = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")
 
 
 def _centre(text: str) -> np.ndarray | None:
-    m = _BOX.search(text)
-    return None if m is None else np.array([(int(m[1]) + int(m[3])) / 2, (int(m[2]) + int(m[4])) / 2])
-
-
-@torch.no_grad()
-def _token_features(model, processor, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    from ..vlm.api import vision_tokens
-
-    feats, _ = vision_tokens(model.model.visual, processor.image_processor, [image])
-    grid = processor.image_processor([image], return_tensors="pt")["image_grid_thw"][0]
-    merge = model.model.visual.spatial_merge_size
-    return feats.float().numpy(), (int(grid[1]) // merge, int(grid[2]) // merge)
+    """Centre of the first box in ``text`` (0-1000 units), or None if it has none."""
+    boxes = parse_boxes(text)
+    return None if not boxes else np.array(boxes[0], float).reshape(2, 2).mean(0)
 
 
 def _fit_and_score(x_train, y_train, x_test, y_test, classes: int, steps: int) -> float:
@@ -60,6 +49,8 @@ def position_probe(model, processor, images: int = 120, seed: int = 5, steps: in
     """Row and column accuracy of a linear probe on the merged image tokens of ``images`` held-out tables and as
     many boards (3/4 fit, 1/4 scored, split by image): ``{"table": {"row", "col", "grid", "chance_row",
     "chance_col", "images"}, "board": {...}}``."""
+    from ..vlm.api import vision_tokens
+
     if images < 4:
         raise ValueError(f"images must be at least 4 (3/4 fit the probe, 1/4 score it), got {images}")
     renderer = CorpusRenderer()
@@ -69,11 +60,14 @@ def position_probe(model, processor, images: int = 120, seed: int = 5, steps: in
             gen = CorpusGenerator("heldout", seed=seed)
             feats, rows, cols, grids = [], [], [], set()
             for _ in range(images):
-                f, (h, w) = _token_features(model, processor, renderer(gen.sample(kind))[0])
-                feats.append(f)
-                rows.append(np.repeat(np.arange(h), w))
-                cols.append(np.tile(np.arange(w), h))
-                grids.add((h, w))
+                (image,), (token_map,) = renderer(gen.sample(kind), labels=True)
+                with torch.no_grad():
+                    f, _ = vision_tokens(model.model.visual, processor.image_processor, [image])
+                feats.append(f.float().numpy())
+                r, c = token_grid(*token_map.shape)
+                rows.append(r)
+                cols.append(c)
+                grids.add(token_map.shape)
             fit = images * 3 // 4
             result = {"images": images, "grid": sorted(grids)}
             for axis, labels in (("row", rows), ("col", cols)):

@@ -334,11 +334,17 @@ TOKEN_CLASSES = ("background", *"0123456789", "+", "-", "×", "÷", "=", "?", *s
 TOKEN_PX = 16  # one merged token = 2x2 patches of 8 px
 
 
+def token_grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The row and the column of each merged token of a ``rows`` x ``cols`` image, (rows*cols,) each, row-major as
+    the vision tower emits them."""
+    r, c = np.mgrid[0:rows, 0:cols]
+    return r.ravel(), c.ravel()
+
+
 def _token_centres(height: int, width: int) -> np.ndarray:
     """(rows*cols, 2) pixel centres (u, v) of merged tokens, row-major as the vision tower emits them."""
-    rows, cols = height // TOKEN_PX, width // TOKEN_PX
-    v, u = np.mgrid[0:rows, 0:cols]
-    return np.c_[u.ravel() * TOKEN_PX + TOKEN_PX / 2, v.ravel() * TOKEN_PX + TOKEN_PX / 2]
+    v, u = token_grid(height // TOKEN_PX, width // TOKEN_PX)
+    return np.c_[u * TOKEN_PX + TOKEN_PX / 2, v * TOKEN_PX + TOKEN_PX / 2]
 
 
 class CorpusRenderer:

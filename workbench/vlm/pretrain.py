@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config
 from .api import collate, encode_example, vision_tokens
-from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample
+from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, token_grid
 
 #: relative frequency of each image question kind in an *answer* batch
 ANSWER_WEIGHTS = {"ocr": 3, "solve": 3, "answer_card": 2, "cards": 2, "card_where": 1, "ground_card": 2,
@@ -249,8 +249,8 @@ class ReadingHead(torch.nn.Module):
         part of the shipped model's recipe."""
         if any(max(g) > self.MAX_GRID for g in grids):
             raise ValueError(f"image token grids {grids} exceed {self.MAX_GRID} tokens a side")
-        rows = torch.cat([torch.arange(h).repeat_interleave(w) for h, w in grids]).to(feats.device)
-        cols = torch.cat([torch.arange(w).repeat(h) for h, w in grids]).to(feats.device)
+        rows, cols = (torch.from_numpy(np.concatenate(axis)).to(feats.device)
+                      for axis in zip(*(token_grid(h, w) for h, w in grids)))
         logits = self.where(feats)
         return F.cross_entropy(logits[:, :self.MAX_GRID], rows) + F.cross_entropy(logits[:, self.MAX_GRID:], cols)
 
