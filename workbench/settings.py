@@ -28,10 +28,13 @@ def set_seed(seed: int = 0) -> None:
 
 def use_all_cores() -> int:
     """Give torch this machine's cores, shared evenly among the processes of a multi-process launch
-    (``accelerate launch`` sets ``LOCAL_WORLD_SIZE``); returns the thread count."""
+    (``accelerate launch`` sets ``LOCAL_WORLD_SIZE``), and never more than ``OMP_NUM_THREADS`` when that is set
+    (e.g. by parallel test workers); returns the thread count."""
     import torch
 
     threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
     torch.set_num_threads(threads)
     return threads
 
