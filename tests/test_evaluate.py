@@ -76,6 +76,20 @@ def test_clis_report_bad_input_in_one_line(argv):
     assert "Traceback" not in out.stderr and "RuntimeWarning" not in out.stderr
 
 
+def test_policy_cli_refuses_a_bad_ddim_step_count(root):
+    import os
+
+    from workbench import evaluate
+
+    policy = os.path.join(root, "data_samples", "policy")
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive int, got 0"):
+        evaluate.main(["policy", "--policy", policy, "--task", "math_matching", "--split", "in_domain",
+                       "--ddim-steps", "0"])
+    with pytest.raises(ValueError, match=r"num_inference_steps \(101\) must be <= num_train_timesteps"):
+        evaluate.main(["policy", "--policy", policy, "--task", "math_matching", "--split", "in_domain",
+                       "--ddim-steps", "101"])
+
+
 def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_does_not(root):
     """On the shipped VLM the board tokens know their row (a frame and a line of text: 96% at 120 images) while
     the table tokens hardly do (22%); its boxes are written and scored against the mean-box baseline."""

@@ -45,6 +45,18 @@ def test_bench_table_prints(capsys):
     assert "| a " in out and "| bb" in out and os.linesep in out
 
 
+def test_bench_policy_times_each_part_and_fewer_ddim_steps(root):
+    from workbench.vla.policy import load_policy
+
+    path = os.path.join(root, "data_samples", "policy")
+    rows = dict(bench.bench_policy(path, repeats=1, ddim_steps=(2,)))
+    own = load_policy(path).action_expert.config.num_inference_steps
+    assert f"  action expert, {own} DDIM steps (the policy's), ms p50 / p90" in rows
+    assert "  action expert, 2 DDIM steps, ms p50 / p90" in rows
+    p50 = {k.split(",")[1].strip(): float(v.split(" / ")[0]) for k, v in rows.items() if "action expert" in k}
+    assert 0 < p50["2 DDIM steps"] < p50[f"{own} DDIM steps (the policy's)"]
+
+
 def test_bench_training_leaves_out_pauses_and_resumed_repeats(tmp_path):
     rows = ["time,stage,step,loss"]
     rows += [f"{1000 + 2 * s},action_finetuning,{s},0.1" for s in range(1, 11)]      # steps 1-10, 2 s apart

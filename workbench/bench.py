@@ -1,7 +1,7 @@
 """Benchmarks that print a table. Speed targets live here, never in timed tests.
 
     python -m workbench.bench sim [--steps 200] [--episodes 6]
-    python -m workbench.bench policy [--policy data_samples/policy] [--repeats 30]
+    python -m workbench.bench policy [--policy data_samples/policy] [--repeats 30] [--compile]
     python -m workbench.bench training [--logs data_samples/policy/training | data_samples/vlm/log.csv]
     python -m workbench.bench moe [--repeats 5]
 
@@ -11,7 +11,8 @@ the model's two cameras, and with the overview camera as well; and dataset gener
 
 ``policy``: ChatVLA-2 latency, p50 / p90 over repeated calls on real observations: reasoning generation
 (greedy, KV cache; target <= 250 ms), one action chunk from an observation and already generated reasoning
-(VLM forward + 10 DDIM steps; target <= 50 ms), and the share of the chunk spent in the action expert.
+(VLM forward + 10 DDIM steps; target <= 50 ms), its two parts, the action expert with fewer DDIM steps, and with
+``--compile`` the action expert under ``torch.compile``.
 
 ``moe``: the project's MoE layer (8 experts, top-2) against ``transformers``' ``MixtralSparseMoeBlock`` on the same
 shapes and against two dense MLPs, for the tiny width and a mid size (hidden 512), 256-4096 tokens, forward and
@@ -81,11 +82,16 @@ def bench_sim(steps: int = 200, episodes: int = 6) -> list[tuple[str, str]]:
     return rows
 
 
-def bench_policy(path: str = "data_samples/policy", repeats: int = 30) -> list[tuple[str, str]]:
+def bench_policy(path: str = "data_samples/policy", repeats: int = 30, ddim_steps: tuple[int, ...] = (10, 5, 3),
+                 compile_expert: bool = False) -> list[tuple[str, str]]:
+    """Policy latency rows (p50 / p90 ms): reasoning generation, a chunk and its two parts (the VLM forward on both
+    cameras with the reasoning; the action expert at each of ``ddim_steps``, the policy's own count first) and, with
+    ``compile_expert``, the action expert under ``torch.compile`` (after its compilation, which is timed once)."""
     import torch
 
     from .vla.observation import Observation
     from .vla.policy import load_policy
+    from .vlm.api import answer_labels, build_inputs
     from .world.env import TabletopEnv
 
     policy = load_policy(path)
@@ -103,22 +109,46 @@ def bench_policy(path: str = "data_samples/policy", repeats: int = 30) -> list[t
             out.append(1000 * (time.perf_counter() - t0))
         return np.array(out)
 
+    def p(ms):
+        return f"{np.percentile(ms, 50):.1f} / {np.percentile(ms, 90):.1f}"
+
     reasoning = timed(lambda: policy.generate_reasoning(obs, instruction))
     policy.reset()
     policy.predict_action_chunk(obs, instruction)  # generates the episode's reasoning once
     chunk = timed(lambda: policy.predict_action_chunk(obs, instruction))
-    f = policy.last_features
+
+    @torch.no_grad()
+    def vlm_forward():
+        batch = build_inputs(policy.processor, policy.images(obs), instruction, answer=policy.reasoning)
+        batch["labels"] = answer_labels(policy.processor, batch["input_ids"][0])[None]
+        policy.features(batch)
+
+    vlm = timed(vlm_forward)
+    f, expert = policy.last_features, policy.action_expert
     state = torch.from_numpy(obs.state)[None]
-    expert = timed(lambda: policy.action_expert.sample(f.obs, state, f.reasoning))
+    sample = torch.no_grad()(lambda: expert.sample(f.obs, state, f.reasoning))
+    own = expert.config.num_inference_steps
     tokens = len(policy.processor.tokenizer(policy.reasoning)["input_ids"])
-
-    def p(ms):
-        return f"{np.percentile(ms, 50):.1f} / {np.percentile(ms, 90):.1f}"
-
-    return [(f"reasoning generation, ms p50 / p90 ({tokens} tokens)", p(reasoning)),
-            ("action chunk from observation + reasoning, ms p50 / p90", p(chunk)),
-            ("  of which action expert (10 DDIM steps), ms p50 / p90", p(expert)),
-            ("torch threads", str(torch.get_num_threads()))]
+    rows = [(f"reasoning generation, ms p50 / p90 ({tokens} tokens)", p(reasoning)),
+            (f"action chunk from observation + reasoning ({own} DDIM steps), ms p50 / p90", p(chunk)),
+            ("  of which VLM forward (both cameras, instruction, reasoning), ms p50 / p90", p(vlm))]
+    try:
+        for k in dict.fromkeys((own, *ddim_steps)):
+            expert.config.num_inference_steps = k
+            which = " (the policy's)" if k == own else ""
+            rows.append((f"  action expert, {k} DDIM steps{which}, ms p50 / p90", p(timed(sample))))
+        if compile_expert:
+            expert.config.num_inference_steps = own
+            plain = expert.forward
+            expert.forward = torch.compile(plain, dynamic=False)
+            t0 = time.perf_counter()
+            sample()
+            rows.append(("  torch.compile of the action expert, s (once)", f"{time.perf_counter() - t0:.0f}"))
+            rows.append((f"  action expert, {own} DDIM steps, compiled, ms p50 / p90", p(timed(sample))))
+            expert.forward = plain
+    finally:
+        expert.config.num_inference_steps = own
+    return rows + [("torch threads", str(torch.get_num_threads()))]
 
 
 def bench_training(logs: str = "data_samples/policy/training", max_gap: float = 120.0) -> list[tuple[str, str]]:
@@ -233,6 +263,7 @@ def main(argv=None):
     ap.add_argument("what", choices=["sim", "policy", "training", "moe"])
     ap.add_argument("--policy", default="data_samples/policy", help="policy folder (policy benchmark)")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per policy measurement")
+    ap.add_argument("--compile", action="store_true", help="also time the action expert under torch.compile")
     ap.add_argument("--steps", type=int, default=200, help="control steps per speed measurement")
     ap.add_argument("--episodes", type=int, default=6, help="episodes for the dataset measurement")
     ap.add_argument("--logs", default="data_samples/policy/training",
@@ -249,7 +280,8 @@ def main(argv=None):
     elif args.what == "training":
         print_table(f"Training wall time ({args.logs})", bench_training(args.logs, args.max_gap))
     else:
-        print_table(f"Policy latency ({args.policy})", bench_policy(args.policy, args.repeats))
+        rows = bench_policy(args.policy, args.repeats, compile_expert=args.compile)
+        print_table(f"Policy latency ({args.policy})", rows)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ included).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -86,6 +87,8 @@ def main(argv=None):
     p.add_argument("--videos", type=int, default=0, help="save this many episodes as GIFs next to --out")
     p.add_argument("--oracle-reasoning", action="store_true",
                    help="hand the policy the ground-truth reasoning (measures the action side alone)")
+    p.add_argument("--ddim-steps", type=int, default=None,
+                   help="denoising steps per action chunk (default: the policy's own, usually 10)")
     p.add_argument("--out", default=None, help="JSON file for the result and every episode's reasoning")
     args = ap.parse_args(argv)
     use_all_cores()
@@ -117,10 +120,14 @@ def _main_policy(ap, args):
     if args.episodes < 1:
         ap.error("--episodes must be at least 1")
     policy = load_policy(args.policy)
+    if args.ddim_steps is not None:
+        expert = policy.action_expert
+        expert.config = dataclasses.replace(expert.config, num_inference_steps=args.ddim_steps)  # validated
     video_dir = os.path.splitext(args.out)[0] + "_videos" if args.out and args.videos else None
     result = evaluate_policy(policy, args.task, args.split, args.episodes, args.seed, args.videos, video_dir,
                              oracle_reasoning=args.oracle_reasoning)
     result["policy"] = args.policy
+    result["ddim_steps"] = policy.action_expert.config.num_inference_steps
     print(format_policy_result(result))
     if args.out:
         _write_json(args.out, result)
