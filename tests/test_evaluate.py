@@ -97,7 +97,7 @@ def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_d
 
     import numpy as np
 
-    from workbench.evaluation.positions import box_errors, format_positions, position_probe
+    from workbench.evaluation.positions import binding_attention, box_errors, format_positions, position_probe
     from workbench.vlm.api import load_vlm
 
     model, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
@@ -108,5 +108,14 @@ def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_d
     boxes = box_errors(model, processor, per_kind=3)
     assert all(r["answered"] == 3 and np.all(np.array(r["mean_box_error"]) > 0) for r in boxes.values())
     assert "chance 16.7%" in format_positions(probe, boxes, "t")
+    kernel = model.config._attn_implementation
+    binding = binding_attention(model, processor, per_kind=3)
+    assert model.config._attn_implementation == kernel  # eager only while it measures
+    cfg = model.config.text_config
+    for r in binding.values():
+        ratios = np.array(r["ratios"])
+        assert r["n"] >= 1 and ratios.shape == (cfg.num_hidden_layers, cfg.num_attention_heads)
+        assert np.all(ratios > 0) and r["best"] == ratios[tuple(r["best_head"])].round(2)
+    assert "no preference" in format_positions(probe, boxes, "t", binding)
     with pytest.raises(ValueError, match="at least 4"):
         position_probe(model, processor, images=2)

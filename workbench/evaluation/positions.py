@@ -1,4 +1,4 @@
-"""Does the VLM know *where* things are? Two diagnostics of position, on held-out images.
+"""Does the VLM know *where* things are? Three diagnostics of position, on held-out images.
 
 * :func:`position_probe`: a linear probe (softmax regression) from each merged image token's feature to its row
   and to its column, fitted on 3/4 of the held-out images and scored on the rest. Qwen2-VL's vision tower has no
@@ -6,6 +6,10 @@
 * :func:`box_errors`: how far the centre of the box the model writes for "Locate the card 7." / "Locate the
   teddy bear." lies from the true centre (0-1000 units of the table image), next to the error of always
   answering the mean true centre. A model that cannot locate anything scores near that baseline.
+* :func:`binding_attention`: before a box can be right, the model must *look at* the named object. Teacher-forced
+  on the true answer, at the ``(`` that writes the box's first coordinate: every head's attention per image token on
+  the named card's (toy's) tokens divided by that on the other cards' (toys') tokens, for the heads that look at
+  objects at all (more attention per object token than per image token). 1.0: no head prefers the named one.
 
     python -m workbench.evaluate positions --model data_samples/vlm [--images 120] [--boxes 30]
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..vlm.corpus import CorpusGenerator, CorpusRenderer, token_grid
+from ..vlm.corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, token_grid
 from ..world.grounding import parse_boxes
 
 #: which held-out sample kind shows each image type (its one camera image)
@@ -109,7 +113,60 @@ def box_errors(model, processor, per_kind: int = 30, seed: int = 321) -> dict:
     return out
 
 
-def format_positions(probe: dict, boxes: dict, title: str) -> str:
+@torch.no_grad()
+def binding_attention(model, processor, per_kind: int = 30, seed: int = 5) -> dict:
+    """Per head, how much more attention the named object's image tokens get than the other objects' (per token),
+    at the ``(`` that writes the first coordinate of the true box, on ``per_kind`` held-out "ground_card" and
+    "ground_toy" questions (tables with one object, or whose named object no token centre falls on, are skipped):
+    ``{kind: {"ratios": (layers, heads) list, "best": ratio, "best_head": [layer, head], "n": used}}``; ``best`` is
+    taken over the heads that give object tokens more attention per token than image tokens on average."""
+    from ..vlm.api import build_inputs
+
+    box_start = processor.tokenizer.convert_tokens_to_ids("<|box_start|>")
+    image = model.config.image_token_id
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention weights are returned by the eager kernel only
+    renderer = CorpusRenderer()
+    out = {}
+    try:
+        for kind, named, group in (("ground_card", "card", "cards"), ("ground_toy", "object", "toys")):
+            gen = CorpusGenerator("heldout", seed=seed)
+            own = other = overall = 0.0
+            used = 0
+            for _ in range(per_kind):
+                s = gen.sample(kind)
+                images, maps = renderer(s, labels=True)
+                labels = maps[0].ravel()
+                name = s.facts[named]
+                target = labels == TOKEN_CLASSES.index(str(name))
+                rest = np.isin(labels, [TOKEN_CLASSES.index(str(k)) for k in s.table[group] if k != name])
+                if not target.any() or not rest.any():
+                    continue
+                batch = build_inputs(processor, images, s.question, answer=s.answer)
+                ids = batch["input_ids"][0]
+                q = int((ids == box_start).nonzero()[0]) + 1  # the "(" after <|box_start|>
+                tokens = (ids == image).nonzero().ravel()
+                att = torch.stack([a[0, :, q, tokens] for a in model(**batch, output_attentions=True).attentions])
+                own = own + att[..., torch.from_numpy(target)].mean(-1)  # (layers, heads): per named token
+                other = other + att[..., torch.from_numpy(rest)].mean(-1)
+                overall = overall + att.mean(-1)
+                used += 1
+            if not used:
+                out[kind] = {"ratios": [], "best": float("nan"), "best_head": [0, 0], "n": 0}
+                continue
+            ratios = (own / other.clamp(min=1e-12)).double().numpy()
+            looking = ((own + other) / 2 >= overall).numpy()
+            best = np.unravel_index(np.argmax(np.where(looking, ratios, -np.inf) if looking.any() else ratios),
+                                    ratios.shape)
+            out[kind] = {"ratios": ratios.round(2).tolist(), "best": round(float(ratios[best]), 2),
+                         "best_head": [int(best[0]), int(best[1])], "n": used}
+    finally:
+        renderer.close()
+        model.set_attn_implementation(previous)
+    return out
+
+
+def format_positions(probe: dict, boxes: dict, title: str, binding: dict | None = None) -> str:
     lines = [title, "| measure | value | reference |", "|---|---|---|"]
     for name, r in probe.items():
         grid = " / ".join(f"{h} x {w}" for h, w in r["grid"])
@@ -121,4 +178,9 @@ def format_positions(probe: dict, boxes: dict, title: str) -> str:
         bx, by = r["mean_box_error"]
         lines.append(f"| {kind}: box-centre error in x, y ({r['answered']}/{r['n']} boxes written) | "
                      f"{dx:.0f}, {dy:.0f} | mean box: {bx:.0f}, {by:.0f} |")
+    for kind, r in (binding or {}).items():
+        what = "card" if kind == "ground_card" else "toy"
+        layer, head = r["best_head"]
+        lines.append(f"| {kind}: attention on the named {what} / on the other {what}s, per token, best head "
+                     f"(layer {layer}, head {head}; {r['n']} tables) | {r['best']:.2f}x | 1.00x: no preference |")
     return "\n".join(lines)
