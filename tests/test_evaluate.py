@@ -97,7 +97,13 @@ def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_d
 
     import numpy as np
 
-    from workbench.evaluation.positions import binding_attention, box_errors, format_positions, position_probe
+    from workbench.evaluation.positions import (
+        binding_attention,
+        box_errors,
+        format_positions,
+        identity_probe,
+        position_probe,
+    )
     from workbench.vlm.api import load_vlm
 
     model, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
@@ -117,5 +123,10 @@ def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_d
         assert r["n"] >= 1 and ratios.shape == (cfg.num_hidden_layers, cfg.num_attention_heads)
         assert np.all(ratios > 0) and r["best"] == ratios[tuple(r["best_head"])].round(2)
     assert "no preference" in format_positions(probe, boxes, "t", binding)
+    identity = identity_probe(model, processor, images=8, steps=100)
+    assert identity["card digit"]["classes"] == 10 and identity["toy"]["classes"] == 14
+    assert all(r["tokens"] > 0 and 0 <= r["accuracy"] <= 1 for r in identity.values())
+    assert identity["toy"]["accuracy"] > identity["toy"]["majority"]  # the shipped VLM does tell toys apart (97%)
+    assert "which card digit" in format_positions(probe, boxes, "t", identity=identity)
     with pytest.raises(ValueError, match="at least 4"):
         position_probe(model, processor, images=2)

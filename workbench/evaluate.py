@@ -172,17 +172,24 @@ def _main_reasoning(ap, args):
 
 
 def _main_positions(ap, args):
-    from .evaluation.positions import binding_attention, box_errors, format_positions, position_probe
+    from .evaluation.positions import (
+        binding_attention,
+        box_errors,
+        format_positions,
+        identity_probe,
+        position_probe,
+    )
 
     if args.images < 4 or args.boxes < 1:
         ap.error("--images must be at least 4 and --boxes at least 1")
     model, processor = load_backbone(args.model)
     model.eval()
     result = {"model": args.model, "probe": position_probe(model, processor, args.images),
+              "identity": identity_probe(model, processor, args.images),
               "boxes": box_errors(model, processor, args.boxes),
               "binding": binding_attention(model, processor, args.boxes)}
     print(format_positions(result["probe"], result["boxes"], f"Where things are, for {args.model} (held-out)",
-                           result["binding"]))
+                           result["binding"], result["identity"]))
     if args.out:
         _write_json(args.out, result)
 

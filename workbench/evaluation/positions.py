@@ -1,8 +1,9 @@
-"""Does the VLM know *where* things are? Three diagnostics of position, on held-out images.
+"""Does the VLM know *where* things are (and *what*)? Four diagnostics, on held-out images.
 
 * :func:`position_probe`: a linear probe (softmax regression) from each merged image token's feature to its row
   and to its column, fitted on 3/4 of the held-out images and scored on the rest. Qwen2-VL's vision tower has no
   absolute position embedding (2-D RoPE only), so a token knows where it is only if training taught it.
+* :func:`identity_probe`: the same kind of probe from a table token to the card digit or the toy it lies on.
 * :func:`box_errors`: how far the centre of the box the model writes for "Locate the card 7." / "Locate the
   teddy bear." lies from the true centre (0-1000 units of the table image), next to the error of always
   answering the mean true centre. A model that cannot locate anything scores near that baseline.
@@ -49,31 +50,40 @@ def _fit_and_score(x_train, y_train, x_test, y_test, classes: int, steps: int) -
         return float((layer(xe).argmax(1).numpy() == y_test).mean())
 
 
+def _token_features(model, processor, renderer: CorpusRenderer, kind: str, images: int, seed: int):
+    """Merged image tokens and their labels for ``images`` held-out samples of ``kind`` (one camera image each):
+    a list of ((tokens, hidden) float numpy features, (rows, cols) token map)."""
+    from ..vlm.api import vision_tokens
+
+    gen = CorpusGenerator("heldout", seed=seed)
+    out = []
+    for _ in range(images):
+        (image,), (token_map,) = renderer(gen.sample(kind), labels=True)
+        with torch.no_grad():
+            f, _ = vision_tokens(model.model.visual, processor.image_processor, [image])
+        out.append((f.float().numpy(), token_map))
+    return out
+
+
+def _check_images(images: int) -> None:
+    if images < 4:
+        raise ValueError(f"images must be at least 4 (3/4 fit the probe, 1/4 score it), got {images}")
+
+
 def position_probe(model, processor, images: int = 120, seed: int = 5, steps: int = 300) -> dict:
     """Row and column accuracy of a linear probe on the merged image tokens of ``images`` held-out tables and as
     many boards (3/4 fit, 1/4 scored, split by image): ``{"table": {"row", "col", "grid", "chance_row",
     "chance_col", "images"}, "board": {...}}``."""
-    from ..vlm.api import vision_tokens
-
-    if images < 4:
-        raise ValueError(f"images must be at least 4 (3/4 fit the probe, 1/4 score it), got {images}")
+    _check_images(images)
     renderer = CorpusRenderer()
     out = {}
     try:
         for name, kind in IMAGE_KINDS.items():
-            gen = CorpusGenerator("heldout", seed=seed)
-            feats, rows, cols, grids = [], [], [], set()
-            for _ in range(images):
-                (image,), (token_map,) = renderer(gen.sample(kind), labels=True)
-                with torch.no_grad():
-                    f, _ = vision_tokens(model.model.visual, processor.image_processor, [image])
-                feats.append(f.float().numpy())
-                r, c = token_grid(*token_map.shape)
-                rows.append(r)
-                cols.append(c)
-                grids.add(token_map.shape)
+            tokens = _token_features(model, processor, renderer, kind, images, seed)
+            feats = [f for f, _ in tokens]
+            rows, cols = zip(*(token_grid(*token_map.shape) for _, token_map in tokens))
             fit = images * 3 // 4
-            result = {"images": images, "grid": sorted(grids)}
+            result = {"images": images, "grid": sorted({token_map.shape for _, token_map in tokens})}
             for axis, labels in (("row", rows), ("col", cols)):
                 classes = int(max(lab.max() for lab in labels)) + 1
                 result[axis] = _fit_and_score(np.concatenate(feats[:fit]), np.concatenate(labels[:fit]),
@@ -81,6 +91,34 @@ def position_probe(model, processor, images: int = 120, seed: int = 5, steps: in
                                               classes, steps)
                 result[f"chance_{axis}"] = 1 / classes
             out[name] = result
+    finally:
+        renderer.close()
+    return out
+
+
+def identity_probe(model, processor, images: int = 120, seed: int = 5, steps: int = 300) -> dict:
+    """What, rather than where: accuracy of a linear probe from a table token's feature to the card digit (on
+    ``images`` held-out card tables) or the toy (as many toy tables) under it, on the tokens that lie on one (3/4 of
+    the images fit, 1/4 scored): ``{"card digit": {"accuracy", "tokens", "classes", "majority"}, "toy": {...}}``.
+    A model that cannot tell the card 7 from the card 1 cannot ground "the card 7"."""
+    _check_images(images)
+    digits = [TOKEN_CLASSES.index(str(d)) for d in range(10)]
+    toys = [i for i, c in enumerate(TOKEN_CLASSES) if len(c) > 1 and c != "background"]
+    renderer = CorpusRenderer()
+    out = {}
+    try:
+        for name, kind, classes in (("card digit", "cards", digits), ("toy", "objects", toys)):
+            feats, labels = [], []
+            for f, token_map in _token_features(model, processor, renderer, kind, images, seed):
+                on = np.isin(token_map.ravel(), classes)
+                feats.append(f[on])
+                labels.append(token_map.ravel()[on])
+            fit = images * 3 // 4
+            scored = np.concatenate(labels[fit:])
+            out[name] = {"accuracy": _fit_and_score(np.concatenate(feats[:fit]), np.concatenate(labels[:fit]),
+                                                    np.concatenate(feats[fit:]), scored, len(TOKEN_CLASSES), steps),
+                         "tokens": int(len(scored)), "classes": len(classes),
+                         "majority": float(np.bincount(scored).max() / len(scored)) if len(scored) else float("nan")}
     finally:
         renderer.close()
     return out
@@ -166,13 +204,17 @@ def binding_attention(model, processor, per_kind: int = 30, seed: int = 5) -> di
     return out
 
 
-def format_positions(probe: dict, boxes: dict, title: str, binding: dict | None = None) -> str:
+def format_positions(probe: dict, boxes: dict, title: str, binding: dict | None = None,
+                     identity: dict | None = None) -> str:
     lines = [title, "| measure | value | reference |", "|---|---|---|"]
     for name, r in probe.items():
         grid = " / ".join(f"{h} x {w}" for h, w in r["grid"])
         for axis in ("row", "col"):
             lines.append(f"| linear probe, {name} token {axis} ({grid} grid, {r['images']} images) | "
                          f"{100 * r[axis]:.1f}% | chance {100 * r[f'chance_{axis}']:.1f}% |")
+    for name, r in (identity or {}).items():
+        lines.append(f"| linear probe, which {name} a table token lies on ({r['tokens']} tokens scored, "
+                     f"{r['classes']} classes) | {100 * r['accuracy']:.1f}% | majority {100 * r['majority']:.1f}% |")
     for kind, r in boxes.items():
         dx, dy = r["error"]
         bx, by = r["mean_box_error"]
