@@ -113,7 +113,7 @@ def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_d
     assert probe["board"]["row"] > 0.6 > probe["table"]["row"]
     boxes = box_errors(model, processor, per_kind=3)
     assert all(r["answered"] == 3 and np.all(np.array(r["mean_box_error"]) > 0) for r in boxes.values())
-    assert "chance 16.7%" in format_positions(probe, boxes, "t")
+    assert "chance 16.7%" in format_positions({"probe": probe, "boxes": boxes}, "t")
     kernel = model.config._attn_implementation
     binding = binding_attention(model, processor, per_kind=3)
     assert model.config._attn_implementation == kernel  # eager only while it measures
@@ -122,11 +122,11 @@ def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_d
         ratios = np.array(r["ratios"])
         assert r["n"] >= 1 and ratios.shape == (cfg.num_hidden_layers, cfg.num_attention_heads)
         assert np.all(ratios > 0) and r["best"] == ratios[tuple(r["best_head"])].round(2)
-    assert "no preference" in format_positions(probe, boxes, "t", binding)
+    assert "no preference" in format_positions({"binding": binding}, "t")
     identity = identity_probe(model, processor, images=8, steps=100)
     assert identity["card digit"]["classes"] == 10 and identity["toy"]["classes"] == 14
     assert all(r["tokens"] > 0 and 0 <= r["accuracy"] <= 1 for r in identity.values())
     assert identity["toy"]["accuracy"] > identity["toy"]["majority"]  # the shipped VLM does tell toys apart (97%)
-    assert "which card digit" in format_positions(probe, boxes, "t", identity=identity)
+    assert "which card digit" in format_positions({"identity": identity}, "t")
     with pytest.raises(ValueError, match="at least 4"):
         position_probe(model, processor, images=2)

@@ -16,9 +16,10 @@ scored without acting, and a slice of the knowledge suite (no robustness rows): 
 ``following``: counterfactual following on held-out (open-world) scenes of both tasks: the policy is handed the
 reasoning of another task in the same scene (another card; another side or another toy) and the robot's outcome is
 checked against what that text says.
-``positions``: does a VLM know where things are (:mod:`workbench.evaluation.positions`): a linear probe of each
-image token's row and column, the error of the boxes it writes against always answering the mean box, and whether
-any attention head looks at the named card or toy more than at the others when it writes the box.
+``positions``: does a VLM know where things are (:mod:`workbench.evaluation.positions`): linear probes of each
+image token's row and column and of the card digit or toy it lies on, the error of the boxes it writes against always
+answering the mean box, and whether any attention head looks at the named card or toy more than at the others when
+it writes the box.
 ``report``: closed-loop results on both tasks and splits, with generated and then with true (oracle) reasoning,
 counterfactual following, and the knowledge table of the pretrained VLM beside the policy's backbone (what the README
 shows). ``knowledge`` accepts a policy folder too: it then evaluates the policy's backbone (MoE layers
@@ -74,8 +75,8 @@ def main(argv=None):
     rs.add_argument("--per-skill", type=int, default=12, help="knowledge questions per skill (OCR, solving, "
                     "text arithmetic, objects)")
     rs.add_argument("--out", default=None, help="JSON file for the results and every reasoning")
-    po = sub.add_parser("positions", help="does a VLM know where things are: position probe, box errors, "
-                                                 "attention on the named object")
+    po = sub.add_parser("positions", help="does a VLM know where (and what) things are: probes, box "
+                                                 "errors, attention on the named object")
     po.add_argument("--model", required=True, help="VLM checkpoint folder, or a policy folder (its backbone)")
     po.add_argument("--images", type=int, default=120, help="held-out tables (and as many boards) for the probe")
     po.add_argument("--boxes", type=int, default=30, help="held-out grounding questions per kind")
@@ -188,8 +189,7 @@ def _main_positions(ap, args):
               "identity": identity_probe(model, processor, args.images),
               "boxes": box_errors(model, processor, args.boxes),
               "binding": binding_attention(model, processor, args.boxes)}
-    print(format_positions(result["probe"], result["boxes"], f"Where things are, for {args.model} (held-out)",
-                           result["binding"], result["identity"]))
+    print(format_positions(result, f"Where things are, for {args.model} (held-out)"))
     if args.out:
         _write_json(args.out, result)
 

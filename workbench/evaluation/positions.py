@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..vlm.corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, token_grid
+from ..world.catalog import OBJECTS
 from ..world.grounding import parse_boxes
 
 #: which held-out sample kind shows each image type (its one camera image)
@@ -33,8 +34,13 @@ def _centre(text: str) -> np.ndarray | None:
     return None if not boxes else np.array(boxes[0], float).reshape(2, 2).mean(0)
 
 
-def _fit_and_score(x_train, y_train, x_test, y_test, classes: int, steps: int) -> float:
-    """Accuracy on the test tokens of a softmax regression fitted (Adam, full batch) on standardised features."""
+def _fit_and_score(feats: list[np.ndarray], labels: list[np.ndarray], classes: int, steps: int) -> float:
+    """Accuracy of a softmax regression (Adam, full batch, standardised features) fitted on the tokens of the first
+    3/4 of the images and scored on the tokens of the rest: ``feats`` (tokens, hidden) and ``labels`` (tokens,) per
+    image."""
+    fit = len(feats) * 3 // 4
+    x_train, x_test = np.concatenate(feats[:fit]), np.concatenate(feats[fit:])
+    y_train, y_test = np.concatenate(labels[:fit]), np.concatenate(labels[fit:])
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     xt, xe = (torch.from_numpy((x - mean) / std).float() for x in (x_train, x_test))
     layer = torch.nn.Linear(xt.shape[1], classes)
@@ -82,13 +88,10 @@ def position_probe(model, processor, images: int = 120, seed: int = 5, steps: in
             tokens = _token_features(model, processor, renderer, kind, images, seed)
             feats = [f for f, _ in tokens]
             rows, cols = zip(*(token_grid(*token_map.shape) for _, token_map in tokens))
-            fit = images * 3 // 4
             result = {"images": images, "grid": sorted({token_map.shape for _, token_map in tokens})}
             for axis, labels in (("row", rows), ("col", cols)):
                 classes = int(max(lab.max() for lab in labels)) + 1
-                result[axis] = _fit_and_score(np.concatenate(feats[:fit]), np.concatenate(labels[:fit]),
-                                              np.concatenate(feats[fit:]), np.concatenate(labels[fit:]),
-                                              classes, steps)
+                result[axis] = _fit_and_score(feats, list(labels), classes, steps)
                 result[f"chance_{axis}"] = 1 / classes
             out[name] = result
     finally:
@@ -103,7 +106,7 @@ def identity_probe(model, processor, images: int = 120, seed: int = 5, steps: in
     A model that cannot tell the card 7 from the card 1 cannot ground "the card 7"."""
     _check_images(images)
     digits = [TOKEN_CLASSES.index(str(d)) for d in range(10)]
-    toys = [i for i, c in enumerate(TOKEN_CLASSES) if len(c) > 1 and c != "background"]
+    toys = [TOKEN_CLASSES.index(name) for name in OBJECTS]
     renderer = CorpusRenderer()
     out = {}
     try:
@@ -113,10 +116,8 @@ def identity_probe(model, processor, images: int = 120, seed: int = 5, steps: in
                 on = np.isin(token_map.ravel(), classes)
                 feats.append(f[on])
                 labels.append(token_map.ravel()[on])
-            fit = images * 3 // 4
-            scored = np.concatenate(labels[fit:])
-            out[name] = {"accuracy": _fit_and_score(np.concatenate(feats[:fit]), np.concatenate(labels[:fit]),
-                                                    np.concatenate(feats[fit:]), scored, len(TOKEN_CLASSES), steps),
+            scored = np.concatenate(labels[images * 3 // 4:])
+            out[name] = {"accuracy": _fit_and_score(feats, labels, len(TOKEN_CLASSES), steps),
                          "tokens": int(len(scored)), "classes": len(classes),
                          "majority": float(np.bincount(scored).max() / len(scored)) if len(scored) else float("nan")}
     finally:
@@ -204,23 +205,24 @@ def binding_attention(model, processor, per_kind: int = 30, seed: int = 5) -> di
     return out
 
 
-def format_positions(probe: dict, boxes: dict, title: str, binding: dict | None = None,
-                     identity: dict | None = None) -> str:
+def format_positions(result: dict, title: str) -> str:
+    """A markdown table of whichever diagnostics ``result`` holds: ``{"probe": position_probe(...),
+    "identity": identity_probe(...), "boxes": box_errors(...), "binding": binding_attention(...)}``."""
     lines = [title, "| measure | value | reference |", "|---|---|---|"]
-    for name, r in probe.items():
+    for name, r in result.get("probe", {}).items():
         grid = " / ".join(f"{h} x {w}" for h, w in r["grid"])
         for axis in ("row", "col"):
             lines.append(f"| linear probe, {name} token {axis} ({grid} grid, {r['images']} images) | "
                          f"{100 * r[axis]:.1f}% | chance {100 * r[f'chance_{axis}']:.1f}% |")
-    for name, r in (identity or {}).items():
+    for name, r in result.get("identity", {}).items():
         lines.append(f"| linear probe, which {name} a table token lies on ({r['tokens']} tokens scored, "
                      f"{r['classes']} classes) | {100 * r['accuracy']:.1f}% | majority {100 * r['majority']:.1f}% |")
-    for kind, r in boxes.items():
+    for kind, r in result.get("boxes", {}).items():
         dx, dy = r["error"]
         bx, by = r["mean_box_error"]
         lines.append(f"| {kind}: box-centre error in x, y ({r['answered']}/{r['n']} boxes written) | "
                      f"{dx:.0f}, {dy:.0f} | mean box: {bx:.0f}, {by:.0f} |")
-    for kind, r in (binding or {}).items():
+    for kind, r in result.get("binding", {}).items():
         what = "card" if kind == "ground_card" else "toy"
         layer, head = r["best_head"]
         lines.append(f"| {kind}: attention on the named {what} / on the other {what}s, per token, best head "
