@@ -59,23 +59,30 @@ def build_inputs(processor: TinyQwen2VLProcessor, images, question: str, answer:
 
 
 def answer_labels(processor: TinyQwen2VLProcessor, ids: torch.Tensor) -> torch.Tensor:
-    """Labels (L,) for token ids (L,) of a prompt with its answer: -100 except the assistant's answer
-    tokens and its ``<|im_end|>`` (the training target)."""
-    # the answer starts after the last "<|im_start|>assistant\n"
-    start = int((ids == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")).nonzero()[-1])
-    n_prompt = start + 1 + len(processor.tokenizer("assistant\n")["input_ids"])
-    labels = ids.clone()
-    labels[:n_prompt] = -100
-    labels[-1] = -100  # the newline after <|im_end|>
+    """Labels (L,) for token ids (L,) of a conversation: -100 except every assistant turn's answer tokens and its
+    ``<|im_end|>`` (the training targets)."""
+    tok = processor.tokenizer
+    start_id, end_id = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    role = torch.tensor(tok("assistant\n")["input_ids"])
+    labels = torch.full_like(ids, -100)
+    ends = (ids == end_id).nonzero().flatten()
+    for s in (ids == start_id).nonzero().flatten().tolist():
+        a = s + 1 + len(role)
+        if a <= len(ids) and torch.equal(ids[s + 1:a], role):
+            after = ends[ends >= a]
+            e = int(after[0]) if len(after) else len(ids) - 1
+            labels[a:e + 1] = ids[a:e + 1]
     return labels
 
 
-def encode_example(processor: TinyQwen2VLProcessor, images, question: str, answer: str) -> dict:
+def encode_example(processor: TinyQwen2VLProcessor, images, question: str, answer: str,
+                   follow_ups: tuple[tuple[str, str], ...] = ()) -> dict:
     """One training example as 1-D tensors: ``input_ids`` (L,), ``labels`` (L,) (-100 except the answer
-    tokens and ``<|im_end|>``), ``mm_token_type_ids`` (L,), and ``image_grid_thw`` (n_images, 3) or None.
-    ``images`` are already-prepared RGB images (their pixels are not kept: vision features come from a
-    cache or from a separate ``pixel_values`` call)."""
-    full = processor.apply_chat_template(messages(len(images), question, answer), tokenize=False)
+    tokens and ``<|im_end|>`` of every assistant turn), ``mm_token_type_ids`` (L,), and ``image_grid_thw``
+    (n_images, 3) or None. ``follow_ups``: more (question, answer) turns about the same images. ``images`` are
+    already-prepared RGB images (their pixels are not kept: vision features come from a cache or from a
+    separate ``pixel_values`` call)."""
+    full = processor.apply_chat_template(messages(len(images), question, answer, tuple(follow_ups)), tokenize=False)
     enc = processor(text=[full], images=list(images) or None, return_tensors="pt")
     ids = enc["input_ids"][0]
     labels = answer_labels(processor, ids)

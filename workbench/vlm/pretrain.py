@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config
 from .api import collate, encode_example, vision_tokens
-from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, token_grid
+from .corpus import BOARD_KINDS, TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, token_grid
 
 #: relative frequency of each image question kind in an *answer* batch
 ANSWER_WEIGHTS = {"ocr": 3, "solve": 3, "answer_card": 2, "cards": 2, "card_where": 1, "ground_card": 2,
@@ -91,7 +91,8 @@ class PretrainConfig:
     dense_coef: float = 0.3  # answer phase: weight of the see phase's dense loss (keeps the vision side seeing)
     where_coef: float = 0.0  # weight of the probe's *where* term (each token's row and column) in the dense loss
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
-    same_table: float = 0.5  # chance that a table question reuses the previous table (one render, two questions)
+    same_table: float = 0.5  # chance that a question reuses the previous item's scene (one render, two items)
+    turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
     workers: int = 1  # background processes rendering batches (0: render in the training process)
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -105,7 +106,7 @@ class PretrainConfig:
         return tuple(p.strip() for p in self.phases.split(","))
 
     def __post_init__(self):
-        for name in ("vocab_size", "batch_size", "see_batch_size", "read_batch_size", "scenes_batch_size",
+        for name in ("vocab_size", "batch_size", "see_batch_size", "read_batch_size", "scenes_batch_size", "turns",
                      "checkpoint_every", "eval_every", "eval_per_skill"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -173,13 +174,15 @@ class FreshBatches(torch.utils.data.IterableDataset):
         talk = self.phase != "see"
         rank, processes = self.shard
         for idx, k in enumerate(rng.choice(kinds, n, p=p / p.sum())):
-            s = gen.sample(str(k), same_table=bool(rng.random() < cfg.same_table))
+            same = bool(rng.random() < cfg.same_table) and k not in BOARD_KINDS  # boards: always a new one
+            conv = gen.conversation(str(k), cfg.turns, weights, same) if talk else [gen.sample(str(k), same)]
             if idx % processes != rank:
                 continue
+            s = conv[0]
             images, labels = self._renderer(s, labels=True)
             item = {"sample": s, "images": images, "token_maps": labels}
             if talk:
-                item.update(encode_example(self.processor, images, *_qa(s)))
+                item.update(encode_example(self.processor, images, *_qa(s), follow_ups=[_qa(f) for f in conv[1:]]))
             items.append(item)
         if talk:
             for idx in range(cfg.text_batch):

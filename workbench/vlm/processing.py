@@ -134,10 +134,15 @@ def tokenizer_texts(n_samples: int = 4000, seed: int = 0) -> list[str]:
     return texts
 
 
-def messages(num_images: int, question: str, answer: str | None = None) -> list[dict]:
-    """Chat messages: one user turn with ``num_images`` images then the question (and the answer)."""
+def messages(num_images: int, question: str, answer: str | None = None,
+             follow_ups: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+    """Chat messages: one user turn with ``num_images`` images then the question (and the answer), then
+    ``follow_ups``, more (question, answer) turns about the same images (training conversations)."""
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
     msgs = [{"role": "user", "content": content}]
     if answer is not None:
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    for q, a in follow_ups:
+        msgs += [{"role": "user", "content": [{"type": "text", "text": q}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": a}]}]
     return msgs
