@@ -142,3 +142,30 @@ def test_token_labels_match_the_scene():
     (_,), (lt,) = r(s, labels=True)
     assert {cls[c] for c in np.unique(lt) if c} == set(s.facts["objects"])
     r.close()
+
+
+@pytest.mark.parametrize("kind, family", [("ocr", ("ocr", "solve")), ("ground_card", C.CARD_KINDS),
+                                          ("spatial", C.TOY_KINDS), ("count", C.TOY_KINDS)])
+def test_conversations_ask_several_questions_about_one_scene(kind, family):
+    weights = {k: 1 for k in C.KINDS}
+    g = C.CorpusGenerator("train", seed=11)
+    lengths = []
+    for _ in range(30):
+        conv = g.conversation(kind, 4, weights)
+        lengths.append(len(conv))
+        assert conv[0].kind == kind and {s.kind for s in conv} <= set(family)
+        # one scene: every follow-up asks about the first sample's board or table (same object, one render)
+        assert all(s.board is conv[0].board and s.table is conv[0].table for s in conv)
+        assert len({s.answer for s in conv}) == len(conv)  # no answer repeated (it would be copied)
+    assert max(lengths) > 1 and max(lengths) <= 4
+    if kind == "ocr":  # a reused board keeps its equation: the solve answer completes the OCR answer
+        conv = next(c for c in (g.conversation("ocr", 4, weights) for _ in range(20)) if len(c) > 1)
+        assert conv[1].answer.startswith(conv[0].answer[:-1])
+
+
+def test_two_image_questions_and_single_turns_stay_alone():
+    g = C.CorpusGenerator("train", seed=2)
+    assert all(len(g.conversation("answer_card", 4, {k: 1 for k in C.KINDS})) == 1 for _ in range(5))
+    assert all(len(g.conversation("objects", 1, {k: 1 for k in C.KINDS})) == 1 for _ in range(5))
+    # follow-ups only of kinds with weight: none left -> one question
+    assert len(C.CorpusGenerator("train", seed=2).conversation("cards", 4, {"cards": 1})) == 1

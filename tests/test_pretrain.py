@@ -118,6 +118,20 @@ def test_batches_are_fresh_and_replay_by_index():
         P.FreshBatches("listen", cfg)
 
 
+def test_conversation_batches_carry_several_answers_per_rendered_scene():
+    from workbench.vlm.processing import build_processor, tokenizer_texts
+
+    proc = build_processor(tokenizer_texts(300), vocab_size=500)
+    end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = {turns: [int((it["labels"] == end).sum()) for it in
+                       P.FreshBatches("scenes", P.PretrainConfig.fast(scenes_batch_size=12, text_batch=0, turns=turns),
+                                      proc).batch(0)] for turns in (1, 3)}
+    assert set(answers[1]) == {1}
+    assert max(answers[3]) == 3 and sum(answers[3]) > 1.5 * len(answers[3])
+    with pytest.raises(ValueError, match="turns"):
+        P.PretrainConfig.fast(turns=0)
+
+
 def test_cli_fast_run(tmp_path, capsys):
     from workbench import train
 

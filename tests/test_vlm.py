@@ -19,6 +19,27 @@ def vlm():
     return model, proc
 
 
+def test_every_assistant_turn_of_a_conversation_is_a_target(vlm):
+    _, proc = vlm
+    img = Image.new("RGB", (64, 48), "white")
+    one = api.encode_example(proc, [img], "How many toys are on the table?", "two")
+    conv = api.encode_example(proc, [img], "How many toys are on the table?", "two",
+                              follow_ups=[("Which toys do you see?", "the red mug and the blue cube"),
+                                          ("What is left of the red mug?", "the blue cube")])
+    tok = proc.tokenizer
+
+    def targets(ex):
+        return tok.decode(ex["input_ids"][ex["labels"] != -100])
+
+    assert targets(one) == "two<|im_end|>"
+    assert targets(conv) == "two<|im_end|>the red mug and the blue cube<|im_end|>the blue cube<|im_end|>"
+    # the first turn is encoded exactly as a one-question example (what ask() sees at inference)
+    n = len(one["input_ids"])
+    assert torch.equal(conv["input_ids"][:n], one["input_ids"]) and torch.equal(conv["labels"][:n], one["labels"])
+    assert int((conv["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == \
+        int((one["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+
+
 def test_tokenizer_has_specials_and_single_digits(vlm):
     _, proc = vlm
     tok = proc.tokenizer
