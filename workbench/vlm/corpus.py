@@ -324,8 +324,8 @@ class CorpusGenerator:
         """Up to ``turns`` questions about one scene: a sample of ``kind``, then follow-ups whose kinds are drawn
         with ``weights`` among those that ask about the same image (a whiteboard: ``ocr`` and ``solve``; a card
         table: :data:`CARD_KINDS`; a toy table: :data:`TOY_KINDS`). A follow-up that needed a new layout (e.g. a
-        colour question about a table without a coloured toy) ends the conversation. ``answer_card`` (two
-        images) is asked alone, and so is a follow-up whose answer repeats an earlier one (it would be copied)."""
+        colour question about a table without a coloured toy) ends the conversation; one whose answer repeats an
+        earlier answer is dropped (it would be copied, not read). ``answer_card`` (two images) is asked alone."""
         first = self.sample(kind, same_scene)
         family = next((f for f in (("ocr", "solve"), CARD_KINDS, TOY_KINDS) if kind in f), ())
         kinds = [k for k in family if weights.get(k, 0) > 0]
