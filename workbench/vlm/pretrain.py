@@ -91,7 +91,7 @@ class PretrainConfig:
     dense_coef: float = 0.3  # answer phase: weight of the see phase's dense loss (keeps the vision side seeing)
     where_coef: float = 0.0  # weight of the probe's *where* term (each token's row and column) in the dense loss
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
-    same_table: float = 0.5  # chance that a question reuses the previous item's scene (one render, two items)
+    same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
     workers: int = 1  # background processes rendering batches (0: render in the training process)
     checkpoint_every: int = 100
