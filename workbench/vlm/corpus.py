@@ -184,8 +184,8 @@ class CorpusGenerator:
         self.board_equations = TRAIN_BOARD_EQUATIONS if split == "train" else HELDOUT_EQUATIONS
         # hand-writing seeds: train in [0, 2**30), held-out in [2**30, 2**31)
         self._seed_base = 0 if split == "train" else 2**30
-        self._table: tuple[str, dict] | None = None  # the last table layout, reused by ``same_scene``
-        self._last_board: tuple | None = None  # the last whiteboard (equation, board), reused by ``same_scene``
+        self._table: tuple[str, dict] | None = None  # the last table layout, reused by ``same_table``
+        self._last_board: tuple | None = None  # the last whiteboard (equation, board), reused by ``same_board``
 
     def _q(self, kind: str, **kw) -> str:
         options = _Q[kind]
@@ -213,8 +213,8 @@ class CorpusGenerator:
         return [float(self.rng.uniform(0.35, 0.7)), float(self.rng.uniform(-0.25, 0.25)),
                 float(self.rng.uniform(0.12, 0.35))]
 
-    def _layout(self, what: str, same_scene: bool, **kw) -> dict:
-        if same_scene and self._table is not None and self._table[0] == what:
+    def _layout(self, what: str, same_table: bool, **kw) -> dict:
+        if same_table and self._table is not None and self._table[0] == what:
             return self._table[1]
         rng = self.rng
         if what == "cards":
@@ -226,12 +226,13 @@ class CorpusGenerator:
         self._table = (what, table)
         return table
 
-    def sample(self, kind: str, same_scene: bool = False) -> Sample:
-        """One sample of ``kind``. ``same_scene=True`` asks about the previous sample's table layout (or, for
-        ``ocr`` and ``solve``, its whiteboard) when it suits ``kind`` (one scene, several questions)."""
+    def sample(self, kind: str, same_table: bool = False, same_board: bool = False) -> Sample:
+        """One sample of ``kind``. ``same_table=True`` asks about the previous table sample's layout when
+        it suits ``kind`` (cheaper to render: one scene, several questions); ``same_board=True`` asks ``ocr`` or
+        ``solve`` about the previous whiteboard (:meth:`conversation`)."""
         rng = self.rng
         if kind in BOARD_KINDS:
-            if same_scene and kind != "answer_card" and self._last_board is not None:
+            if same_board and kind != "answer_card" and self._last_board is not None:
                 eq, board = self._last_board
             else:
                 eq = self.board_equations[rng.integers(len(self.board_equations))]
@@ -256,7 +257,7 @@ class CorpusGenerator:
             return Sample(kind, self._q(kind, eq=equation_words(eq)), str(value), (),
                           facts={"equation": f"{eq.a}{eq.op}{eq.b}", "answer": value})
         if kind in CARD_KINDS:
-            table = self._layout("cards", same_scene)
+            table = self._layout("cards", same_table)
             cards = table["cards"]
             if kind == "cards":
                 return Sample(kind, self._q(kind), _cards_answer(cards), ("table",), table=table,
@@ -269,7 +270,7 @@ class CorpusGenerator:
             slot = describe_position(*cards[d])
             return Sample(kind, self._q(kind, d=d), slot, ("table",), table=table, facts={"card": d, "slot": slot})
         if kind in ("objects", "colour", "count", "ground_toy"):
-            table = self._layout("toys", same_scene)
+            table = self._layout("toys", same_table)
             while kind == "colour" and not any(n in COLOURS for n in table["toys"]):
                 table = self._layout("toys", False)
             toys = table["toys"]
@@ -291,7 +292,7 @@ class CorpusGenerator:
                           facts={"object": o, "colour": COLOURS[o]})
         if kind == "spatial":
             for attempt in range(100):
-                table = self._layout("toys", same_scene and attempt == 0, min_toys=2)
+                table = self._layout("toys", same_table and attempt == 0, min_toys=2)
                 toys = table["toys"]
                 if len(toys) < 2:
                     continue
@@ -303,7 +304,7 @@ class CorpusGenerator:
             raise RuntimeError("could not draw an unambiguous spatial relation")
         if kind == "affordance":
             for attempt in range(100):
-                table = self._layout("toys", same_scene and attempt == 0, min_toys=2)
+                table = self._layout("toys", same_table and attempt == 0, min_toys=2)
                 toys = table["toys"]
                 if len(toys) < 2:
                     continue
@@ -320,13 +321,14 @@ class CorpusGenerator:
             raise RuntimeError("could not draw a placement on the table")
         raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
 
-    def conversation(self, kind: str, turns: int, weights: dict[str, float], same_scene: bool = False) -> list[Sample]:
+    def conversation(self, kind: str, turns: int, weights: dict[str, float], same_table: bool = False) -> list[Sample]:
         """Up to ``turns`` questions about one scene: a sample of ``kind``, then follow-ups whose kinds are drawn
         with ``weights`` among those that ask about the same image (a whiteboard: ``ocr`` and ``solve``; a card
         table: :data:`CARD_KINDS`; a toy table: :data:`TOY_KINDS`). A follow-up that needed a new layout (e.g. a
         colour question about a table without a coloured toy) ends the conversation; one whose answer repeats an
-        earlier answer is dropped (it would be copied, not read). ``answer_card`` (two images) is asked alone."""
-        first = self.sample(kind, same_scene)
+        earlier answer is dropped (it would be copied, not read). ``answer_card`` (two images) is asked alone.
+        ``same_table``: the first question may reuse the previous table (as in :meth:`sample`)."""
+        first = self.sample(kind, same_table)
         family = next((f for f in (("ocr", "solve"), CARD_KINDS, TOY_KINDS) if kind in f), ())
         kinds = [k for k in family if weights.get(k, 0) > 0]
         out = [first]
@@ -334,7 +336,7 @@ class CorpusGenerator:
             return out
         p = np.array([weights[k] for k in kinds], float)
         for k in self.rng.choice(kinds, turns - 1, p=p / p.sum()):
-            s = self.sample(str(k), same_scene=True)
+            s = self.sample(str(k), same_table=True, same_board=True)
             if s.table is not first.table or s.board is not first.board:
                 break
             if all(s.answer != o.answer for o in out):

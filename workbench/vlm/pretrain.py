@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config
 from .api import collate, encode_example, vision_tokens
-from .corpus import BOARD_KINDS, TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, token_grid
+from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, token_grid
 
 #: relative frequency of each image question kind in an *answer* batch
 ANSWER_WEIGHTS = {"ocr": 3, "solve": 3, "answer_card": 2, "cards": 2, "card_where": 1, "ground_card": 2,
@@ -174,7 +174,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
         talk = self.phase != "see"
         rank, processes = self.shard
         for idx, k in enumerate(rng.choice(kinds, n, p=p / p.sum())):
-            same = bool(rng.random() < cfg.same_table) and k not in BOARD_KINDS  # boards: always a new one
+            same = bool(rng.random() < cfg.same_table)
             conv = gen.conversation(str(k), cfg.turns, weights, same) if talk else [gen.sample(str(k), same)]
             if idx % processes != rank:
                 continue
