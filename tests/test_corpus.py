@@ -169,3 +169,15 @@ def test_two_image_questions_and_single_turns_stay_alone():
     assert all(len(g.conversation("objects", 1, {k: 1 for k in C.KINDS})) == 1 for _ in range(5))
     # follow-ups only of kinds with weight: none left -> one question
     assert len(C.CorpusGenerator("train", seed=2).conversation("cards", 4, {"cards": 1})) == 1
+
+
+@pytest.mark.parametrize("first, then", [("ocr", "solve"), ("cards", "ground_card"), ("objects", "ground_toy")])
+def test_a_conversation_can_be_about_an_earlier_samples_scene(first, then):
+    g = C.CorpusGenerator("train", seed=4)
+    scene = g.sample(first)
+    g.samples(5)  # other scenes in between
+    conv = g.conversation(then, 3, {k: 1 for k in C.KINDS}, about=scene)
+    assert all(s.board is scene.board and s.table is scene.table for s in conv)
+    assert conv[0].kind == then
+    with pytest.raises(ValueError, match="cannot be asked about"):
+        g.conversation("count", 3, {k: 1 for k in C.KINDS}, about=g.sample("ocr"))

@@ -132,6 +132,33 @@ def test_conversation_batches_carry_several_answers_per_rendered_scene():
         P.PretrainConfig.fast(turns=0)
 
 
+def test_a_scene_pool_asks_new_questions_about_scenes_rendered_once():
+    """Pooled scenes (frozen-vision phases): a block's scenes are drawn from its seed, rendered once and asked about
+    again with new questions; the next block has new scenes; the default (no pool) marks no scene."""
+    from workbench.vlm.processing import build_processor, tokenizer_texts
+
+    proc = build_processor(tokenizer_texts(300), vocab_size=500)
+    cfg = P.PretrainConfig.fast(scenes_batch_size=12, text_batch=0, scene_pool=4, scene_refresh=2)
+    data = P.FreshBatches("scenes", cfg, proc)
+    a, b, c = data.batch(0), data.batch(1), data.batch(2)
+    keys = [it["scene"] for it in a + b if it["scene"] is not None]
+    assert len(keys) > len(set(keys)) and {k[0] for k in keys} == {0}  # scenes asked about again within a block
+    again = {}
+    for it in a + b:
+        if it["scene"] is not None:
+            again.setdefault(it["scene"], []).append(it)
+    twice = next(its for its in again.values() if len(its) > 1)
+    assert all((x == y).all() for x, y in zip(twice[0]["images"], twice[1]["images"]))  # one render
+    assert {it["scene"][0] for it in c if it["scene"] is not None} == {1}
+    assert set(map(str, data.scenes(1))).isdisjoint(map(str, data.scenes(0)))
+    replay = P.FreshBatches("scenes", cfg, proc, start=1).batch(1)  # a resumed run draws the same batch
+    assert [it["sample"] for it in replay] == [it["sample"] for it in b]
+    assert all(it["scene"] is None for it in P.FreshBatches("scenes", P.PretrainConfig.fast(text_batch=0),
+                                                             proc).batch(0))
+    with pytest.raises(ValueError, match="scene_pool"):
+        P.PretrainConfig.fast(scene_pool=-1)
+
+
 def test_cli_fast_run(tmp_path, capsys):
     from workbench import train
 
@@ -159,6 +186,26 @@ def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path, root):
     vision = [k for k in before if k.startswith("visual.")]
     assert not all(torch.equal(before[k], after_see[k]) for k in vision)
     assert all(torch.equal(after_see[k], after_scenes[k]) for k in vision)
+
+
+def test_pooled_scenes_get_their_vision_tokens_computed_once(tmp_path, root, monkeypatch):
+    seen, computed = [], []
+    real = P.vision_tokens
+
+    def counting(visual, image_processor, images):
+        computed.append(len(images))
+        return real(visual, image_processor, images)
+
+    monkeypatch.setattr(P, "vision_tokens", counting)
+    cfg = P.PretrainConfig.fast(init=os.path.join(root, "data_samples", "vlm"), phases="scenes", scenes_steps=4,
+                                scenes_batch_size=6, text_batch=0, scene_pool=3, scene_refresh=4)
+    real_batch = P.FreshBatches.batch
+    monkeypatch.setattr(P.FreshBatches, "batch", lambda self, i: seen.append(real_batch(self, i)) or seen[-1])
+    P.Pretrainer(cfg, str(tmp_path), progress=False).run()
+    items = [it for batch in seen for it in batch]
+    fresh = sum(len(it["images"]) for it in items if it["scene"] is None)
+    pooled = {it["scene"] for it in items if it["scene"] is not None}
+    assert sum(computed) <= fresh + len(pooled) < sum(len(it["images"]) for it in items)
 
 
 @pytest.mark.parametrize("bad, message", [({"phases": "read"}, "need init"),

@@ -66,6 +66,7 @@ TRAIN_STYLES = tuple(s for s in WRITING_STYLES if s not in HELDOUT_STYLES)
 ALL_EQUATIONS = sorted(set(EQUATIONS["in_domain"]) | set(EQUATIONS["open_world"]))
 HELDOUT_EQUATIONS = tuple(ALL_EQUATIONS[2::5])
 TRAIN_BOARD_EQUATIONS = tuple(e for e in ALL_EQUATIONS if e not in set(HELDOUT_EQUATIONS))
+EQUATIONS_BY_TEXT = {e.text: e for e in ALL_EQUATIONS}
 #: text-only arithmetic facts: all the above plus tables beyond them (answers may be > 9)
 ARITHMETIC_FACTS = sorted(set(ALL_EQUATIONS) | {
     Equation(a, op, b) for a, b in itertools.product(range(13), repeat=2) for op in "+-×"
@@ -321,16 +322,26 @@ class CorpusGenerator:
             raise RuntimeError("could not draw a placement on the table")
         raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
 
-    def conversation(self, kind: str, turns: int, weights: dict[str, float], same_table: bool = False) -> list[Sample]:
+    def conversation(self, kind: str, turns: int, weights: dict[str, float], same_table: bool = False,
+                     about: Sample | None = None) -> list[Sample]:
         """Up to ``turns`` questions about one scene: a sample of ``kind``, then follow-ups whose kinds are drawn
         with ``weights`` among those that ask about the same image (a whiteboard: ``ocr`` and ``solve``; a card
         table: :data:`CARD_KINDS`; a toy table: :data:`TOY_KINDS`). A follow-up that needed a new layout (e.g. a
         colour question about a table without a coloured toy) ends the conversation; one whose answer repeats an
         earlier answer is dropped (it would be copied, not read). ``answer_card`` (two images) is asked alone.
-        ``same_table``: the first question may reuse the previous table (as in :meth:`sample`)."""
-        first = self.sample(kind, same_table)
-        family = next((f for f in (("ocr", "solve"), CARD_KINDS, TOY_KINDS) if kind in f), ())
-        kinds = [k for k in family if weights.get(k, 0) > 0]
+        ``same_table``: the first question may reuse the previous table (as in :meth:`sample`). ``about``: ask
+        about that sample's one image (a table or a whiteboard) instead; ``kind`` must be of its family
+        (:func:`scene_family`). If the first question cannot be asked about it, the conversation is about a new scene.
+        """
+        if about is not None:
+            if kind not in scene_family(about.kind) or len(about.views) != 1:
+                raise ValueError(f"a {kind!r} question cannot be asked about a {about.kind!r} sample's scene")
+            if about.board is not None:
+                self._last_board = (EQUATIONS_BY_TEXT[about.board["text"]], about.board)
+            else:
+                self._table = ("cards" if about.kind in CARD_KINDS else "toys", about.table)
+        first = self.sample(kind, same_table or about is not None, same_board=about is not None)
+        kinds = [k for k in scene_family(kind) if weights.get(k, 0) > 0]
         out = [first]
         if not kinds or turns < 2:
             return out
@@ -348,6 +359,12 @@ class CorpusGenerator:
         kinds = list(kinds)
         p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
         return [self.sample(kinds[self.rng.choice(len(kinds), p=p)]) for _ in range(n)]
+
+
+def scene_family(kind: str) -> tuple[str, ...]:
+    """The kinds that ask about the same one image as ``kind``: a whiteboard's (``ocr``, ``solve``), a card
+    table's (:data:`CARD_KINDS`) or a toy table's (:data:`TOY_KINDS`); ``()`` for ``answer_card`` and ``arithmetic``."""
+    return next((f for f in (("ocr", "solve"), CARD_KINDS, TOY_KINDS) if kind in f), ())
 
 
 def check_general(sample: Sample) -> bool:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config
 from .api import collate, encode_example, vision_tokens
-from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, token_grid
+from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, scene_family, token_grid
 
 #: relative frequency of each image question kind in an *answer* batch
 ANSWER_WEIGHTS = {"ocr": 3, "solve": 3, "answer_card": 2, "cards": 2, "card_where": 1, "ground_card": 2,
@@ -93,6 +93,10 @@ class PretrainConfig:
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
+    # read/scenes (vision frozen): questions are asked about a pool of this many scenes, rendered once and their
+    # vision tokens computed once, replaced by a new pool every ``scene_refresh`` steps (0: every scene is new)
+    scene_pool: int = 0
+    scene_refresh: int = 100
     workers: int = 1  # background processes rendering batches (0: render in the training process)
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -107,10 +111,11 @@ class PretrainConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "batch_size", "see_batch_size", "read_batch_size", "scenes_batch_size", "turns",
-                     "checkpoint_every", "eval_every", "eval_per_skill"):
+                     "scene_refresh", "checkpoint_every", "eval_every", "eval_per_skill"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("see_steps", "read_steps", "answer_steps", "scenes_steps", "text_batch", "workers"):
+        for name in ("see_steps", "read_steps", "answer_steps", "scenes_steps", "text_batch", "workers",
+                     "scene_pool"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
         for name in ("see_lr", "read_lr", "answer_lr", "scenes_lr"):
@@ -150,7 +155,13 @@ class FreshBatches(torch.utils.data.IterableDataset):
 
     Batch ``i`` depends only on ``(seed, phase, i)``: a resumed run sees the batches it would have seen.
     ``shard=(rank, processes)``: every process draws the whole batch's samples (cheap) but renders and returns only
-    its share, items ``rank, rank + processes, ...`` (:func:`~workbench.training.shard`)."""
+    its share, items ``rank, rank + processes, ...`` (:func:`~workbench.training.shard`).
+
+    With ``cfg.scene_pool`` (phases whose vision side is frozen), a question's first scene is drawn from the pool of
+    batch ``i``'s block (``i // cfg.scene_refresh``): ``scene_pool`` whiteboards and tables drawn from the block's
+    seed, each rendered once (kept while the block lasts); the item says which (``"scene": (block, index)``), so the
+    trainer computes its vision tokens once too. The questions are new every time. (Two-image ``answer_card``
+    questions, and a first question that does not suit its pooled scene, get a new scene as without a pool.)"""
 
     def __init__(self, phase: str, cfg: PretrainConfig, processor=None, start: int = 0, stop: int | None = None,
                  shard: tuple[int, int] = (0, 1)):
@@ -158,7 +169,40 @@ class FreshBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"unknown phase {phase!r}; expected one of {list(PHASES)}")
         self.phase, self.cfg, self.processor, self.start, self.shard = phase, cfg, processor, start, shard
         self.stop = stop if stop is not None else getattr(cfg, f"{phase}_steps")
+        self.pooled = bool(cfg.scene_pool) and phase not in VISION_TRAINS and phase != "see"
         self._renderer = None
+        self._pool: tuple[int, list[Sample], dict] | None = None  # (block, scenes, renders kept for the block)
+
+    def scenes(self, block: int) -> list[Sample]:
+        """The pooled scenes of ``block`` (a sample each, of kinds drawn with the phase's weights)."""
+        if self._pool is None or self._pool[0] != block:
+            weights = {k: w for k, w in _WEIGHTS[self.phase].items() if scene_family(k)}
+            kinds, p = list(weights), np.array(list(weights.values()), float)
+            rng = np.random.default_rng([self.cfg.seed, PHASES.index(self.phase), block, 1])
+            gen = CorpusGenerator("train", seed=int(rng.integers(2**31)))
+            self._pool = (block, [gen.sample(str(k)) for k in rng.choice(kinds, self.cfg.scene_pool, p=p / p.sum())],
+                          {})
+        return self._pool[1]
+
+    def _pooled_conversation(self, gen, rng, kind: str, block: int):
+        """A conversation about a pooled scene of ``block`` that suits ``kind``, and its key (None: a new scene)."""
+        scenes = self.scenes(block)
+        fits = [j for j, s in enumerate(scenes) if kind in scene_family(s.kind)]
+        if not fits:
+            return gen.conversation(kind, self.cfg.turns, _WEIGHTS[self.phase]), None
+        j = fits[rng.integers(len(fits))]
+        conv = gen.conversation(kind, self.cfg.turns, _WEIGHTS[self.phase], about=scenes[j])
+        first = conv[0]
+        same = first.table is scenes[j].table and first.board is scenes[j].board
+        return conv, ((block, j) if same else None)
+
+    def _render(self, sample: Sample, key):
+        if key is None:
+            return self._renderer(sample, labels=True)
+        kept = self._pool[2]
+        if key[1] not in kept:
+            kept[key[1]] = self._renderer(sample, labels=True)
+        return kept[key[1]]
 
     def batch(self, i: int) -> list[dict]:
         cfg = self.cfg
@@ -174,13 +218,17 @@ class FreshBatches(torch.utils.data.IterableDataset):
         talk = self.phase != "see"
         rank, processes = self.shard
         for idx, k in enumerate(rng.choice(kinds, n, p=p / p.sum())):
-            same = bool(rng.random() < cfg.same_table)
-            conv = gen.conversation(str(k), cfg.turns, weights, same) if talk else [gen.sample(str(k), same)]
+            key = None
+            if self.pooled and scene_family(str(k)):
+                conv, key = self._pooled_conversation(gen, rng, str(k), i // cfg.scene_refresh)
+            else:
+                same = bool(rng.random() < cfg.same_table)
+                conv = gen.conversation(str(k), cfg.turns, weights, same) if talk else [gen.sample(str(k), same)]
             if idx % processes != rank:
                 continue
             s = conv[0]
-            images, labels = self._renderer(s, labels=True)
-            item = {"sample": s, "images": images, "token_maps": labels}
+            images, labels = self._render(s, key)
+            item = {"sample": s, "images": images, "token_maps": labels, "scene": key}
             if talk:
                 item.update(encode_example(self.processor, images, *_qa(s), follow_ups=[_qa(f) for f in conv[1:]]))
             items.append(item)
@@ -395,16 +443,31 @@ class Pretrainer:
         model.train()
         bar = self._bar(phase, start, steps)
         batches = self._batches(phase, processor, start)
+        kept: dict[tuple[int, int], list[torch.Tensor]] = {}  # a pooled scene's vision tokens (frozen vision side)
         for step in bar:
             items = next(batches)
             with_images = [it for it in items if it["images"]]
             text_only = [it for it in items if not it["images"]]
-            with torch.set_grad_enabled(train_vision):
-                feats, per_image = vision_tokens(visual, processor.image_processor,
-                                                 [im for it in with_images for im in it["images"]])
-            per_item = iter(feats.split(per_image))
+            new, keys = [], set()  # the items whose images need the vision side (a pooled scene: once)
             for it in with_images:
+                key = it.get("scene")
+                if key is None or (key not in kept and key not in keys):
+                    new.append(it)
+                    keys.add(key)
+            if any(block != key[0] for block, _ in kept for key in keys - {None}):
+                kept.clear()  # a new pool: forget the old one's tokens
+            feats, per_image = None, []
+            if new:
+                with torch.set_grad_enabled(train_vision):
+                    feats, per_image = vision_tokens(visual, processor.image_processor,
+                                                     [im for it in new for im in it["images"]])
+            per_item = iter(feats.split(per_image) if new else ())
+            for it in new:
                 it["feats"] = [next(per_item) for _ in it["images"]]
+                if it.get("scene") is not None:
+                    kept[it["scene"]] = it["feats"]
+            for it in with_images:
+                it.setdefault("feats", kept.get(it.get("scene")))
             lm_loss = model(**collate(with_images, pad)).loss
             if text_only:  # short sequences: their own forward, so they are not padded to image length;
                 # the two means are combined per answer token, as one batch would be
