@@ -198,11 +198,13 @@ def test_pooled_scenes_get_their_vision_tokens_computed_once(tmp_path, root, mon
 
     monkeypatch.setattr(P, "vision_tokens", counting)
     cfg = P.PretrainConfig.fast(init=os.path.join(root, "data_samples", "vlm"), phases="scenes", scenes_steps=4,
-                                scenes_batch_size=6, text_batch=0, scene_pool=3, scene_refresh=4)
-    real_batch = P.FreshBatches.batch
-    monkeypatch.setattr(P.FreshBatches, "batch", lambda self, i: seen.append(real_batch(self, i)) or seen[-1])
+                                scenes_batch_size=6, text_batch=0, scene_pool=3, scene_refresh=4,
+                                workers=1)  # through a DataLoader worker, as real runs do
+    real_collate = P.collate
+    monkeypatch.setattr(P, "collate", lambda items, pad: seen.append(items) or real_collate(items, pad))
     P.Pretrainer(cfg, str(tmp_path), progress=False).run()
     items = [it for batch in seen for it in batch]
+    assert all(it["feats"][0].shape[-1] == 128 for it in items)
     fresh = sum(len(it["images"]) for it in items if it["scene"] is None)
     pooled = {it["scene"] for it in items if it["scene"] is not None}
     assert sum(computed) <= fresh + len(pooled) < sum(len(it["images"]) for it in items)

@@ -450,6 +450,8 @@ class Pretrainer:
             text_only = [it for it in items if not it["images"]]
             new, keys = [], set()  # the items whose images need the vision side (a pooled scene: once)
             for it in with_images:
+                if it.get("scene") is not None:  # (block, index); a worker's DataLoader hands it over as a list
+                    it["scene"] = tuple(int(v) for v in it["scene"])
                 key = it.get("scene")
                 if key is None or (key not in kept and key not in keys):
                     new.append(it)
