@@ -26,7 +26,13 @@ then teach the whole model to talk about what it sees) -- on samples that are *n
 Every batch of every phase is drawn and rendered fresh (:class:`FreshBatches`: new equations, fonts
 (:mod:`workbench.vlm.boards`), augmentations, layouts, arm poses) by a background worker process while the
 model trains; nothing is cached, so nothing can be memorised (the first recipe's fixed 6,000-sample corpus
-was: ``shared/DESIGN.md`` §4). Batch ``i`` of a phase depends only on ``(seed, phase, i)``, so a resumed
+was: ``shared/DESIGN.md`` §4). In the phases whose vision side is frozen (*read*, *scenes*), ``scene_pool`` trades
+some of that freshness for speed: questions (always new) are asked about a pool of scenes that is rendered, and whose
+vision tokens are computed, once per ``scene_refresh`` steps (the tokens are what the frozen vision side would compute
+anyway). Measured (issue 9 notes, session 8): *scenes* steps of 32 conversations took 2.35 s against 3.4 s fresh; on
+whiteboards, whose questions repeat the same answer, the *read* loss rose about twofold after every refresh (the pool
+was being memorised), so for boards keep it off.
+Batch ``i`` of a phase depends only on ``(seed, phase, i)``, so a resumed
 run sees exactly the batches it would have seen.
 
 A saved VLM can also continue with chosen phases (``init`` and ``phases``; e.g. *see* with the probe's *where*
