@@ -175,7 +175,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"unknown phase {phase!r}; expected one of {list(PHASES)}")
         self.phase, self.cfg, self.processor, self.start, self.shard = phase, cfg, processor, start, shard
         self.stop = stop if stop is not None else getattr(cfg, f"{phase}_steps")
-        self.pooled = bool(cfg.scene_pool) and phase not in VISION_TRAINS and phase != "see"
+        self.pooled = bool(cfg.scene_pool) and phase not in VISION_TRAINS
         self._renderer = None
         self._pool: tuple[int, list[Sample], dict] | None = None  # (block, scenes, renders kept for the block)
 
@@ -449,21 +449,23 @@ class Pretrainer:
         model.train()
         bar = self._bar(phase, start, steps)
         batches = self._batches(phase, processor, start)
-        kept: dict[tuple[int, int], list[torch.Tensor]] = {}  # a pooled scene's vision tokens (frozen vision side)
+        # the current pool's scenes' vision tokens (the vision side is frozen where a pool is used)
+        kept: dict[tuple[int, int], list[torch.Tensor]] = {}
+        kept_block = None
         for step in bar:
             items = next(batches)
             with_images = [it for it in items if it["images"]]
             text_only = [it for it in items if not it["images"]]
             new, keys = [], set()  # the items whose images need the vision side (a pooled scene: once)
             for it in with_images:
-                if it.get("scene") is not None:  # (block, index); a worker's DataLoader hands it over as a list
-                    it["scene"] = tuple(int(v) for v in it["scene"])
                 key = it.get("scene")
+                if key is not None:  # (block, index); a worker's DataLoader hands it over as a list
+                    key = it["scene"] = tuple(int(v) for v in key)
+                    if key[0] != kept_block:  # a new pool: forget the old one's tokens
+                        kept, kept_block = {}, key[0]
                 if key is None or (key not in kept and key not in keys):
                     new.append(it)
                     keys.add(key)
-            if any(block != key[0] for block, _ in kept for key in keys - {None}):
-                kept.clear()  # a new pool: forget the old one's tokens
             feats, per_image = None, []
             if new:
                 with torch.set_grad_enabled(train_vision):
