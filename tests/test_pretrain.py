@@ -134,7 +134,8 @@ def test_conversation_batches_carry_several_answers_per_rendered_scene():
 
 def test_a_scene_pool_asks_new_questions_about_scenes_rendered_once():
     """Pooled scenes (frozen-vision phases): a block's scenes are drawn from its seed, rendered once and asked about
-    again with new questions; the next block has new scenes; the default (no pool) marks no scene."""
+    again with new questions; the next block has new scenes; boards are never pooled; the default (no pool) marks no
+    scene."""
     from workbench.vlm.processing import build_processor, tokenizer_texts
 
     proc = build_processor(tokenizer_texts(300), vocab_size=500)
@@ -150,6 +151,9 @@ def test_a_scene_pool_asks_new_questions_about_scenes_rendered_once():
     twice = next(its for its in again.values() if len(its) > 1)
     assert all((x == y).all() for x, y in zip(twice[0]["images"], twice[1]["images"]))  # one render
     assert {it["scene"][0] for it in c if it["scene"] is not None} == {1}
+    assert all(it["sample"].kind in P.POOLED_KINDS for it in a + b + c if it["scene"] is not None)
+    assert any(it["sample"].kind in ("ocr", "solve") for it in a + b + c)  # boards are asked about, always new
+    assert all(s.kind in P.POOLED_KINDS for s in data.scenes(0))
     assert set(map(str, data.scenes(1))).isdisjoint(map(str, data.scenes(0)))
     replay = P.FreshBatches("scenes", cfg, proc, start=1).batch(1)  # a resumed run draws the same batch
     assert [it["sample"] for it in replay] == [it["sample"] for it in b]

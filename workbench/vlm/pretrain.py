@@ -31,7 +31,7 @@ some of that freshness for speed: questions (always new) are asked about a pool 
 vision tokens are computed, once per ``scene_refresh`` steps (the tokens are what the frozen vision side would compute
 anyway). Measured (issue 9 notes, session 8): *scenes* steps of 32 conversations took 2.35 s against 3.4 s fresh; on
 whiteboards, whose questions repeat the same answer, the *read* loss rose about twofold after every refresh (the pool
-was being memorised), so for boards keep it off.
+was being memorised), so only tables are pooled (:data:`POOLED_KINDS`); boards are always new.
 Batch ``i`` of a phase depends only on ``(seed, phase, i)``, so a resumed
 run sees exactly the batches it would have seen.
 
@@ -57,7 +57,16 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config
 from .api import collate, encode_example, vision_tokens
-from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer, Sample, scene_family, token_grid
+from .corpus import (
+    CARD_KINDS,
+    TOKEN_CLASSES,
+    TOY_KINDS,
+    CorpusGenerator,
+    CorpusRenderer,
+    Sample,
+    scene_family,
+    token_grid,
+)
 
 #: relative frequency of each image question kind in an *answer* batch
 ANSWER_WEIGHTS = {"ocr": 3, "solve": 3, "answer_card": 2, "cards": 2, "card_where": 1, "ground_card": 2,
@@ -71,6 +80,9 @@ SCENES_WEIGHTS = {"ocr": 1, "solve": 1, "answer_card": 1, "cards": 2, "card_wher
                   "objects": 3, "colour": 2, "count": 2, "spatial": 2, "ground_toy": 2, "affordance": 2}
 PHASES = ("see", "read", "answer", "scenes")
 _WEIGHTS = {"see": SEE_WEIGHTS, "read": READ_WEIGHTS, "answer": ANSWER_WEIGHTS, "scenes": SCENES_WEIGHTS}
+#: the kinds whose scenes ``scene_pool`` pools: tables only. Boards stay fresh: a board's questions all repeat its one
+#: answer, and pooled boards were memorised (issue 9 notes, session 8); they are also cheap to render.
+POOLED_KINDS = CARD_KINDS + TOY_KINDS
 #: phases where the vision side trains (in the others after *see* it is frozen and computed without gradients)
 VISION_TRAINS = ("see", "answer")
 
@@ -164,9 +176,9 @@ class FreshBatches(torch.utils.data.IterableDataset):
     its share, items ``rank, rank + processes, ...`` (:func:`~workbench.training.shard`).
 
     With ``cfg.scene_pool`` (phases whose vision side is frozen), a question's first scene is drawn from the pool of
-    batch ``i``'s block (``i // cfg.scene_refresh``): ``scene_pool`` whiteboards and tables drawn from the block's
-    seed, each rendered once (kept while the block lasts); the item says which (``"scene": (block, index)``), so the
-    trainer computes its vision tokens once too. The questions are new every time. (Two-image ``answer_card``
+    batch ``i``'s block (``i // cfg.scene_refresh``): ``scene_pool`` tables (:data:`POOLED_KINDS`) drawn from the
+    block's seed, each rendered once (kept while the block lasts); the item says which (``"scene": (block, index)``),
+    so the trainer computes its vision tokens once too. The questions are new every time. (Two-image ``answer_card``
     questions, and a first question that does not suit its pooled scene, get a new scene as without a pool.)"""
 
     def __init__(self, phase: str, cfg: PretrainConfig, processor=None, start: int = 0, stop: int | None = None,
@@ -182,7 +194,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
     def scenes(self, block: int) -> list[Sample]:
         """The pooled scenes of ``block`` (a sample each, of kinds drawn with the phase's weights)."""
         if self._pool is None or self._pool[0] != block:
-            weights = {k: w for k, w in _WEIGHTS[self.phase].items() if scene_family(k)}
+            weights = {k: w for k, w in _WEIGHTS[self.phase].items() if k in POOLED_KINDS}
             kinds, p = list(weights), np.array(list(weights.values()), float)
             rng = np.random.default_rng([self.cfg.seed, PHASES.index(self.phase), block, 1])
             gen = CorpusGenerator("train", seed=int(rng.integers(2**31)))
@@ -225,7 +237,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
         rank, processes = self.shard
         for idx, k in enumerate(rng.choice(kinds, n, p=p / p.sum())):
             key = None
-            if self.pooled and scene_family(str(k)):
+            if self.pooled and k in POOLED_KINDS:
                 conv, key = self._pooled_conversation(gen, rng, str(k), i // cfg.scene_refresh)
             else:
                 same = bool(rng.random() < cfg.same_table)
