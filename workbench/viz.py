@@ -138,32 +138,42 @@ def token_overlay(image: np.ndarray, labels: np.ndarray, classes, scale: int = 3
     return big
 
 
-def training_figure(log_csv: str):
+def training_figure(*log_csvs: str):
     """plotly: loss per phase against steps (left) and held-out accuracy per row against wall-clock minutes
-    since the run started (right; pauses of a resumed run included)."""
+    since the run started (right; pauses of a resumed run included). Several logs (a saved VLM continued with
+    ``init``) are drawn one after the other, the time between the invocations left out."""
     import pandas as pd
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    log = pd.read_csv(log_csv)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "held-out accuracy during training"))
-    offset = 0
     from .vlm.pretrain import PHASES
 
-    for phase in PHASES:
-        part = log[log.phase == phase]
-        if len(part):
-            fig.add_trace(go.Scatter(x=part.step + offset, y=part.loss.rolling(10, min_periods=1).mean(),
-                                     name=f"{phase} loss"), 1, 1)
-            offset += int(part.step.max())
-    ev = log[log.phase == "eval"]
-    t0 = log.time.min()
+    if not log_csvs:
+        raise ValueError("training_figure needs at least one log.csv path")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "held-out accuracy during training"))
+    offset, minutes, names = 0, 0.0, []
+    evals = []
+    for n, path in enumerate(log_csvs):
+        log = pd.read_csv(path)
+        suffix = f" (run {n + 1})" if len(log_csvs) > 1 else ""
+        for phase in PHASES:
+            part = log[log.phase == phase]
+            if len(part):
+                fig.add_trace(go.Scatter(x=part.step + offset, y=part.loss.rolling(10, min_periods=1).mean(),
+                                         name=f"{phase} loss{suffix}"), 1, 1)
+                offset += int(part.step.max())
+                names.append(phase)
+        ev = log[log.phase == "eval"].copy()
+        ev["minutes"] = minutes + (ev.time - log.time.min()) / 60
+        evals.append(ev)
+        minutes += (log.time.max() - log.time.min()) / 60
+    ev = pd.concat(evals)
     for metric in dict.fromkeys(ev.metric):
         part = ev[ev.metric == metric]
-        fig.add_trace(go.Scatter(x=(part.time - t0) / 60, y=part.value, mode="lines+markers", name=metric,
+        fig.add_trace(go.Scatter(x=part.minutes, y=part.value, mode="lines+markers", name=metric,
                                  visible=True if len(metric.split()) == 1 else "legendonly"), 1, 2)
     fig.update_layout(height=400, margin={"t": 40, "b": 30})
-    fig.update_xaxes(title_text="step (" + ", then ".join(PHASES) + ")", row=1, col=1)
+    fig.update_xaxes(title_text="step (" + ", then ".join(names) + ")", row=1, col=1)
     fig.update_xaxes(title_text="wall-clock minutes since the start", row=1, col=2)
     return fig
 
