@@ -163,6 +163,23 @@ def test_a_scene_pool_asks_new_questions_about_scenes_rendered_once():
         P.PretrainConfig.fast(scene_pool=-1)
 
 
+def test_training_figure_joins_a_continued_vlms_logs(tmp_path):
+    """A continuation's log is drawn after the first run's: its steps and minutes follow on, the pause left out."""
+    from workbench.viz import training_figure
+
+    header = "time,phase,step,loss,lr,metric,value\n"
+    (tmp_path / "a.csv").write_text(header + "0,see,1,3.0,0.1,,\n60,see,2,2.0,0.1,,\n60,eval,2,,,ocr,0.1\n")
+    (tmp_path / "b.csv").write_text(header + "5000,scenes,1,1.0,0.1,,\n5120,scenes,2,0.5,0.1,,\n"
+                                             "5120,eval,2,,,ocr,0.6\n")
+    fig = training_figure(str(tmp_path / "a.csv"), str(tmp_path / "b.csv"))
+    losses = {t.name: list(t.x) for t in fig.data if "loss" in t.name}
+    assert losses == {"see loss (run 1)": [1, 2], "scenes loss (run 2)": [3, 4]}
+    (ocr,) = [t for t in fig.data if t.name == "ocr"]
+    assert list(ocr.x) == [1.0, 3.0] and list(ocr.y) == [0.1, 0.6]
+    with pytest.raises(ValueError, match="at least one"):
+        training_figure()
+
+
 def test_cli_fast_run(tmp_path, capsys):
     from workbench import train
 

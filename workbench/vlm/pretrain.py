@@ -111,8 +111,8 @@ class PretrainConfig:
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
-    # read/scenes (vision frozen): questions are asked about a pool of this many scenes, rendered once and their
-    # vision tokens computed once, replaced by a new pool every ``scene_refresh`` steps (0: every scene is new)
+    # scenes (vision frozen): table questions are asked about a pool of this many tables (boards are never pooled),
+    # rendered once and their vision tokens computed once, replaced every ``scene_refresh`` steps (0: all new)
     scene_pool: int = 0
     scene_refresh: int = 100
     workers: int = 1  # background processes rendering batches (0: render in the training process)
