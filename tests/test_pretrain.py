@@ -209,6 +209,27 @@ def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path, root):
     assert all(torch.equal(after_see[k], after_scenes[k]) for k in vision)
 
 
+def test_keep_term_holds_the_vision_features_near_inits(tmp_path, root):
+    """With the *where* term on, eight *see* steps move the features of a continued VLM far from init's (relative
+    mean squared change ~2.5 when measured); the *keep* term holds them near (~0.16 with ``keep_coef=20``)."""
+    from workbench.vlm.api import load_vlm, vision_tokens
+
+    shipped = os.path.join(root, "data_samples", "vlm")
+    reference, processor = load_vlm(shipped)
+    change = {}
+    for keep in (0.0, 20.0):
+        cfg = P.PretrainConfig.fast(init=shipped, phases="see", see_steps=8, see_lr=3e-3, where_coef=1.0,
+                                    keep_coef=keep)
+        P.Pretrainer(cfg, str(tmp_path / str(keep)), progress=False).run()
+        model, _ = load_vlm(str(tmp_path / str(keep) / "checkpoints" / "step-000008" / "vlm"))
+        images = [im for it in next(iter(P.FreshBatches("see", cfg, None))) for im in it["images"]]
+        with torch.no_grad():
+            after, _ = vision_tokens(model.model.visual, processor.image_processor, images)
+            before, _ = vision_tokens(reference.model.visual, processor.image_processor, images)
+        change[keep] = float((after - before).pow(2).mean() / before.pow(2).mean())
+    assert change[20.0] < 0.25 * change[0.0], change
+
+
 def test_pooled_scenes_get_their_vision_tokens_computed_once(tmp_path, root, monkeypatch):
     seen, computed = [], []
     real = P.vision_tokens
@@ -235,7 +256,9 @@ def test_pooled_scenes_get_their_vision_tokens_computed_once(tmp_path, root, mon
                                           ({"phases": "scenes,see"}, "in that order"),
                                           ({"phases": "see,look"}, "distinct names"),
                                           ({"init": "/nonexistent"}, "not a saved VLM"),
-                                          ({"where_coef": 2.0}, "where")])
+                                          ({"where_coef": 2.0}, "where"),
+                                          ({"keep_coef": -1.0, "init": "data_samples/vlm"}, "keep_coef"),
+                                          ({"keep_coef": 1.0}, "needs init")])
 def test_phase_selection_is_validated(bad, message):
     with pytest.raises(ValueError, match=message):
         P.PretrainConfig(**bad)

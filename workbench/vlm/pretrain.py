@@ -108,6 +108,9 @@ class PretrainConfig:
     vision_lr_scale: float = 0.3  # answer phase: the vision side's learning rate, relative
     dense_coef: float = 0.3  # answer phase: weight of the see phase's dense loss (keeps the vision side seeing)
     where_coef: float = 0.0  # weight of the probe's *where* term (each token's row and column) in the dense loss
+    # see phase of a continued VLM: weight of a term keeping the vision features near ``init``'s (their mean squared
+    # change relative to init's mean squared feature), so that new terms (*where*) do not unlearn what it reads
+    keep_coef: float = 0.0
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
@@ -148,6 +151,10 @@ class PretrainConfig:
                              f"got {self.phases!r}")
         if chosen[0] != "see" and not self.init:
             raise ValueError(f"phases {self.phases!r} skip 'see': they need init, a saved VLM to continue from")
+        if not (isinstance(self.keep_coef, float | int) and self.keep_coef >= 0):
+            raise ValueError(f"keep_coef must be a non-negative number, got {self.keep_coef!r}")
+        if self.keep_coef and not self.init:
+            raise ValueError("keep_coef keeps the vision features near init's: it needs init, a saved VLM")
         if self.init and not os.path.isfile(os.path.join(self.init, "model.safetensors")):
             raise ValueError(f"init {self.init!r} is not a saved VLM folder (no model.safetensors)")
 
@@ -420,9 +427,19 @@ class Pretrainer:
             return what
         return what + self.cfg.where_coef * head.where_loss(feats, [lab.shape for lab in maps])
 
+    def _init_vision(self):
+        """``init``'s vision side, frozen (the *keep* term's reference); None when the term is off."""
+        from .api import load_vlm
+
+        if not self.cfg.keep_coef:
+            return None
+        reference = load_vlm(self.cfg.init)[0].model.visual.eval()
+        return reference.requires_grad_(False)
+
     def see(self, model, processor, head, start=0, ckpt=None):
         cfg = self.cfg
         visual = model.model.visual
+        reference = self._init_vision()
         params = list(visual.parameters()) + list(head.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.see_lr, weight_decay=0.01)
         if ckpt is not None:
@@ -434,6 +451,11 @@ class Pretrainer:
             items = next(batches)
             feats, _ = vision_tokens(visual, processor.image_processor, [im for it in items for im in it["images"]])
             loss = self._dense_loss(model, head, feats, items)
+            if reference is not None:
+                with torch.no_grad():
+                    ref, _ = vision_tokens(reference, processor.image_processor,
+                                           [im for it in items for im in it["images"]])
+                loss = loss + cfg.keep_coef * F.mse_loss(feats, ref) / ref.pow(2).mean()
             lr = lr_at(step, cfg.see_steps, cfg.see_lr)
             optimizer_step(self.accelerator, loss, opt, params, lr)
             bar.set_postfix(loss=f"{loss.item():.3f}")
