@@ -91,8 +91,9 @@ def test_policy_cli_refuses_a_bad_ddim_step_count(root):
 
 
 def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_does_not(root):
-    """On the shipped VLM the board tokens know their row (a frame and a line of text: 96% at 120 images) while
-    the table tokens hardly do (22%); its boxes are written and scored against the mean-box baseline."""
+    """On the shipped VLM the board and table tokens know their row (99% and 93% at 120 images; before the *where*
+    continuation the table's knew 22%, so this fails if position leaves the features); its boxes are written and
+    scored against the mean-box baseline."""
     import os
 
     import numpy as np
@@ -110,7 +111,7 @@ def test_position_diagnostics_separate_what_the_shipped_vlm_knows_from_what_it_d
     model.eval()
     probe = position_probe(model, processor, images=12, steps=150)
     assert probe["board"]["grid"] == [(6, 12)] and probe["table"]["grid"] == [(11, 16)]
-    assert probe["board"]["row"] > 0.6 > probe["table"]["row"]
+    assert probe["board"]["row"] > 0.6 and probe["table"]["row"] > 0.5
     boxes = box_errors(model, processor, per_kind=3)
     assert all(r["answered"] == 3 and np.all(np.array(r["mean_box_error"]) > 0) for r in boxes.values())
     assert "chance 16.7%" in format_positions({"probe": probe, "boxes": boxes}, "t")

@@ -36,7 +36,9 @@ Batch ``i`` of a phase depends only on ``(seed, phase, i)``, so a resumed
 run sees exactly the batches it would have seen.
 
 A saved VLM can also continue with chosen phases (``init`` and ``phases``; e.g. *see* with the probe's *where*
-term, ``where_coef``, then *read* and *scenes*: the README's "Where the image tokens are").
+term, ``where_coef``, then *read* and *scenes*: the README's "Where the image tokens are"). ``keep_coef`` adds to
+such a *see* a term that keeps the vision features near ``init``'s, so that the tokens learn where they are without
+the language side losing what it reads.
 
 Every phase checkpoints atomically to ``<work>/checkpoints`` every ``checkpoint_every`` steps and a
 restarted run resumes from the newest checkpoint; ``<work>/log.csv`` logs losses and the held-out
