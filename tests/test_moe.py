@@ -88,7 +88,8 @@ def test_fresh_upcycle_computes_what_the_dense_model_did(pretrained, inputs, var
     moe = fresh(model, variant=variant)
     assert all(isinstance(layer.mlp, MoEMLP) for layer in moe.model.language_model.layers)
     with torch.no_grad(), routing_context(moe, inputs["attention_mask"], data_type=torch.tensor([1])):
-        torch.testing.assert_close(moe(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
+        # float32 rounding of a different summation order grows with the logits (|logit| ~ 10 on the shipped VLM)
+        torch.testing.assert_close(moe(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_routing_shapes_and_weights(pretrained, inputs):
