@@ -211,7 +211,8 @@ def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path, root):
 
 def test_keep_term_holds_the_vision_features_near_inits(tmp_path, root):
     """With the *where* term on, eight *see* steps move the features of a continued VLM far from init's (relative
-    mean squared change ~2.5 when measured); the *keep* term holds them near (~0.16 with ``keep_coef=20``)."""
+    mean squared change ~2.5, measured on the VLM shipped before the *where* continuation); the *keep* term holds
+    them near (~0.16 with ``keep_coef=20``)."""
     from workbench.vlm.api import load_vlm, vision_tokens
 
     shipped = os.path.join(root, "data_samples", "vlm")

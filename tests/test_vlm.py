@@ -183,9 +183,8 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
     Measured when this floor was set: 34/66 (text arithmetic 6/6, colour 6, count 6, objects 6, cards 5, spatial 2,
     and 1 each for board arithmetic, grounding cards and toys; OCR 0/6 on this batch although 48/100 on the full row:
     see the README). Earlier shipped VLMs scored 18/66 (before the pooled *scenes* continuation) and 29/66 (before the
-    *where* continuation: cards 1). An
-    untrained model of the same shape scores 0. A change that breaks loading, the processor, the renderer or the
-    scoring drops below the floor.
+    *where* continuation: cards 1). An untrained model of the same shape scores 0. A change that breaks loading, the
+    processor, the renderer or the scoring drops below the floor.
     """
     from workbench.evaluation.knowledge import evaluate_knowledge
 
