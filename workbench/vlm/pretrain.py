@@ -451,12 +451,12 @@ class Pretrainer:
         batches = self._batches("see", start=start)
         for step in bar:
             items = next(batches)
-            feats, _ = vision_tokens(visual, processor.image_processor, [im for it in items for im in it["images"]])
+            images = [im for it in items for im in it["images"]]
+            feats, _ = vision_tokens(visual, processor.image_processor, images)
             loss = self._dense_loss(model, head, feats, items)
             if reference is not None:
                 with torch.no_grad():
-                    ref, _ = vision_tokens(reference, processor.image_processor,
-                                           [im for it in items for im in it["images"]])
+                    ref, _ = vision_tokens(reference, processor.image_processor, images)
                 loss = loss + cfg.keep_coef * F.mse_loss(feats, ref) / ref.pow(2).mean()
             lr = lr_at(step, cfg.see_steps, cfg.see_lr)
             optimizer_step(self.accelerator, loss, opt, params, lr)
