@@ -85,6 +85,11 @@ _WEIGHTS = {"see": SEE_WEIGHTS, "read": READ_WEIGHTS, "answer": ANSWER_WEIGHTS, 
 #: the kinds whose scenes ``scene_pool`` pools: tables only. Boards stay fresh: a board's questions all repeat its one
 #: answer, and pooled boards were memorised (issue 9 notes, session 8); they are also cheap to render.
 POOLED_KINDS = CARD_KINDS + TOY_KINDS
+#: the kinds whose answer writes a box, and the fact naming the object the box is about (an affordance box is placed
+#: relative to its target toy)
+GROUNDED_KINDS = {"ground_card": "card", "ground_toy": "object", "affordance": "target"}
+#: the head (of every layer after the first) that the binding term teaches to look at the named object
+BIND_HEAD = 0
 #: phases where the vision side trains (in the others after *see* it is frozen and computed without gradients)
 VISION_TRAINS = ("see", "answer")
 
@@ -113,6 +118,9 @@ class PretrainConfig:
     # see phase of a continued VLM: weight of a term keeping the vision features near ``init``'s (their mean squared
     # change relative to init's mean squared feature), so that new terms (*where*) do not unlearn what it reads
     keep_coef: float = 0.0
+    # read/answer/scenes: weight of the *binding* term (:func:`binding_loss`): while the answer writes a box, head
+    # :data:`BIND_HEAD` of every layer after the first is taught to look at the named object's image tokens
+    bind_coef: float = 0.0
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
@@ -155,6 +163,8 @@ class PretrainConfig:
             raise ValueError(f"phases {self.phases!r} skip 'see': they need init, a saved VLM to continue from")
         if not (isinstance(self.keep_coef, float | int) and self.keep_coef >= 0):
             raise ValueError(f"keep_coef must be a non-negative number, got {self.keep_coef!r}")
+        if not (isinstance(self.bind_coef, float | int) and self.bind_coef >= 0):
+            raise ValueError(f"bind_coef must be a non-negative number, got {self.bind_coef!r}")
         if self.keep_coef and not self.init:
             raise ValueError("keep_coef keeps the vision features near init's: it needs init, a saved VLM")
         if self.init and not os.path.isfile(os.path.join(self.init, "model.safetensors")):
@@ -172,6 +182,46 @@ class PretrainConfig:
 
 def _qa(sample: Sample) -> tuple[str, str]:
     return sample.question, sample.answer
+
+
+def bound_class(sample: Sample) -> int:
+    """The :data:`TOKEN_CLASSES` index of the object a grounded answer's box is about (:data:`GROUNDED_KINDS`)."""
+    return TOKEN_CLASSES.index(str(sample.facts[GROUNDED_KINDS[sample.kind]]))
+
+
+def binding_loss(attentions, input_ids: torch.Tensor, items: list[dict], box_start: int, box_end: int,
+                 image_token: int) -> torch.Tensor | None:
+    """Teaches the model to *look at* what it locates. For every box an answer writes (teacher-forced), at each
+    position from ``<|box_start|>`` to the last coordinate: minus the log of the attention that head
+    :data:`BIND_HEAD` of each layer after the first gives the image tokens of the named object (``item["bind"]``:
+    its class per box, in order; ``item["token_maps"]``: the image's token labels). Mean over boxes, positions and
+    layers; None if the batch has no box on a visible object.
+
+    ``attentions``: per layer (batch, heads, L, L), from the eager kernel; ``input_ids`` (batch, L) as collated.
+    Why: the shipped model's tokens know where they are (a linear probe reads their row 93% of the time) but its
+    boxes were no better than always writing the mean box, and no head looked at the named card much more than at
+    the others (README, "Where the image tokens are"): the coordinates' loss alone did not find the route."""
+    losses = []
+    for b, item in enumerate(items):
+        classes = item.get("bind") or []
+        if not classes or len(item["token_maps"]) != 1:
+            continue
+        ids = input_ids[b]
+        starts, ends = (ids == box_start).nonzero().ravel(), (ids == box_end).nonzero().ravel()
+        if not len(starts) == len(ends) == len(classes):
+            raise ValueError(f"item {b}: {len(classes)} grounded answers but {len(starts)} boxes in its tokens")
+        tokens = (ids == image_token).nonzero().ravel()
+        labels = torch.as_tensor(np.asarray(item["token_maps"][0]).ravel())
+        if len(labels) != len(tokens):
+            raise ValueError(f"item {b}: {len(labels)} token labels for {len(tokens)} image tokens")
+        for cls, start, end in zip(classes, starts.tolist(), ends.tolist()):
+            keys = tokens[labels == cls]
+            if not len(keys):  # the object lies between token centres
+                continue
+            for layer in attentions[1:]:
+                seen = layer[b, BIND_HEAD, start:end][:, keys].sum(-1)
+                losses.append(-torch.log(seen + 1e-6).mean())
+    return torch.stack(losses).mean() if losses else None
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -258,6 +308,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
             item = {"sample": s, "images": images, "token_maps": labels, "scene": key}
             if talk:
                 item.update(encode_example(self.processor, images, *_qa(s), follow_ups=[_qa(f) for f in conv[1:]]))
+                item["bind"] = [bound_class(t) for t in conv if t.kind in GROUNDED_KINDS]
             items.append(item)
         if talk:
             for idx in range(cfg.text_batch):
@@ -482,6 +533,11 @@ class Pretrainer:
         if ckpt is not None:
             load_checkpoint_state(ckpt, opt)
         pad = processor.tokenizer.pad_token_id
+        marks = (*processor.tokenizer.convert_tokens_to_ids(["<|box_start|>", "<|box_end|>"]),
+                 model.config.image_token_id)
+        previous = model.config._attn_implementation
+        if cfg.bind_coef:
+            model.set_attn_implementation("eager")  # attention weights come from the eager kernel only
         model.train()
         bar = self._bar(phase, start, steps)
         batches = self._batches(phase, processor, start)
@@ -514,28 +570,37 @@ class Pretrainer:
                     kept[it["scene"]] = it["feats"]
             for it in with_images:
                 it.setdefault("feats", kept.get(it.get("scene")))
-            lm_loss = model(**collate(with_images, pad)).loss
+            batch = collate(with_images, pad)
+            out = model(**batch, output_attentions=bool(cfg.bind_coef))
+            lm_loss = out.loss
             if text_only:  # short sequences: their own forward, so they are not padded to image length;
                 # the two means are combined per answer token, as one batch would be
                 n_img, n_txt = (sum(int((it["labels"] != -100).sum()) for it in part)
                                 for part in (with_images, text_only))
                 text_loss = model(**collate(text_only, pad)).loss
                 lm_loss = (lm_loss * n_img + text_loss * n_txt) / (n_img + n_txt)
-            loss, dense = lm_loss, None
+            loss, dense, bind = lm_loss, None, None
             if train_vision:
                 dense = self._dense_loss(model, head, feats, with_images)
                 loss = lm_loss + cfg.dense_coef * dense
+            if cfg.bind_coef:
+                bind = binding_loss(out.attentions, batch["input_ids"], with_images, *marks)
+                if bind is not None:
+                    loss = loss + cfg.bind_coef * bind
             lr = lr_at(step, steps, peak)
             optimizer_step(self.accelerator, loss, opt, params, lr)
-            bar.set_postfix(lm=f"{lm_loss.item():.3f}", **({} if dense is None else {"dense": f"{dense.item():.3f}"}))
+            # the log has one metric column: the dense loss where the vision side trains, else the binding term's
+            metric = ("dense", dense) if dense is not None else ("bind", bind) if bind is not None else None
+            bar.set_postfix(lm=f"{lm_loss.item():.3f}", **({} if metric is None else {metric[0]: f"{metric[1]:.3f}"}))
             self.log(phase=phase, step=step + 1, loss=round(process_mean(self.accelerator, lm_loss), 5), lr=lr,
-                     **({} if dense is None else
-                        {"metric": "dense", "value": round(process_mean(self.accelerator, dense), 5)}))
+                     **({} if metric is None else
+                        {"metric": metric[0], "value": round(process_mean(self.accelerator, metric[1]), 5)}))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._checkpoint(phase, step + 1, model, processor, opt, head)
             if (step + 1) % cfg.eval_every == 0:
                 self.evaluate(model, processor, self._global_step(phase, step + 1))
                 model.train()
+        model.set_attn_implementation(previous)
 
     def evaluate(self, model, processor, step: int) -> dict | None:
         """The held-out knowledge rows (``eval_per_skill`` each), logged; on the main process only (None elsewhere)."""
