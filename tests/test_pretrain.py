@@ -245,12 +245,23 @@ def _binding_on(model, processor, items) -> float:
         batch = collate(items, processor.tokenizer.pad_token_id)
         out = model(**batch, output_attentions=True)
     marks = (*processor.tokenizer.convert_tokens_to_ids(["<|box_start|>", "<|box_end|>"]), model.config.image_token_id)
-    return float(P.binding_loss(out.attentions, batch["input_ids"], items, *marks))
+    boxes = list(P.grounded_boxes(batch["input_ids"], items, *marks))
+    def eager_rows(layer, b, start, end):
+        return out.attentions[layer + 1][b, P.BIND_HEAD, start:end, :end]
+
+    eager = float(P.binding_loss(eager_rows, boxes, len(out.attentions) - 1))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), P.HeadAttention(model) as tap:  # the trainer's way: the same weights, recomputed
+        model(**batch)
+        tapped = float(P.binding_loss(tap.rows, boxes, len(tap.attention)))
+    assert abs(tapped - eager) < 1e-4, (tapped, eager)
+    return tapped
 
 
 def test_binding_term_teaches_a_head_to_look_at_the_named_object(tmp_path, root):
     """Six *scenes* steps with ``bind_coef`` on lower the binding term on other tables by more than a nat (the
-    shipped model's head 0 gives the named object's tokens ~0.2% of its attention: term ~6.4)."""
+    shipped model's head 0 gives the named object's tokens ~0.2% of its attention: term ~6.4); the trainer's tap
+    computes the weights the eager kernel returns."""
     from workbench.vlm.api import load_vlm
 
     shipped = os.path.join(root, "data_samples", "vlm")
@@ -300,7 +311,9 @@ def test_pooled_scenes_get_their_vision_tokens_computed_once(tmp_path, root, mon
                                           ({"where_coef": 2.0}, "where"),
                                           ({"keep_coef": -1.0, "init": "data_samples/vlm"}, "keep_coef"),
                                           ({"keep_coef": 1.0}, "needs init"),
-                                          ({"bind_coef": -0.5}, "bind_coef")])
+                                          ({"bind_coef": -0.5}, "bind_coef"),
+                                          ({"scenes_weights": "ocr=2,look=1"}, "scenes_weights"),
+                                          ({"scenes_weights": "ocr=-1"}, "scenes_weights")])
 def test_phase_selection_is_validated(bad, message):
     with pytest.raises(ValueError, match=message):
         P.PretrainConfig(**bad)

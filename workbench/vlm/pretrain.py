@@ -122,6 +122,11 @@ class PretrainConfig:
     # read/answer/scenes: weight of the *binding* term (:func:`binding_loss`): while an answer writes a box, head
     # :data:`BIND_HEAD` of every layer after the first is taught to look at the named object's image tokens
     bind_coef: float = 0.0
+    # read/answer/scenes: weight of the *locate* term (:func:`locate_loss`): while an answer writes a box, the input of
+    # the last decoder layer is taught to say (through a linear probe) the row and column of the named object
+    locate_coef: float = 0.0
+    # scenes: "kind=weight,..." overriding :data:`SCENES_WEIGHTS` entries (e.g. "ground_toy=6,ground_card=6")
+    scenes_weights: str = ""
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
@@ -164,12 +169,34 @@ class PretrainConfig:
             raise ValueError(f"phases {self.phases!r} skip 'see': they need init, a saved VLM to continue from")
         if not (isinstance(self.keep_coef, float | int) and self.keep_coef >= 0):
             raise ValueError(f"keep_coef must be a non-negative number, got {self.keep_coef!r}")
-        if not (isinstance(self.bind_coef, float | int) and self.bind_coef >= 0):
-            raise ValueError(f"bind_coef must be a non-negative number, got {self.bind_coef!r}")
+        for name in ("bind_coef", "locate_coef"):
+            if not (isinstance(getattr(self, name), float | int) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        self.phase_weights("scenes")  # validates scenes_weights
         if self.keep_coef and not self.init:
             raise ValueError("keep_coef keeps the vision features near init's: it needs init, a saved VLM")
         if self.init and not os.path.isfile(os.path.join(self.init, "model.safetensors")):
             raise ValueError(f"init {self.init!r} is not a saved VLM folder (no model.safetensors)")
+
+    def phase_weights(self, phase: str) -> dict[str, float]:
+        """What a batch of ``phase`` asks: :data:`_WEIGHTS`, with ``scenes_weights`` applied to *scenes*."""
+        weights = dict(_WEIGHTS[phase])
+        if phase != "scenes" or not self.scenes_weights:
+            return weights
+        for part in self.scenes_weights.split(","):
+            kind, _, value = part.partition("=")
+            kind = kind.strip()
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if kind not in weights or weight < 0:
+                raise ValueError(f"scenes_weights must be 'kind=weight,...' with kinds from {list(SCENES_WEIGHTS)} "
+                                 f"and non-negative weights; got {self.scenes_weights!r}")
+            weights[kind] = weight
+        if not any(weights.values()):
+            raise ValueError(f"scenes_weights {self.scenes_weights!r} leave no kind to ask")
+        return weights
 
     @classmethod
     def fast(cls, **kw) -> PretrainConfig:
@@ -232,20 +259,12 @@ class HeadAttention:
         return scores.masked_fill(causal, float("-inf")).softmax(-1)
 
 
-def binding_loss(rows, input_ids: torch.Tensor, items: list[dict], box_start: int, box_end: int,
-                 image_token: int, layers: int) -> torch.Tensor | None:
-    """Teaches the model to *look at* what it locates. For every box an answer writes (teacher-forced), at each
-    position from ``<|box_start|>`` to the last coordinate: minus the log of the attention that head
-    :data:`BIND_HEAD` of each tapped layer gives the image tokens of the named object (``item["bind"]``: its class
-    per box, in order; ``item["token_maps"]``: the image's token labels). Mean over boxes, positions and layers;
-    None if the batch has no box on a visible object.
-
-    ``rows``: :meth:`HeadAttention.rows` (or any ``(layer, b, start, end) -> (end - start, keys)`` weights) over
-    ``layers`` layers; ``input_ids`` (batch, L) as collated. Why: the shipped model's tokens know where they are (a
-    linear probe reads their row 93% of the time) but its boxes were no better than always writing the mean box,
-    and no head looked at the named card much more than at the others (README, "Where the image tokens are"): the
-    coordinates' loss alone did not find the route."""
-    losses = []
+def grounded_boxes(input_ids: torch.Tensor, items: list[dict], box_start: int, box_end: int, image_token: int):
+    """Every box the answers of a collated batch write, on an object whose image tokens are labelled: yields
+    ``(b, start, end, keys, (row, col))``: batch row, the positions ``start..end-1`` from ``<|box_start|>`` to the
+    last coordinate, the positions of the named object's image tokens and the middle of them in the image's
+    merged-token grid (``item["bind"]``: its class per box, in order;
+    ``item["token_maps"]``: the image's token labels). Items with other than one image are skipped."""
     for b, item in enumerate(items):
         classes = item.get("bind") or []
         if not classes or len(item["token_maps"]) != 1:
@@ -258,13 +277,42 @@ def binding_loss(rows, input_ids: torch.Tensor, items: list[dict], box_start: in
         labels = torch.as_tensor(np.asarray(item["token_maps"][0]).ravel())
         if len(labels) != len(tokens):
             raise ValueError(f"item {b}: {len(labels)} token labels for {len(tokens)} image tokens")
+        grid = np.asarray(item["token_maps"][0])
         for cls, start, end in zip(classes, starts.tolist(), ends.tolist()):
             keys = tokens[labels == cls]
-            if not len(keys):  # the object lies between token centres
-                continue
-            for layer in range(layers):
-                seen = rows(layer, b, start, end)[:, keys].sum(-1)
-                losses.append(-torch.log(seen + 1e-6).mean())
+            if len(keys):  # else the object lies between token centres
+                rows, cols = np.nonzero(grid == cls)
+                yield b, start, end, keys, (int(np.median(rows)), int(np.median(cols)))
+
+
+def binding_loss(rows, boxes, layers: int) -> torch.Tensor | None:
+    """Teaches the model to *look at* what it locates. For every box an answer writes (teacher-forced), at each
+    position from ``<|box_start|>`` to the last coordinate: minus the log of the attention that head
+    :data:`BIND_HEAD` of each tapped layer gives the image tokens of the named object. Mean over boxes, positions
+    and layers; None if there is no box.
+
+    ``rows``: :meth:`HeadAttention.rows` (or any ``(layer, b, start, end) -> (end - start, keys)`` weights) over
+    ``layers`` layers; ``boxes``: :func:`grounded_boxes`. Why: the shipped model's tokens know where they are (a
+    linear probe reads their row 93% of the time) but its boxes were no better than always writing the mean box,
+    and no head looked at the named card much more than at the others (README, "Where the image tokens are"): the
+    coordinates' loss alone did not find the route."""
+    losses = [-torch.log(rows(layer, b, start, end)[:, keys].sum(-1) + 1e-6).mean()
+              for b, start, end, keys, _ in boxes for layer in range(layers)]
+    return torch.stack(losses).mean() if losses else None
+
+
+def locate_loss(probe: torch.nn.Module, hidden: torch.Tensor, boxes) -> torch.Tensor | None:
+    """Teaches the model to carry *where* the object it looks at is. At each position that writes a box: the
+    cross-entropy of the named object's token row, plus that of its column (the middle of its labelled tokens in
+    the merged-token grid), predicted by ``probe`` (a linear map to :attr:`ReadingHead.MAX_GRID` row then column
+    logits) from ``hidden`` (batch, L, D), the input of the last decoder layer: the coordinates are then one layer
+    and the output head away. ``boxes``: :func:`grounded_boxes`. None if there is no box."""
+    n = ReadingHead.MAX_GRID
+    losses = []
+    for b, start, end, _, (row, col) in boxes:
+        logits = probe(hidden[b, start:end])
+        target = torch.full((end - start,), row), torch.full((end - start,), col)
+        losses.append(F.cross_entropy(logits[:, :n], target[0]) + F.cross_entropy(logits[:, n:], target[1]))
     return torch.stack(losses).mean() if losses else None
 
 
@@ -291,13 +339,14 @@ class FreshBatches(torch.utils.data.IterableDataset):
         self.phase, self.cfg, self.processor, self.start, self.shard = phase, cfg, processor, start, shard
         self.stop = stop if stop is not None else getattr(cfg, f"{phase}_steps")
         self.pooled = bool(cfg.scene_pool) and phase not in VISION_TRAINS
+        self.weights = cfg.phase_weights(phase)
         self._renderer = None
         self._pool: tuple[int, list[Sample], dict] | None = None  # (block, scenes, renders kept for the block)
 
     def scenes(self, block: int) -> list[Sample]:
         """The pooled scenes of ``block`` (a sample each, of kinds drawn with the phase's weights)."""
         if self._pool is None or self._pool[0] != block:
-            weights = {k: w for k, w in _WEIGHTS[self.phase].items() if k in POOLED_KINDS}
+            weights = {k: w for k, w in self.weights.items() if k in POOLED_KINDS and w > 0}
             kinds, p = list(weights), np.array(list(weights.values()), float)
             rng = np.random.default_rng([self.cfg.seed, PHASES.index(self.phase), block, 1])
             gen = CorpusGenerator("train", seed=int(rng.integers(2**31)))
@@ -310,9 +359,9 @@ class FreshBatches(torch.utils.data.IterableDataset):
         scenes = self.scenes(block)
         fits = [j for j, s in enumerate(scenes) if kind in scene_family(s.kind)]
         if not fits:
-            return gen.conversation(kind, self.cfg.turns, _WEIGHTS[self.phase]), None
+            return gen.conversation(kind, self.cfg.turns, self.weights), None
         j = fits[rng.integers(len(fits))]
-        conv = gen.conversation(kind, self.cfg.turns, _WEIGHTS[self.phase], about=scenes[j])
+        conv = gen.conversation(kind, self.cfg.turns, self.weights, about=scenes[j])
         first = conv[0]
         same = first.table is scenes[j].table and first.board is scenes[j].board
         return conv, ((block, j) if same else None)
@@ -331,7 +380,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
             self._renderer = CorpusRenderer()
         rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), i])
         gen = CorpusGenerator("train", seed=int(rng.integers(2**31)))
-        weights = _WEIGHTS[self.phase]
+        weights = self.weights
         kinds = list(weights)
         p = np.array([weights[k] for k in kinds], float)
         items = []
@@ -403,6 +452,9 @@ class ReadingHead(torch.nn.Module):
         self.free = torch.nn.Parameter(torch.randn(len(TOKEN_CLASSES), dim) * 0.02)
         self.scale = torch.nn.Parameter(torch.tensor(10.0))
         self.where = torch.nn.Linear(dim, 2 * self.MAX_GRID)  # row logits, then column logits
+        # the *locate* term's probe (:func:`locate_loss`), on the language model's hidden states (merged image tokens
+        # are the language model's width)
+        self.locate = torch.nn.Linear(dim, 2 * self.MAX_GRID)
 
     #: the largest merged-token grid side the *where* term labels (the table camera's is 11 x 16)
     MAX_GRID = 32
@@ -566,9 +618,10 @@ class Pretrainer:
         steps, peak = getattr(cfg, f"{phase}_steps"), getattr(cfg, f"{phase}_lr")
         train_vision = phase in VISION_TRAINS
         visual = model.model.visual
-        vision_params = list(visual.parameters()) + list(head.parameters())
+        locate = list(head.locate.parameters())  # trains with the language model
+        vision_params = list(visual.parameters()) + [p for p in head.parameters() if all(p is not q for q in locate)]
         ids = {id(p) for p in vision_params}
-        lm_params = [p for p in model.parameters() if id(p) not in ids]
+        lm_params = [p for p in model.parameters() if id(p) not in ids] + (locate if cfg.locate_coef else [])
         groups = [{"params": lm_params}]
         if train_vision:
             groups.append({"params": vision_params, "lr_scale": cfg.vision_lr_scale})
@@ -579,7 +632,7 @@ class Pretrainer:
         pad = processor.tokenizer.pad_token_id
         marks = (*processor.tokenizer.convert_tokens_to_ids(["<|box_start|>", "<|box_end|>"]),
                  model.config.image_token_id)
-        tap = HeadAttention(model) if cfg.bind_coef else contextlib.nullcontext()
+        tap = HeadAttention(model) if cfg.bind_coef or cfg.locate_coef else contextlib.nullcontext()
         model.train()
         bar = self._bar(phase, start, steps)
         batches = self._batches(phase, processor, start)
@@ -621,19 +674,23 @@ class Pretrainer:
                                 for part in (with_images, text_only))
                 text_loss = model(**collate(text_only, pad)).loss
                 lm_loss = (lm_loss * n_img + text_loss * n_txt) / (n_img + n_txt)
-            loss, dense, bind = lm_loss, None, None
+            loss, terms = lm_loss, {}
             if train_vision:
-                dense = self._dense_loss(model, head, feats, with_images)
-                loss = lm_loss + cfg.dense_coef * dense
-            if cfg.bind_coef:
-                bind = binding_loss(tap.rows, batch["input_ids"], with_images, *marks, len(tap.attention))
-                if bind is not None:
-                    loss = loss + cfg.bind_coef * bind
+                terms["dense"] = self._dense_loss(model, head, feats, with_images)
+            if cfg.bind_coef or cfg.locate_coef:
+                boxes = list(grounded_boxes(batch["input_ids"], with_images, *marks))
+                if cfg.bind_coef:
+                    terms["bind"] = binding_loss(tap.rows, boxes, len(tap.attention))
+                if cfg.locate_coef:
+                    terms["locate"] = locate_loss(head.locate, tap.seen[-1][1], boxes)
+            terms = {k: v for k, v in terms.items() if v is not None}
+            for name, term in terms.items():
+                loss = loss + getattr(cfg, f"{name}_coef") * term
             lr = lr_at(step, steps, peak)
             optimizer_step(self.accelerator, loss, opt, params, lr)
-            # the log has one metric column: the dense loss where the vision side trains, else the binding term's
-            metric = ("dense", dense) if dense is not None else ("bind", bind) if bind is not None else None
-            bar.set_postfix(lm=f"{lm_loss.item():.3f}", **({} if metric is None else {metric[0]: f"{metric[1]:.3f}"}))
+            # the log has one metric column: the last of the dense, bind and locate terms that is on
+            metric = list(terms.items())[-1] if terms else None
+            bar.set_postfix(lm=f"{lm_loss.item():.3f}", **{k: f"{v.item():.3f}" for k, v in terms.items()})
             self.log(phase=phase, step=step + 1, loss=round(process_mean(self.accelerator, lm_loss), 5), lr=lr,
                      **({} if metric is None else
                         {"metric": metric[0], "value": round(process_mean(self.accelerator, metric[1]), 5)}))
