@@ -258,11 +258,13 @@ def _binding_on(model, processor, items) -> float:
     return tapped
 
 
-def test_binding_term_teaches_a_head_to_look_at_the_named_object(tmp_path, root):
-    """Six *scenes* steps with ``bind_coef`` on lower the binding term on other tables by more than a nat (the
-    shipped model's head 0 gives the named object's tokens ~0.2% of its attention: term ~6.4); the trainer's tap
-    computes the weights the eager kernel returns."""
+def test_binding_term_teaches_a_head_to_look_at_the_named_object(tmp_path, root, monkeypatch):
+    """Six *scenes* steps with ``bind_coef`` on lower the binding term on other tables by more than a nat; the
+    trainer's tap computes the weights the eager kernel returns. The shipped model was trained with the term on head
+    0, so the test teaches head 3, which it never taught (measured: 7.5 nats before, 2.9 after)."""
     from workbench.vlm.api import load_vlm
+
+    monkeypatch.setattr(P, "BIND_HEAD", 3)
 
     shipped = os.path.join(root, "data_samples", "vlm")
     cfg = P.PretrainConfig.fast(init=shipped, phases="scenes", scenes_steps=6, scenes_batch_size=8, turns=4,

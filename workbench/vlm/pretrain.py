@@ -38,7 +38,11 @@ run sees exactly the batches it would have seen.
 A saved VLM can also continue with chosen phases (``init`` and ``phases``; e.g. *see* with the probe's *where*
 term, ``where_coef``, then *read* and *scenes*: the README's "Where the image tokens are"). ``keep_coef`` adds to
 such a *see* a term that keeps the vision features near ``init``'s, so that the tokens learn where they are without
-the language side losing what it reads.
+the language side losing what it reads. For boxes, two terms act where an answer writes one (teacher-forced):
+``bind_coef`` teaches head :data:`BIND_HEAD` of every layer after the first to look at the named object's image
+tokens (:func:`binding_loss`, with the attention rows recomputed by :class:`HeadAttention`), ``locate_coef`` teaches
+the last layer's input to say that object's row and column (:func:`locate_loss`); ``scenes_weights`` asks more
+grounding questions in *scenes*.
 
 Every phase checkpoints atomically to ``<work>/checkpoints`` every ``checkpoint_every`` steps and a
 restarted run resumes from the newest checkpoint; ``<work>/log.csv`` logs losses and the held-out
