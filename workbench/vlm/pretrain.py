@@ -296,10 +296,10 @@ def binding_loss(rows, boxes, layers: int) -> torch.Tensor | None:
     and layers; None if there is no box.
 
     ``rows``: :meth:`HeadAttention.rows` (or any ``(layer, b, start, end) -> (end - start, keys)`` weights) over
-    ``layers`` layers; ``boxes``: :func:`grounded_boxes`. Why: the shipped model's tokens know where they are (a
-    linear probe reads their row 93% of the time) but its boxes were no better than always writing the mean box,
-    and no head looked at the named card much more than at the others (README, "Where the image tokens are"): the
-    coordinates' loss alone did not find the route."""
+    ``layers`` layers; ``boxes``: :func:`grounded_boxes`. Why: before this term the model's table tokens knew where
+    they were (a linear probe read their row 93% of the time) but its boxes were no better than always writing the
+    mean box, and no head looked at the named object much more than at the others: the coordinates' loss alone did
+    not find the route (README, "Binding a box to the named object")."""
     losses = [-torch.log(rows(layer, b, start, end)[:, keys].sum(-1) + 1e-6).mean()
               for b, start, end, keys, _ in boxes for layer in range(layers)]
     return torch.stack(losses).mean() if losses else None
@@ -551,8 +551,10 @@ class Pretrainer:
             if self.progress:
                 print(f"resuming from {ckpt} ({state['phase']} step {state['phase_step']})")
         head = ReadingHead(processor.tokenizer, model.config.vision_config.hidden_size)
-        if extra:
-            head.load_state_dict({k[len("head."):]: v for k, v in extra.items()})
+        if extra:  # a checkpoint written before the *locate* probe existed has none: it starts fresh
+            missing, _ = head.load_state_dict({k[len("head."):]: v for k, v in extra.items()}, strict=False)
+            if any(not k.startswith("locate.") for k in missing):
+                raise ValueError(f"checkpoint {ckpt} lacks the probe's {missing}: not a pretraining checkpoint?")
         phase, done = state.get("phase", chosen[0]), state.get("phase_step", 0)
         # steps logged after the checkpoint are redone: drop them so that no step is logged twice
         order = {p: i for i, p in enumerate(PHASES)}
