@@ -273,10 +273,9 @@ def test_binding_term_teaches_a_head_to_look_at_the_named_object(tmp_path, root,
     logged = [r.split(",") for r in open(tmp_path / "log.csv").read().splitlines()[1:]]
     assert all(r[5] == "bind" for r in logged)
     model, processor = load_vlm(shipped)
-    grounding = {k: 1 for k in P.GROUNDED_KINDS}
     items = [it for it in P.FreshBatches("scenes", dataclasses.replace(cfg, seed=99, turns=1), processor).batch(0)
              if it["images"]]
-    items = [it for it in items if it["sample"].kind in grounding]
+    items = [it for it in items if it["sample"].kind in P.GROUNDED_KINDS]
     assert items
     before = _binding_on(model, processor, items)
     trained, _ = load_vlm(str(tmp_path / "checkpoints" / "step-000006" / "vlm"))
