@@ -238,6 +238,10 @@ def test_stage_configs_validate_and_recipes_chain_stages():
         StageConfig("x", moe_variant="dense")  # only an upcycling stage builds the backbone
     with pytest.raises(ValueError, match="moe_variant"):
         StageConfig("x", upcycle=True, moe_variant="sparse")
+    with pytest.raises(ValueError, match="distil_rows.*trains part of the VLM"):
+        StageConfig("x", steps=5, train=("action_expert",), distil_rows=4)
+    with pytest.raises(ValueError, match="must not exceed distil_pool"):
+        StageConfig("x", steps=5, train=("experts",), distil_rows=8, distil_pool=4)
 
 
 def test_full_finetune_trains_a_dense_backbone_on_robot_data_only(root, demos, tmp_path):
@@ -270,13 +274,16 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
     s1 = str(tmp_path / "s1")
     StageTrainer(STAGES["knowledge_freezing"], vlm_dir, demos, s1, progress=False).run()
     align = dataclasses.replace(STAGES["reasoning_alignment"], steps=2, batch_size=4, general_pool=4,
-                                checkpoint_every=1)
+                                checkpoint_every=1, distil_rows=2, distil_pool=4)
     s2 = str(tmp_path / "s2")
     StageTrainer(align, s1, demos, s2, progress=False).run()
     with open(os.path.join(s2 + ".run", "log.csv")) as f:
         rows = f.read().splitlines()
-    assert rows[0].split(",")[4:7] == ["lm", "diffusion", "aux"] and len(rows) == 3
+    assert rows[0].split(",")[4:8] == ["lm", "diffusion", "distil", "aux"] and len(rows) == 3
     assert all(float(r.split(",")[5]) > 0 for r in rows[1:])  # diffusion term logged each step
+    # self-distillation: the first step's student is its teacher (KL 0); after one update it has moved
+    distil = [float(r.split(",")[6]) for r in rows[1:]]
+    assert abs(distil[0]) < 1e-4 and distil[1] > 1e-4, distil
     # the same run asked for 3 steps is refused: a changed config never silently continues an old checkpoint
     with pytest.raises(ValueError, match="different config.*stage.steps: 2 there, 3 now"):
         StageTrainer(dataclasses.replace(align, steps=3), s1, demos, s2, progress=False).run()
@@ -404,8 +411,8 @@ def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, c
     args = ["stage", "reasoning_alignment", "--init", str(tmp_path), "--data", demos, "--out", str(tmp_path / "x")]
     ran = []
     monkeypatch.setattr(StageTrainer, "run", lambda self: ran.append(self.stage))
-    train.main([*args, "--train", "attention, experts", "--lr", "2e-4"])
-    assert ran[0].train == ("attention", "experts") and ran[0].lr == 2e-4
+    train.main([*args, "--train", "attention, experts", "--lr", "2e-4", "--distil-rows", "4"])
+    assert ran[0].train == ("attention", "experts") and ran[0].lr == 2e-4 and ran[0].distil_rows == 4
     assert ran[0].steps == STAGES["reasoning_alignment"].steps  # everything else as the stage says
     with pytest.raises(SystemExit):
         train.main([*args, "--train", "experts,brain"])

@@ -49,6 +49,8 @@ def main(argv=None):
         a.add_argument("--steps", type=int, default=None, help="override the steps of every trained stage")
         a.add_argument("--batch-size", type=int, default=None)
         a.add_argument("--general-pool", type=int, default=None, help="image–text samples rendered for the mix")
+        a.add_argument("--distil-rows", type=int, default=None,
+                       help="rows per step pulled towards the starting model's answers on the other skills' questions")
         if name == "stage":
             a.add_argument("--train", default=None, help="comma-separated parts to train instead of the stage's "
                            "(vision, embeddings, attention, experts, router, action_expert)")
@@ -117,7 +119,8 @@ def _main_vla(ap, args, StageConfig):
                               ("top_k", args.top_k)) if v is not None}
     train = getattr(args, "train", None)
     stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
-                                    ("general_pool", args.general_pool), ("lr", getattr(args, "lr", None)),
+                                    ("general_pool", args.general_pool), ("distil_rows", args.distil_rows),
+                                    ("lr", getattr(args, "lr", None)),
                                     ("train", tuple(p.strip() for p in train.split(",")) if train else None))
                   if v is not None}
     try:

@@ -193,6 +193,14 @@ class ChatVLA2Policy(nn.Module):
         robot = {k: batch[k][:n] for k in ("input_ids", "labels", "attention_mask")}
         return self.condition(self.summaries(h[:n], robot)), lm_loss
 
+    def answer_log_probs(self, batch: dict, data_type: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per row of a collated batch, the (answer tokens, vocab) log-probabilities the language model gives at
+        the positions whose next token is labelled (teacher-forced), in order."""
+        h = self.hidden_states(batch, data_type)
+        logp = torch.log_softmax(self.vlm.lm_head(h[:, :-1]).float(), -1)
+        answer = batch["labels"][:, 1:] != -100
+        return [lp[m] for lp, m in zip(logp, answer)]
+
     def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
         """The language model's last hidden states (B, L, H), after the final norm."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}

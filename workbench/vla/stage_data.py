@@ -1,6 +1,7 @@
-"""What the ChatVLA-2 stages train on: in-domain robot frames (:class:`RobotFrames`) and the general image–text
-subset mixed into co-training (:class:`GeneralPool`), both with their vision tokens computed once by the frozen
-vision tower."""
+"""What the ChatVLA-2 stages train on: in-domain robot frames (:class:`RobotFrames`), the general image–text
+subset mixed into co-training (:class:`GeneralPool`) and the questions of the other skills whose pretrained answers
+co-training may be pulled towards (:class:`DistilPool`, :func:`distillation_loss`), all with their vision tokens
+computed once by the frozen vision tower."""
 
 from __future__ import annotations
 
@@ -83,27 +84,85 @@ class RobotFrames:
         return f"RobotFrames(frames={len(self)}, episodes={len(self.encoded)})"
 
 
-class GeneralPool:
-    """The general image–text subset (no number reading, no arithmetic; its only digits are box coordinates:
-    :data:`~workbench.vlm.corpus.GENERAL_KINDS`), rendered once with the training generator and its vision
-    tokens cached."""
+class ImageTextPool:
+    """Image–text samples of the given corpus ``kinds``, rendered once with the *training* generator (training fonts,
+    training equations, training layouts) and their vision tokens cached: ``items`` are
+    :func:`~workbench.vlm.api.encode_example` dicts (+ ``feats``)."""
 
-    def __init__(self, size: int, policy: ChatVLA2Policy, seed: int = 0, progress: bool = True):
+    def __init__(self, size: int, policy: ChatVLA2Policy, kinds, seed: int, progress: bool = True,
+                 desc: str = "image–text pool"):
         from ..vlm.api import encode_example, vision_tokens
-        from ..vlm.corpus import GENERAL_KINDS, CorpusGenerator, CorpusRenderer, check_general
+        from ..vlm.corpus import CorpusGenerator, CorpusRenderer
 
-        samples = CorpusGenerator("train", seed=seed + 7).samples(size, kinds=GENERAL_KINDS)
-        assert all(check_general(s) for s in samples)
+        self.kinds = tuple(kinds)
+        self.samples = samples = CorpusGenerator("train", seed=seed).samples(size, kinds=self.kinds)
         renderer = CorpusRenderer()
         visual, ip = policy.vlm.model.visual.eval(), policy.processor.image_processor
         self.items = []
         with torch.no_grad():
-            for s in tqdm(samples, desc="image–text pool", disable=not progress):
+            for s in tqdm(samples, desc=desc, disable=not progress):
                 images = renderer(s)
-                tokens, per_image = vision_tokens(visual, ip, images)
+                tokens, per_image = vision_tokens(visual, ip, images) if images else (None, [])
                 self.items.append({**encode_example(policy.processor, images, s.question, s.answer),
-                                   "feats": list(tokens.split(per_image))})
+                                   "feats": list(tokens.split(per_image)) if images else []})
         renderer.close()
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(samples={len(self)}, kinds={self.kinds})"
+
+
+class GeneralPool(ImageTextPool):
+    """The general image–text subset mixed into co-training (no number reading, no arithmetic; its only digits are
+    box coordinates: :data:`~workbench.vlm.corpus.GENERAL_KINDS`); trained with the LM loss on its answers."""
+
+    def __init__(self, size: int, policy: ChatVLA2Policy, seed: int = 0, progress: bool = True):
+        from ..vlm.corpus import GENERAL_KINDS, check_general
+
+        super().__init__(size, policy, GENERAL_KINDS, seed + 7, progress)
+        assert all(check_general(s) for s in self.samples)
+
+
+class DistilPool(ImageTextPool):
+    """Questions of every *other* knowledge skill (reading and solving boards, text arithmetic, cards and their
+    positions and boxes: the corpus kinds outside :data:`~workbench.vlm.corpus.GENERAL_KINDS`), with the answer
+    distributions of the model the stage starts from (``teacher``), for a self-distillation term: the student is
+    pulled towards what the pretrained model said, not towards the corpus answers, so co-training teaches no new
+    reading or arithmetic, it only slows forgetting.
+
+    ``items[i]["teacher"]``: (answer tokens, vocab) float16 log-probabilities at the positions whose next token is
+    an answer token (teacher-forced on the corpus answer)."""
+
+    def __init__(self, size: int, policy: ChatVLA2Policy, teacher: ChatVLA2Policy, seed: int = 0,
+                 progress: bool = True, batch: int = 16):
+        from ..vlm.api import collate
+        from ..vlm.corpus import GENERAL_KINDS, KINDS
+        from .policy import IMAGE_TEXT
+
+        super().__init__(size, policy, [k for k in KINDS if k not in GENERAL_KINDS], seed + 11, progress,
+                         desc="distillation pool")
+        pad = policy.processor.tokenizer.pad_token_id
+        was_training = teacher.training
+        teacher.eval()
+        with torch.no_grad():
+            for i in range(0, len(self.items), batch):
+                chunk = self.items[i:i + batch]
+                b = collate(chunk, pad)
+                logp = teacher.answer_log_probs(b, torch.full((len(chunk),), IMAGE_TEXT))
+                for it, lp in zip(chunk, logp):
+                    it["teacher"] = lp.half()
+        teacher.train(was_training)
+
+
+def distillation_loss(policy: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> torch.Tensor:
+    """Mean over answer tokens of KL(teacher || policy) for :class:`DistilPool` items: 0 while the policy still
+    answers as the teacher did."""
+    from ..vlm.api import collate
+    from .policy import IMAGE_TEXT
+
+    logp = policy.answer_log_probs(collate(items, pad_token_id), torch.full((len(items),), IMAGE_TEXT))
+    teacher = torch.cat([it["teacher"] for it in items]).float()
+    student = torch.cat(logp)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()

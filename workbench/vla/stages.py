@@ -51,7 +51,7 @@ from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoi
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config, shard
 from .moe import MoEConfig, load_balancing_loss
 from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
-from .stage_data import GeneralPool, RobotFrames
+from .stage_data import DistilPool, GeneralPool, RobotFrames, distillation_loss
 
 #: groups of parameters a stage may train (everything else is frozen)
 PARTS = ("vision", "embeddings", "attention", "experts", "router", "action_expert")
@@ -86,6 +86,10 @@ class StageConfig:
     lm_loss: bool = False
     diffusion_loss: bool = True
     general_pool: int = 400  # image–text samples rendered and cached for the mix
+    #: rows per step from a :class:`DistilPool` (the other skills' questions) whose loss is KL to the answer
+    #: distributions of the model the stage starts from; 0 = no self-distillation term
+    distil_rows: int = 0
+    distil_pool: int = 400
     checkpoint_every: int = 100
     seed: int = 0
     #: upcycling stages: the backbone's MoE variant, instead of the policy config's (``full_finetune``: dense)
@@ -101,10 +105,16 @@ class StageConfig:
         bad = [p for p in self.train if p not in PARTS]
         if bad:
             raise ValueError(f"unknown parts {bad}; expected a subset of {list(PARTS)}")
-        for k in ("steps", "batch_size", "checkpoint_every", "general_pool"):
+        for k in ("steps", "batch_size", "checkpoint_every", "general_pool", "distil_rows", "distil_pool"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < (0 if k == "steps" else 1):
-                raise ValueError(f"{k} must be an int {'>= 0' if k == 'steps' else '>= 1'}, got {v!r}")
+            low = 0 if k in ("steps", "distil_rows") else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
+        if self.distil_rows > self.distil_pool:
+            raise ValueError(f"distil_rows ({self.distil_rows}) must not exceed distil_pool ({self.distil_pool})")
+        if self.distil_rows and self.caches_vlm:
+            raise ValueError(f"distil_rows={self.distil_rows} needs a stage that trains part of the VLM; "
+                             f"{self.name!r} trains {list(self.train)}")
         if not 0.0 <= self.image_text_share < 1.0:
             raise ValueError(f"image_text_share must be in [0, 1), got {self.image_text_share}")
         if self.steps and not self.train:
@@ -176,7 +186,7 @@ class StageTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process  # logs, checkpoints and saves (see workbench.training)
         self.log = CsvLog(os.path.join(self.run_dir, "log.csv"),
-                          ["stage", "step", "loss", "lm", "diffusion", "aux", "lr"], enabled=self.main)
+                          ["stage", "step", "loss", "lm", "diffusion", "distil", "aux", "lr"], enabled=self.main)
 
     def initial_policy(self, ckpt: str | None) -> ChatVLA2Policy:
         """The policy to train: from checkpoint ``ckpt`` (resume), else built from ``init``."""
@@ -192,6 +202,10 @@ class StageTrainer:
                 config = dataclasses.replace(config, moe={**config.moe, "variant": self.stage.moe_variant})
             return ChatVLA2Policy.from_vlm(vlm, processor, load_meta(self.data).stats, config)
         return load_policy(self.init)
+
+    def teacher(self) -> ChatVLA2Policy:
+        """The model this stage starts from, as it was before any of the stage's steps (also when resuming)."""
+        return self.initial_policy(None)
 
     def run(self) -> ChatVLA2Policy:
         st = self.stage
@@ -258,6 +272,7 @@ class StageTrainer:
         st = self.stage
         frames = RobotFrames(self.data, policy, self.progress)
         pool = GeneralPool(st.general_pool, policy, st.seed, self.progress) if st.image_text_share else None
+        distil = DistilPool(st.distil_pool, policy, self.teacher(), st.seed, self.progress) if st.distil_rows else None
         params, opt = self._optimizer(policy, ckpt)
         moe = MoEConfig.from_dict(policy.config.moe)
         n_gen = round(st.batch_size * st.image_text_share) if pool else 0
@@ -282,6 +297,9 @@ class StageTrainer:
                 terms["diffusion"] = policy.action_expert.compute_loss(
                     frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning, noise=noise,
                     timesteps=timesteps)[0]
+            if distil is not None:
+                pick = shard(rng.choice(len(distil), st.distil_rows, replace=False), self.accelerator)
+                terms["distil"] = distillation_loss(policy, [distil.items[j] for j in pick], pad)
             if moe.variant != "dense" and moe.aux_loss_coef > 0:
                 terms["aux"] = moe.aux_loss_coef * load_balancing_loss(policy.vlm)
             self._update(policy, step, terms, params, opt, bar)
@@ -351,5 +369,5 @@ def copy_training_logs(recipe_dir: str, policy_dir: str) -> None:
             shutil.copy(log, os.path.join(policy_dir, "training", f"{stage}.csv"))
 
 
-__all__ = ["PARTS", "RECIPES", "STAGES", "GeneralPool", "RobotFrames", "StageConfig", "StageTrainer",
+__all__ = ["PARTS", "RECIPES", "STAGES", "DistilPool", "GeneralPool", "RobotFrames", "StageConfig", "StageTrainer",
            "copy_training_logs", "format_parts", "part_of", "run_recipe", "set_trainable", "step_noise"]
