@@ -157,12 +157,13 @@ class DistilPool(ImageTextPool):
 
 
 def distillation_loss(policy: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> torch.Tensor:
-    """Mean over answer tokens of KL(teacher || policy) for :class:`DistilPool` items: 0 while the policy still
-    answers as the teacher did."""
+    """KL(teacher || policy) at the answer tokens of :class:`DistilPool` items, averaged per question, then over
+    questions (a one-token arithmetic answer weighs as much as a long reading): 0 while the policy still answers
+    as the teacher did."""
     from ..vlm.api import collate
     from .policy import IMAGE_TEXT
 
     logp = policy.answer_log_probs(collate(items, pad_token_id), torch.full((len(items),), IMAGE_TEXT))
-    teacher = torch.cat([it["teacher"] for it in items]).float()
-    student = torch.cat(logp)
-    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    per_question = [(it["teacher"].float().exp() * (it["teacher"].float() - lp)).sum(-1).mean()
+                    for it, lp in zip(items, logp)]
+    return torch.stack(per_question).mean()  # each question counts once, whatever the length of its answer

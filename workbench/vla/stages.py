@@ -297,11 +297,11 @@ class StageTrainer:
                 terms["diffusion"] = policy.action_expert.compute_loss(
                     frames.actions[rob], feats.obs, frames.states[rob], feats.reasoning, noise=noise,
                     timesteps=timesteps)[0]
+            if moe.variant != "dense" and moe.aux_loss_coef > 0:  # the routing of the co-training batch
+                terms["aux"] = moe.aux_loss_coef * load_balancing_loss(policy.vlm)
             if distil is not None:
                 pick = shard(rng.choice(len(distil), st.distil_rows, replace=False), self.accelerator)
                 terms["distil"] = distillation_loss(policy, [distil.items[j] for j in pick], pad)
-            if moe.variant != "dense" and moe.aux_loss_coef > 0:
-                terms["aux"] = moe.aux_loss_coef * load_balancing_loss(policy.vlm)
             self._update(policy, step, terms, params, opt, bar)
 
     def train_cached(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
