@@ -240,6 +240,8 @@ def test_stage_configs_validate_and_recipes_chain_stages():
         StageConfig("x", upcycle=True, moe_variant="sparse")
     with pytest.raises(ValueError, match="distil_rows.*trains part of the VLM"):
         StageConfig("x", steps=5, train=("action_expert",), distil_rows=4)
+    with pytest.raises(ValueError, match="frozen vision tower"):
+        StageConfig("x", steps=5, train=("vision", "experts"), distil_rows=4)
     with pytest.raises(ValueError, match="must not exceed distil_pool"):
         StageConfig("x", steps=5, train=("experts",), distil_rows=8, distil_pool=4)
 
@@ -417,6 +419,29 @@ def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         train.main([*args, "--train", "experts,brain"])
     assert "unknown parts ['brain']" in capsys.readouterr().err
+    # a recipe hands the distillation options to the stages that train part of the VLM only
+    recipe = ["recipe", "chatvla2", *args[2:]]
+    monkeypatch.setattr("workbench.vla.stages.run_recipe", lambda *a, **over: ran.append(over))
+    train.main([*recipe, "--distil-rows", "4"])
+    assert ran[-1]["reasoning_alignment"]["distil_rows"] == 4
+    assert "distil_rows" not in ran[-1]["knowledge_freezing"] and "distil_rows" not in ran[-1]["action_finetuning"]
+    with pytest.raises(SystemExit):
+        train.main(["recipe", "only_action", *args[2:], "--distil-rows", "4"])
+    assert "has none" in capsys.readouterr().err
+
+
+def test_the_distillation_teacher_is_the_stages_starting_model(root, demos, tmp_path):
+    # an upcycling stage draws fresh routers: the teacher must draw the student's, whatever the global RNG holds
+    stage = dataclasses.replace(RECIPES["two_stage"][0], distil_rows=1, distil_pool=1)
+    trainer = StageTrainer(stage, os.path.join(root, "data_samples", "vlm"), demos, str(tmp_path / "x"),
+                           progress=False)
+    torch.manual_seed(stage.seed)
+    student = trainer.initial_policy(None).state_dict()
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    teacher = trainer.teacher().state_dict()
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left as it was
+    assert student.keys() == teacher.keys() and all(torch.equal(student[k], teacher[k]) for k in student)
 
 
 def test_counterfactual_following_hands_over_another_task(policy):

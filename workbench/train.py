@@ -50,7 +50,9 @@ def main(argv=None):
         a.add_argument("--batch-size", type=int, default=None)
         a.add_argument("--general-pool", type=int, default=None, help="image–text samples rendered for the mix")
         a.add_argument("--distil-rows", type=int, default=None,
-                       help="rows per step pulled towards the starting model's answers on the other skills' questions")
+                       help="rows per step pulled towards the starting model's answers on the other skills' questions "
+                            "(stages that train part of the VLM)")
+        a.add_argument("--distil-pool", type=int, default=None, help="questions rendered for those rows")
         if name == "stage":
             a.add_argument("--train", default=None, help="comma-separated parts to train instead of the stage's "
                            "(vision, embeddings, attention, experts, router, action_expert)")
@@ -119,15 +121,24 @@ def _main_vla(ap, args, StageConfig):
                               ("top_k", args.top_k)) if v is not None}
     train = getattr(args, "train", None)
     stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
-                                    ("general_pool", args.general_pool), ("distil_rows", args.distil_rows),
-                                    ("lr", getattr(args, "lr", None)),
+                                    ("general_pool", args.general_pool), ("lr", getattr(args, "lr", None)),
                                     ("train", tuple(p.strip() for p in train.split(",")) if train else None))
                   if v is not None}
     try:
         pcfg = PolicyConfig(moe=MoEConfig(**moe).to_dict(), action={"reasoning_injection": args.reasoning_injection}
                             if args.reasoning_injection else {})
         stages = [STAGES[args.name]] if args.what == "stage" else list(RECIPES[args.name])
-        per_stage = {s.name: {**stage_over, **({"steps": args.steps} if args.steps is not None and s.steps else {})}
+        distil = {k: v for k, v in (("distil_rows", args.distil_rows), ("distil_pool", args.distil_pool))
+                  if v is not None}
+
+        def takes_distil(s: StageConfig) -> bool:  # a recipe's stages that train part of the VLM; a stage: always
+            return args.what == "stage" or not StageConfig(**{**dataclasses.asdict(s), **stage_over}).caches_vlm
+
+        if distil and not any(map(takes_distil, stages)):
+            raise ValueError(f"--distil-rows/--distil-pool apply to stages that train part of the VLM; recipe "
+                             f"{args.name!r} has none")
+        per_stage = {s.name: {**stage_over, **(distil if takes_distil(s) else {}),
+                              **({"steps": args.steps} if args.steps is not None and s.steps else {})}
                      for s in stages}
         for s in stages:
             StageConfig(**{**dataclasses.asdict(s), **per_stage[s.name]})  # validate early

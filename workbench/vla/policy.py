@@ -186,20 +186,22 @@ class ChatVLA2Policy(nn.Module):
         h = self.hidden_states(batch, data_type)
         lm_loss = None
         if with_lm_loss:
-            logits = self.vlm.lm_head(h[:, :-1]).float()
-            lm_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                  batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            logits, targets, _ = self.answer_logits(h, batch["labels"])
+            lm_loss = nn.functional.cross_entropy(logits, targets)
         n = h.shape[0] if n_robot is None else n_robot
         robot = {k: batch[k][:n] for k in ("input_ids", "labels", "attention_mask")}
         return self.condition(self.summaries(h[:n], robot)), lm_loss
 
+    def answer_logits(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From last hidden states h (B, L, H) and labels (B, L): the float32 logits (N, vocab) at the N positions
+        whose next token is labelled (teacher forcing), those tokens (N,), and how many of them each row has (B,)."""
+        answer = labels[:, 1:] != -100
+        return self.vlm.lm_head(h[:, :-1][answer]).float(), labels[:, 1:][answer], answer.sum(1)
+
     def answer_log_probs(self, batch: dict, data_type: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per row of a collated batch, the (answer tokens, vocab) log-probabilities the language model gives at
-        the positions whose next token is labelled (teacher-forced), in order."""
-        h = self.hidden_states(batch, data_type)
-        logp = torch.log_softmax(self.vlm.lm_head(h[:, :-1]).float(), -1)
-        answer = batch["labels"][:, 1:] != -100
-        return [lp[m] for lp, m in zip(logp, answer)]
+        """Per row of a collated batch, the (answer tokens, vocab) log-probabilities at its labelled positions."""
+        logits, _, counts = self.answer_logits(self.hidden_states(batch, data_type), batch["labels"])
+        return list(torch.log_softmax(logits, -1).split(counts.tolist()))
 
     def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
         """The language model's last hidden states (B, L, H), after the final norm."""

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .observation import CAMERA_ORDER
-from .policy import ChatVLA2Policy
+from .policy import IMAGE_TEXT, ChatVLA2Policy
 
 
 class RobotFrames:
@@ -132,38 +132,35 @@ class DistilPool(ImageTextPool):
     pulled towards what the pretrained model said, not towards the corpus answers, so co-training teaches no new
     reading or arithmetic, it only slows forgetting.
 
-    ``items[i]["teacher"]``: (answer tokens, vocab) float16 log-probabilities at the positions whose next token is
-    an answer token (teacher-forced on the corpus answer)."""
+    ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is
+    an answer token (teacher-forced on the corpus answer): about 9 MB for 400 questions with the tiny tokenizer's
+    690 tokens; a 150k-token vocabulary would need top-k storage instead."""
 
     def __init__(self, size: int, policy: ChatVLA2Policy, teacher: ChatVLA2Policy, seed: int = 0,
                  progress: bool = True, batch: int = 16):
-        from ..vlm.api import collate
         from ..vlm.corpus import GENERAL_KINDS, KINDS
-        from .policy import IMAGE_TEXT
 
         super().__init__(size, policy, [k for k in KINDS if k not in GENERAL_KINDS], seed + 11, progress,
                          desc="distillation pool")
         pad = policy.processor.tokenizer.pad_token_id
-        was_training = teacher.training
         teacher.eval()
         with torch.no_grad():
             for i in range(0, len(self.items), batch):
                 chunk = self.items[i:i + batch]
-                b = collate(chunk, pad)
-                logp = teacher.answer_log_probs(b, torch.full((len(chunk),), IMAGE_TEXT))
-                for it, lp in zip(chunk, logp):
-                    it["teacher"] = lp.half()
-        teacher.train(was_training)
+                for it, lp in zip(chunk, _answer_log_probs(teacher, chunk, pad)):
+                    it["teacher"] = lp
+
+
+def _answer_log_probs(model: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> list[torch.Tensor]:
+    from ..vlm.api import collate
+
+    return model.answer_log_probs(collate(items, pad_token_id), torch.full((len(items),), IMAGE_TEXT))
 
 
 def distillation_loss(policy: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> torch.Tensor:
     """KL(teacher || policy) at the answer tokens of :class:`DistilPool` items, averaged per question, then over
     questions (a one-token arithmetic answer weighs as much as a long reading): 0 while the policy still answers
     as the teacher did."""
-    from ..vlm.api import collate
-    from .policy import IMAGE_TEXT
-
-    logp = policy.answer_log_probs(collate(items, pad_token_id), torch.full((len(items),), IMAGE_TEXT))
-    per_question = [(it["teacher"].float().exp() * (it["teacher"].float() - lp)).sum(-1).mean()
-                    for it, lp in zip(items, logp)]
+    per_question = [(it["teacher"].exp() * (it["teacher"] - lp)).sum(-1).mean()
+                    for it, lp in zip(items, _answer_log_probs(policy, items, pad_token_id))]
     return torch.stack(per_question).mean()  # each question counts once, whatever the length of its answer

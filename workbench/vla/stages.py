@@ -114,6 +114,8 @@ class StageConfig:
                 raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
         if self.distil_rows > self.distil_pool:
             raise ValueError(f"distil_rows ({self.distil_rows}) must not exceed distil_pool ({self.distil_pool})")
+        if self.distil_rows and "vision" in self.train:
+            raise ValueError("distil_rows needs a frozen vision tower (the pool's vision tokens are computed once)")
         if self.distil_rows and self.caches_vlm:
             raise ValueError(f"distil_rows={self.distil_rows} needs a stage that trains part of the VLM; "
                              f"{self.name!r} trains {list(self.train)}")
@@ -206,8 +208,12 @@ class StageTrainer:
         return load_policy(self.init)
 
     def teacher(self) -> ChatVLA2Policy:
-        """The model this stage starts from, as it was before any of the stage's steps (also when resuming)."""
-        return self.initial_policy(None)
+        """The model this stage starts from, as it was before any of the stage's steps, also when resuming: built
+        from ``init`` under the stage's seed (an upcycling stage draws the same routers as its student did), with
+        the global RNG left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.stage.seed)
+            return self.initial_policy(None)
 
     def run(self) -> ChatVLA2Policy:
         st = self.stage
@@ -274,6 +280,9 @@ class StageTrainer:
         st = self.stage
         frames = RobotFrames(self.data, policy, self.progress)
         pool = GeneralPool(st.general_pool, policy, st.seed, self.progress) if st.image_text_share else None
+        if st.distil_rows % self.accelerator.num_processes:
+            raise ValueError(f"distil_rows ({st.distil_rows}) must be a multiple of the number of processes "
+                             f"({self.accelerator.num_processes})")
         distil = DistilPool(st.distil_pool, policy, self.teacher(), st.seed, self.progress) if st.distil_rows else None
         params, opt = self._optimizer(policy, ckpt)
         moe = MoEConfig.from_dict(policy.config.moe)
