@@ -101,10 +101,11 @@ class ImageTextPool:
         self.items = []
         with torch.no_grad():
             for s in tqdm(samples, desc=desc, disable=not progress):
-                images = renderer(s)
-                tokens, per_image = vision_tokens(visual, ip, images) if images else (None, [])
-                self.items.append({**encode_example(policy.processor, images, s.question, s.answer),
-                                   "feats": list(tokens.split(per_image)) if images else []})
+                images, feats = renderer(s), []
+                if images:  # text-only questions (arithmetic) have none
+                    tokens, per_image = vision_tokens(visual, ip, images)
+                    feats = list(tokens.split(per_image))
+                self.items.append({**encode_example(policy.processor, images, s.question, s.answer), "feats": feats})
         renderer.close()
 
     def __len__(self) -> int:
@@ -133,8 +134,8 @@ class DistilPool(ImageTextPool):
     reading or arithmetic, it only slows forgetting.
 
     ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is
-    an answer token (teacher-forced on the corpus answer): about 9 MB for 400 questions with the tiny tokenizer's
-    690 tokens; a 150k-token vocabulary would need top-k storage instead."""
+    an answer token (teacher-forced on the corpus answer): a vocabulary-wide row per answer token, small with the
+    tiny tokenizer's 690 tokens; a 150k-token vocabulary would need top-k storage instead."""
 
     def __init__(self, size: int, policy: ChatVLA2Policy, teacher: ChatVLA2Policy, seed: int = 0,
                  progress: bool = True, batch: int = 16):
