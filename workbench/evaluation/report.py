@@ -41,7 +41,7 @@ def policy_report(policy_path: str, vlm_path: str, episodes: int = 25, per_skill
 def format_retention(knowledge: dict) -> str:
     """Knowledge table: pretrained VLM vs the policy's backbone, per row, with the difference."""
     before = {r["key"]: r for r in knowledge["pretrained"]}
-    lines = [f"| {'skill':<32} | {'pretrained':>10} | {'ChatVLA-2':>9} | {'change':>7} | {'N':>4} |",
+    lines = [f"| {'skill':<32} | {'pretrained':>10} | {'policy':>9} | {'change':>7} | {'N':>4} |",
              f"|{'-' * 34}|{'-' * 12}|{'-' * 11}|{'-' * 9}|{'-' * 6}|"]
     for r in knowledge["policy"]:
         b = before.get(r["key"])
