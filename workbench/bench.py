@@ -19,8 +19,9 @@ shapes and against two dense MLPs, for the tiny width and a mid size (hidden 512
 forward + backward (goal: no slower than the library's block, at most 1.3x two dense MLPs at the mid size).
 
 ``training``: the wall time of each training stage (or VLM pretraining phase), read from the per-step
-timestamps of the ``log.csv`` files (the shipped policy's are in ``data_samples/policy/training/``, the VLM's is
-``data_samples/vlm/log.csv``; its in-training evaluations fall inside the answer phase). Pauses longer than
+timestamps of the ``log.csv`` files (the shipped policy's are in ``data_samples/policy/training/``, the VLM's six runs'
+are ``data_samples/vlm/log*.csv``: ``--logs data_samples/vlm`` reads them all; their in-training evaluations fall
+inside the phases that evaluate: *read*, *answer* and *scenes*). Pauses longer than
 ``--max-gap`` seconds between two logged steps (a run stopped and resumed later) are left out and counted.
 Work done before a stage's first step (caching the frozen VLM's outputs) has no timestamp and is not included.
 """

@@ -2,11 +2,14 @@
 
 * :mod:`~workbench.evaluation.knowledge` -- the knowledge suite: what a VLM (or a policy's backbone) knows, on
   held-out data, row by row with Wilson intervals.
+* :mod:`~workbench.evaluation.positions` -- does a VLM know where things are: linear probes of its image tokens'
+  rows and columns, and the error of the boxes it writes.
 * :mod:`~workbench.evaluation.closed_loop` -- a policy acting in the simulator; reasoning scores; counterfactual
   following.
 * :mod:`~workbench.evaluation.report` -- the policy report the README shows (both of the above, before/after).
 
-The command line is :mod:`workbench.evaluate` (``python -m workbench.evaluate knowledge|policy|following|report``).
+The command line is :mod:`workbench.evaluate` (``python -m workbench.evaluate
+knowledge|positions|reasoning|policy|following|report``).
 """
 
 from __future__ import annotations

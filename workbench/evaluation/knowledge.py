@@ -11,6 +11,11 @@ equations never shown on a board in training, fresh layouts), with N:
   holds out).
 * Spatial relations: left / right / in front / behind between two toys.
 * Colour, count: the general (digit-free) skills.
+* Grounding of cards and toys: the box written for a named card or toy finds it (IoU >= 0.5 or its centre
+  inside); placement affordance: a toy put at the centre of the box written for "where should X go to be
+  <side> of Y?" would satisfy the environment's success rule.
+* Robustness rows of the board (OCR and solving): no frame, coloured ink, tilted, a mouse sketch, a caller's
+  image through the env's whiteboard.
 
 Answers come from greedy ``generate()`` with a KV cache and are parsed leniently (spacing, ``x``/``*``
 for ×, ``/`` for ÷); output that cannot be parsed counts as wrong. Works on any Qwen2-VL checkpoint of

@@ -101,7 +101,8 @@ VISION_TRAINS = ("see", "answer")
 
 @dataclass
 class PretrainConfig:
-    """Sizes and schedule of a pretraining run (defaults: the shipped checkpoint's recipe)."""
+    """Sizes and schedule of a pretraining run (defaults: the recipe's; the shipped checkpoint adds five
+    continuations, listed in the README)."""
 
     preset: str = "tiny"
     vocab_size: int = 1024
@@ -472,9 +473,9 @@ class ReadingHead(torch.nn.Module):
         """Cross-entropy of each token's row plus that of its column, from its feature alone: (N, D) merged image
         tokens in row-major order, ``grids`` the (rows, cols) of each image. Qwen2-VL's vision tower has no absolute
         position embedding and the language model's M-RoPE gives image columns only its lowest frequencies
-        (``tiny``: at most 0.003 rad per column); without this term the tokens of the shipped model hardly say
-        where they are (README, "Where the image tokens are"). Off by default (``where_coef=0``): it is not
-        part of the shipped model's recipe."""
+        (``tiny``: at most 0.003 rad per column); without this term the tokens of the recipe's model hardly say
+        where they are (README, "Where the image tokens are"). Off by default (``where_coef=0``): the recipe does
+        not use it; the shipped model's second continuation does (with ``keep_coef``)."""
         if any(max(g) > self.MAX_GRID for g in grids):
             raise ValueError(f"image token grids {grids} exceed {self.MAX_GRID} tokens a side")
         rows, cols = (torch.from_numpy(np.concatenate(axis)).to(feats.device)
