@@ -421,10 +421,13 @@ def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, c
     assert "unknown parts ['brain']" in capsys.readouterr().err
     # a recipe hands the distillation options to the stages that train part of the VLM only
     recipe = ["recipe", "chatvla2", *args[2:]]
-    monkeypatch.setattr("workbench.vla.stages.run_recipe", lambda *a, **over: ran.append(over))
+    monkeypatch.setattr("workbench.vla.stages.run_recipe", lambda *a, **over: ran.append((a[4], over)))
     train.main([*recipe, "--distil-rows", "4"])
-    assert ran[-1]["reasoning_alignment"]["distil_rows"] == 4
-    assert "distil_rows" not in ran[-1]["knowledge_freezing"] and "distil_rows" not in ran[-1]["action_finetuning"]
+    pcfg, over = ran[-1]
+    assert over["reasoning_alignment"]["distil_rows"] == 4 and pcfg.reasoning_boxes
+    assert "distil_rows" not in over["knowledge_freezing"] and "distil_rows" not in over["action_finetuning"]
+    train.main([*recipe, "--no-reasoning-boxes"])  # the ablation: the action expert reads hidden states only
+    assert ran[-1][0].reasoning_boxes is False
     with pytest.raises(SystemExit):
         train.main(["recipe", "only_action", *args[2:], "--distil-rows", "4"])
     assert "has none" in capsys.readouterr().err

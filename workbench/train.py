@@ -45,6 +45,8 @@ def main(argv=None):
         a.add_argument("--num-experts", type=int, default=None)
         a.add_argument("--top-k", type=int, default=None)
         a.add_argument("--reasoning-injection", default=None, help="latter_half | all | former_half | off")
+        a.add_argument("--no-reasoning-boxes", action="store_true",
+                       help="upcycling: the action expert reads the reasoning's hidden states only, not its boxes")
         a.add_argument("--seed", type=int, default=None)
         a.add_argument("--steps", type=int, default=None, help="override the steps of every trained stage")
         a.add_argument("--batch-size", type=int, default=None)
@@ -126,7 +128,7 @@ def _main_vla(ap, args, StageConfig):
                   if v is not None}
     try:
         pcfg = PolicyConfig(moe=MoEConfig(**moe).to_dict(), action={"reasoning_injection": args.reasoning_injection}
-                            if args.reasoning_injection else {})
+                            if args.reasoning_injection else {}, reasoning_boxes=not args.no_reasoning_boxes)
         stages = [STAGES[args.name]] if args.what == "stage" else list(RECIPES[args.name])
         distil = {k: v for k, v in (("distil_rows", args.distil_rows), ("distil_pool", args.distil_pool))
                   if v is not None}
