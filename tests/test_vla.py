@@ -419,6 +419,9 @@ def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         train.main([*args, "--train", "experts,brain"])
     assert "unknown parts ['brain']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a stage that builds no policy cannot take the options that shape one
+        train.main([*args, "--no-reasoning-boxes", "--top-k", "1"])
+    assert "--top-k, --no-reasoning-boxes shape(s) the policy an upcycling stage builds" in capsys.readouterr().err
     # a recipe hands the distillation options to the stages that train part of the VLM only
     recipe = ["recipe", "chatvla2", *args[2:]]
     monkeypatch.setattr("workbench.vla.stages.run_recipe", lambda *a, **over: ran.append((a[4], over)))

@@ -144,6 +144,12 @@ def _main_vla(ap, args, StageConfig):
                      for s in stages}
         for s in stages:
             StageConfig(**{**dataclasses.asdict(s), **per_stage[s.name]})  # validate early
+        built = [o for o, v in (("--moe-variant", args.moe_variant), ("--num-experts", args.num_experts),
+                                ("--top-k", args.top_k), ("--reasoning-injection", args.reasoning_injection),
+                                ("--no-reasoning-boxes", args.no_reasoning_boxes)) if v not in (None, False)]
+        if built and not any(s.upcycle for s in stages):
+            raise ValueError(f"{', '.join(built)} shape(s) the policy an upcycling stage builds; {args.what} "
+                             f"{args.name!r} continues the policy in --init and would ignore it")
         from .dataset import load_meta
 
         load_meta(args.data)  # a clear error if --data is not a dataset folder
