@@ -90,6 +90,25 @@ def test_summaries_cache_round_trip(policy):
     assert not live.boxes[1].any()
 
 
+def test_the_lm_loss_counts_only_the_chosen_rows(policy):
+    from workbench.vlm.api import collate, encode_example
+
+    obs = Observation.fake(1)
+    items = [encode_example(policy.processor, [obs.board, obs.table], INSTRUCTION, t)
+             for t in ("I see the card 3.", "Grasping the red cube, then lifting it.")]
+    batch = collate(items, policy.processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        each = [policy.features(collate([it], policy.processor.tokenizer.pad_token_id), with_lm_loss=True)
+                for it in items]
+        both = policy.features(batch, with_lm_loss=True)
+        first = policy.features(batch, with_lm_loss=True, lm_rows=torch.tensor([True, False]))
+        none = policy.features(batch, with_lm_loss=True, lm_rows=torch.tensor([False, False]))
+    assert float(first[1]) == pytest.approx(float(each[0][1]), abs=1e-4)
+    assert float(both[1]) != pytest.approx(float(first[1]), abs=1e-3) and float(none[1]) == 0.0
+    # the action side's features do not depend on which rows carry the LM loss
+    assert torch.equal(first[0].reasoning, both[0].reasoning) and torch.equal(first[0].obs, both[0].obs)
+
+
 def test_the_reasoning_path_reads_the_boxes_the_reasoning_states(policy):
     """Two reasonings that differ only in a box give the action expert different reasoning vectors (in the box
     features, which the hidden-state part would blur), and box features keep positions apart."""
@@ -244,6 +263,8 @@ def test_stage_configs_validate_and_recipes_chain_stages():
         StageConfig("x", steps=5, train=("vision", "experts"), distil_rows=4)
     with pytest.raises(ValueError, match="must not exceed distil_pool"):
         StageConfig("x", steps=5, train=("experts",), distil_rows=8, distil_pool=4)
+    with pytest.raises(ValueError, match="lm_phases must be None.*subset of.*reach"):
+        StageConfig("x", steps=5, train=("experts",), lm_loss=True, lm_phases=("fly",))
 
 
 def test_full_finetune_trains_a_dense_backbone_on_robot_data_only(root, demos, tmp_path):
@@ -276,7 +297,7 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
     s1 = str(tmp_path / "s1")
     StageTrainer(STAGES["knowledge_freezing"], vlm_dir, demos, s1, progress=False).run()
     align = dataclasses.replace(STAGES["reasoning_alignment"], steps=2, batch_size=4, general_pool=4,
-                                checkpoint_every=1, distil_rows=2, distil_pool=4)
+                                checkpoint_every=1, distil_rows=2, distil_pool=4, lm_phases=("reach",))
     s2 = str(tmp_path / "s2")
     StageTrainer(align, s1, demos, s2, progress=False).run()
     with open(os.path.join(s2 + ".run", "log.csv")) as f:
@@ -434,6 +455,21 @@ def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         train.main(["recipe", "only_action", *args[2:], "--distil-rows", "4"])
     assert "has none" in capsys.readouterr().err
+
+
+def test_distillation_matches_the_teacher_only_where_it_knew_the_answer(monkeypatch):
+    from workbench.vla import stage_data
+
+    teacher = torch.log_softmax(torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.1, 0.0]]), -1)  # sure and right; unsure
+    labels = torch.tensor([-100, -100, 0, 2])  # answer tokens 0 and 2: the teacher's argmax is 0, then 1
+    item = {"labels": labels, "teacher": teacher}
+    item["known"] = teacher.argmax(-1) == stage_data.answer_tokens(item)
+    assert item["known"].tolist() == [True, False]
+    student = torch.log_softmax(torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 9.0]]), -1)  # as taught; sure of token 2
+    monkeypatch.setattr(stage_data, "_answer_log_probs", lambda policy, items, pad: [student])
+    assert float(stage_data.distillation_loss(None, [item], 0)) < 1e-6  # the unknown token's large KL is ignored
+    item["known"] = torch.tensor([True, True])
+    assert float(stage_data.distillation_loss(None, [item], 0)) > 1.0
 
 
 def test_the_distillation_teacher_is_the_stages_starting_model(root, demos, tmp_path):

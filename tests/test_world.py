@@ -273,6 +273,25 @@ def test_reasoning_has_several_phrasings(envs):
     assert len(texts) >= 3
 
 
+def test_math_reasoning_lists_the_cards_and_the_parser_reads_the_boxed_one(envs):
+    env = envs("math_matching", "open_world")
+    for seed in range(6):
+        _, info = env.reset(seed=seed)
+        text = language.episode_reasoning(info, np.random.default_rng(seed))
+        for d, slot in info["cards"].items():  # every card, with its slot, as the VLM lists them
+            assert f"card {d} at the {slot}" in text, (d, slot, text)
+    # the listing names other cards first: the card and slot read back are the boxed card's
+    text = ("2 + 3 = 5. On the table: card 1 at the back left, card 5 at the front right. So I need the card 5, at "
+            "the front right: <|object_ref_start|>the card 5<|object_ref_end|><|box_start|>(700,700),(800,900)"
+            "<|box_end|>.")
+    f = language.parse_reasoning(text)
+    assert (f.card, f.card_slot, f.pick_box) == (5, "front right", (700, 700, 800, 900))
+    # without a listing, the slot after the card still counts (the earlier phrasing, and the VLM's answers)
+    f = language.parse_reasoning("I need <|object_ref_start|>the card 4<|object_ref_end|><|box_start|>(1,2),(3,4)"
+                                 "<|box_end|> at the back middle.")
+    assert (f.card, f.card_slot) == (4, "back middle")
+
+
 def test_parse_reasoning_never_raises():
     for junk in ["", "???", "card", "12 + = 4", None, "the back left 5 × 9 = 45"]:
         language.parse_reasoning(junk)

@@ -73,7 +73,7 @@ def main(argv=None):
     rs.add_argument("--policy", required=True, help="policy folder (any stage)")
     rs.add_argument("--episodes", type=int, default=10, help="episodes per task and split")
     rs.add_argument("--per-skill", type=int, default=12, help="knowledge questions per skill (OCR, solving, "
-                    "text arithmetic, objects)")
+                    "text arithmetic, cards with positions, objects)")
     rs.add_argument("--out", default=None, help="JSON file for the results and every reasoning")
     po = sub.add_parser("positions", help="does a VLM know where (and what) things are: probes, box "
                                                  "errors, attention on the named object")
@@ -152,7 +152,7 @@ def _main_following(ap, args):
 
 
 #: the knowledge rows of ``evaluate reasoning``: what co-training is most likely to erase
-REASONING_CHECK_ROWS = ("ocr", "solve", "arithmetic", "objects")
+REASONING_CHECK_ROWS = ("ocr", "solve", "arithmetic", "cards", "objects")
 
 
 def _main_reasoning(ap, args):

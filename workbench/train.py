@@ -59,6 +59,8 @@ def main(argv=None):
             a.add_argument("--train", default=None, help="comma-separated parts to train instead of the stage's "
                            "(vision, embeddings, attention, experts, router, action_expert)")
             a.add_argument("--lr", type=float, default=None, help="peak learning rate instead of the stage's")
+            a.add_argument("--lm-phases", default=None, help="comma-separated demonstration phases whose frames carry "
+                           "the reasoning's LM loss (reach, grasp, ...), or 'all'")
     k = sub.add_parser("package", help="copy a trained policy (float16 weights) and its training logs")
     k.add_argument("--policy", required=True, help="trained policy folder (e.g. RECIPE_OUT/policy)")
     k.add_argument("--out", required=True, help="where to write it (e.g. data_samples/policy)")
@@ -126,6 +128,9 @@ def _main_vla(ap, args, StageConfig):
                                     ("general_pool", args.general_pool), ("lr", getattr(args, "lr", None)),
                                     ("train", tuple(p.strip() for p in train.split(",")) if train else None))
                   if v is not None}
+    phases = getattr(args, "lm_phases", None)
+    if phases is not None:
+        stage_over["lm_phases"] = None if phases == "all" else tuple(p.strip() for p in phases.split(","))
     try:
         pcfg = PolicyConfig(moe=MoEConfig(**moe).to_dict(), action={"reasoning_injection": args.reasoning_injection}
                             if args.reasoning_injection else {}, reasoning_boxes=not args.no_reasoning_boxes)

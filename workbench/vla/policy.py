@@ -58,7 +58,7 @@ class PolicyConfig:
     moe: dict = field(default_factory=lambda: MoEConfig().to_dict())
     action: dict = field(default_factory=dict)  # ActionExpertConfig fields (obs/reasoning dims are derived)
     n_action_steps: int = 8  # actions executed from each predicted chunk before predicting again
-    max_reasoning_tokens: int = 128
+    max_reasoning_tokens: int = 192
     #: the reasoning path also gets the boxes the reasoning states (what to pick, where to put it) as numbers
     reasoning_boxes: bool = True
 
@@ -177,17 +177,19 @@ class ChatVLA2Policy(nn.Module):
 
     # ------------------------------------------------------------------ features
     def features(self, batch: dict, data_type: torch.Tensor | None = None, with_lm_loss: bool = False,
-                 n_robot: int | None = None):
+                 n_robot: int | None = None, lm_rows: torch.Tensor | None = None):
         """Run the VLM on a collated batch whose assistant turn is the reasoning (labels mark it).
 
-        Returns (:class:`Features` of the first ``n_robot`` rows (default all), LM loss over all rows or
-        None). ``batch``: :func:`workbench.vlm.api.collate` output (plus ``pixel_values`` when vision
-        features are not cached); robot rows come first, each with both cameras; ``data_type``: (B,) 0/1."""
+        Returns (:class:`Features` of the first ``n_robot`` rows (default all), LM loss (the mean over the labelled
+        tokens of the ``lm_rows``, a (B,) bool mask; default all rows) or None). ``batch``:
+        :func:`workbench.vlm.api.collate` output (plus ``pixel_values`` when vision features are not cached); robot
+        rows come first, each with both cameras; ``data_type``: (B,) 0/1."""
         h = self.hidden_states(batch, data_type)
         lm_loss = None
         if with_lm_loss:
-            logits, targets, _ = self.answer_logits(h, batch["labels"])
-            lm_loss = nn.functional.cross_entropy(logits, targets)
+            labels = batch["labels"] if lm_rows is None else batch["labels"].masked_fill(~lm_rows[:, None], -100)
+            logits, targets, _ = self.answer_logits(h, labels)
+            lm_loss = nn.functional.cross_entropy(logits, targets) if len(targets) else logits.sum()
         n = h.shape[0] if n_robot is None else n_robot
         robot = {k: batch[k][:n] for k in ("input_ids", "labels", "attention_mask")}
         return self.condition(self.summaries(h[:n], robot)), lm_loss

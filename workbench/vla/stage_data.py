@@ -33,6 +33,7 @@ class RobotFrames:
         if splits != {"in_domain"}:
             raise ValueError(f"robot training data must be in-domain only; {root} has splits {sorted(splits)}")
         self.episode = np.asarray(ds.hf["episode_index"])
+        self.phase = np.asarray(ds.hf["phase"])  # the demonstration's phase at each frame ("reach", "grasp", ...)
         self.states = torch.tensor(np.asarray(ds.hf["observation.state"], np.float32))
         # the action expert predicts commanded targets
         self.actions = torch.tensor(np.stack([ds.target_chunk(i)[0] for i in range(len(ds))]))
@@ -133,23 +134,46 @@ class DistilPool(ImageTextPool):
     pulled towards what the pretrained model said, not towards the corpus answers, so co-training teaches no new
     reading or arithmetic, it only slows forgetting.
 
+    Only what the teacher *knew* is kept: an answer token counts when the teacher's most likely token there (teacher-
+    forced on the corpus answer) is the corpus token (``items[i]["known"]``, a bool per answer token), and a question
+    with no such token is dropped. Matching the teacher where it was wrong would teach its uncertainty (an earlier
+    version that kept every token pulled the digits after "=" towards the teacher's doubts about boards it misread,
+    and text arithmetic fell from 92% to 24–28% in 300 steps). ``candidates`` questions are rendered and at most
+    ``size`` kept; ``kept`` counts them by kind.
+
     ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is
-    an answer token (teacher-forced on the corpus answer): a vocabulary-wide row per answer token, small with the
-    tiny tokenizer's 690 tokens; a 150k-token vocabulary would need top-k storage instead."""
+    an answer token: a vocabulary-wide row per answer token, small with the tiny tokenizer's 690 tokens; a
+    150k-token vocabulary would need top-k storage instead."""
 
     def __init__(self, size: int, policy: ChatVLA2Policy, teacher: ChatVLA2Policy, seed: int = 0,
-                 progress: bool = True, batch: int = 16):
+                 progress: bool = True, batch: int = 16, candidates: int | None = None):
+        from collections import Counter
+
         from ..vlm.corpus import GENERAL_KINDS, KINDS
 
-        super().__init__(size, policy, [k for k in KINDS if k not in GENERAL_KINDS], seed + 11, progress,
-                         desc="distillation pool")
+        super().__init__(candidates or 2 * size, policy, [k for k in KINDS if k not in GENERAL_KINDS], seed + 11,
+                         progress, desc="distillation pool")
         pad = policy.processor.tokenizer.pad_token_id
         teacher.eval()
         with torch.no_grad():
             for i in range(0, len(self.items), batch):
                 chunk = self.items[i:i + batch]
                 for it, lp in zip(chunk, _answer_log_probs(teacher, chunk, pad)):
-                    it["teacher"] = lp
+                    it["teacher"], it["known"] = lp, lp.argmax(-1) == answer_tokens(it)
+        keep = [j for j, it in enumerate(self.items) if it["known"].any()][:size]
+        self.candidates = len(self.items)
+        self.items, self.samples = [self.items[j] for j in keep], [self.samples[j] for j in keep]
+        self.kept = dict(Counter(s.kind for s in self.samples))
+
+    def __repr__(self) -> str:
+        return f"DistilPool(kept={len(self)} of {self.candidates} questions, by kind={self.kept})"
+
+
+def answer_tokens(item: dict) -> torch.Tensor:
+    """The answer tokens of an :func:`~workbench.vlm.api.encode_example` item, in the order of
+    :meth:`~workbench.vla.policy.ChatVLA2Policy.answer_logits`."""
+    labels = item["labels"][1:]
+    return labels[labels != -100]
 
 
 def _answer_log_probs(model: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> list[torch.Tensor]:
@@ -159,9 +183,9 @@ def _answer_log_probs(model: ChatVLA2Policy, items: list[dict], pad_token_id: in
 
 
 def distillation_loss(policy: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> torch.Tensor:
-    """KL(teacher || policy) at the answer tokens of :class:`DistilPool` items, averaged per question, then over
-    questions (a one-token arithmetic answer weighs as much as a long reading): 0 while the policy still answers
-    as the teacher did."""
-    per_question = [(it["teacher"].exp() * (it["teacher"] - lp)).sum(-1).mean()
+    """KL(teacher || policy) at the answer tokens the teacher knew (:class:`DistilPool`), averaged per question,
+    then over questions (a one-token arithmetic answer weighs as much as a long reading): 0 while the policy still
+    answers as the teacher did."""
+    per_question = [(it["teacher"].exp() * (it["teacher"] - lp)).sum(-1)[it["known"]].mean()
                     for it, lp in zip(items, _answer_log_probs(policy, items, pad_token_id))]
     return torch.stack(per_question).mean()  # each question counts once, whatever the length of its answer

@@ -86,6 +86,10 @@ class StageConfig:
     train: tuple = ()  # parts of PARTS trained in this stage
     image_text_share: float = 0.0  # share of every batch drawn from the general image–text subset
     lm_loss: bool = False
+    #: the robot frames whose reasoning carries the LM loss, by phase of the demonstration
+    #: (:data:`~workbench.world.language.PHASES`); ``None``: every frame. The reasoning states the scene as it is at
+    #: the start (where each card or toy lies), which stays true until the arm lifts what it grasped.
+    lm_phases: tuple | None = None
     diffusion_loss: bool = True
     general_pool: int = 400  # image–text samples rendered and cached for the mix
     #: rows per step from a :class:`DistilPool` (the other skills' questions) whose loss is KL to the answer
@@ -103,7 +107,14 @@ class StageConfig:
         if self.moe_variant is not None and (not self.upcycle or self.moe_variant not in VARIANTS):
             raise ValueError(f"moe_variant must be None or, in an upcycling stage, one of {list(VARIANTS)}; got "
                              f"{self.moe_variant!r} (upcycle={self.upcycle})")
+        from ..world.language import PHASES
+
         self.train = tuple(self.train)
+        if self.lm_phases is not None:
+            self.lm_phases = tuple(self.lm_phases)
+            if not self.lm_phases or not set(self.lm_phases) <= set(PHASES):
+                raise ValueError(f"lm_phases must be None (every frame) or a non-empty subset of {list(PHASES)}; "
+                                 f"got {list(self.lm_phases)}")
         bad = [p for p in self.train if p not in PARTS]
         if bad:
             raise ValueError(f"unknown parts {bad}; expected a subset of {list(PARTS)}")
@@ -284,6 +295,12 @@ class StageTrainer:
             raise ValueError(f"distil_rows ({st.distil_rows}) must be a multiple of the number of processes "
                              f"({self.accelerator.num_processes})")
         distil = DistilPool(st.distil_pool, policy, self.teacher(), st.seed, self.progress) if st.distil_rows else None
+        if distil is not None:
+            if len(distil) < st.distil_rows:
+                raise ValueError(f"distil_rows={st.distil_rows} but the starting model knew an answer token in only "
+                                 f"{len(distil)} of {distil.candidates} questions: {distil!r}")
+            if self.main and self.progress:
+                print(distil)
         params, opt = self._optimizer(policy, ckpt)
         moe = MoEConfig.from_dict(policy.config.moe)
         n_gen = round(st.batch_size * st.image_text_share) if pool else 0
@@ -300,7 +317,9 @@ class StageTrainer:
             items = [frames.item(i) for i in rob] + [pool.items[j] for j in gen]
             batch = collate(items, pad)
             data_type = torch.tensor([ROBOT] * len(rob) + [IMAGE_TEXT] * len(gen))
-            feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=len(rob))
+            lm_rows = None if st.lm_phases is None else torch.tensor(
+                [frames.phase[i] in st.lm_phases for i in rob] + [True] * len(gen))
+            feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=len(rob), lm_rows=lm_rows)
             terms = {}
             if st.lm_loss:
                 terms["lm"] = lm

@@ -48,7 +48,7 @@ from PIL import Image
 from ..world.catalog import CARD_SLOTS, DIRECTION_PHRASES, DIRECTIONS, EQUATIONS, OBJECTS, WRITING_STYLES, Equation
 from ..world.env import TOY_REGION
 from ..world.grounding import affordance_box, card_box, grounded, placement_reachable, strip_boxes, toy_box
-from ..world.language import describe_position, equation_words
+from ..world.language import cards_listing, describe_position, equation_words
 
 KINDS = ("ocr", "solve", "arithmetic", "cards", "card_where", "answer_card", "objects", "colour", "count",
          "spatial", "ground_card", "ground_toy", "affordance")
@@ -128,11 +128,6 @@ def _card_layout(rng, n: int, must_have: int | None = None) -> dict[int, list[fl
     names = list(CARD_SLOTS)
     return {int(d): [CARD_SLOTS[names[s]][0] + rng.uniform(-0.01, 0.01),
                      CARD_SLOTS[names[s]][1] + rng.uniform(-0.01, 0.01)] for d, s in zip(digits, slots)}
-
-
-def _cards_answer(cards: dict[int, list[float]]) -> str:
-    order = sorted(cards, key=lambda d: (-round(cards[d][0], 1), -cards[d][1]))  # back row first, left to right
-    return ", ".join(f"card {d} at the {describe_position(*cards[d])}" for d in order)
 
 
 def _toy_layout(rng, n: int, names=None, min_sep: float = 0.11) -> dict[str, list[float]]:
@@ -261,7 +256,7 @@ class CorpusGenerator:
             table = self._layout("cards", same_table)
             cards = table["cards"]
             if kind == "cards":
-                return Sample(kind, self._q(kind), _cards_answer(cards), ("table",), table=table,
+                return Sample(kind, self._q(kind), cards_listing(cards), ("table",), table=table,
                               facts={"cards": {d: describe_position(*xy) for d, xy in cards.items()}})
             d = list(cards)[rng.integers(len(cards))]
             if kind == "ground_card":

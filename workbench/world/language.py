@@ -106,16 +106,25 @@ def describe_position(x: float, y: float) -> str:
     return min(CARD_SLOTS, key=lambda s: (CARD_SLOTS[s][0] - x) ** 2 + (CARD_SLOTS[s][1] - y) ** 2)
 
 
+def cards_listing(cards: dict) -> str:
+    """``"card 3 at the back left, card 7 at the front right"``: every card (digit -> table (x, y)) with its slot,
+    back row first, left to right: the pretrained VLM's answer to "List the cards and where they are.", which the
+    math reasoning repeats so that finding the answer card is copying a slot from it."""
+    order = sorted(cards, key=lambda d: (-round(cards[d][0], 1), -cards[d][1]))
+    return ", ".join(f"card {d} at the {describe_position(*cards[d])}" for d in order)
+
+
 # ---------------------------------------------------------------------------- reasoning
 
 # {card}, {pad}, {obj}, {tgt} and {place} are grounded phrases (:func:`~workbench.world.grounding.grounded`): the
 # reasoning says *where* each thing is, in Qwen2-VL's box format on the table camera, as ChatVLA-2's does
 _MATH_REASONING = (
-    "The whiteboard shows {eq} = ?. {eq} = {ans}, so I need {card} at the {pos}. I will place it on {pad}.",
-    "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. I'll move {card}, at the {pos}, "
-    "to {pad}.",
-    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {card} at the {pos}, so I'll "
-    "carry it to {pad}.",
+    "The whiteboard shows {eq} = ?. {eq} = {ans}. On the table: {cards}. So I need the card {ans}, at the {pos}: "
+    "{card}. I will place it on {pad}.",
+    "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. The cards: {cards}. I'll move the card "
+    "{ans} at the {pos}, {card}, to {pad}.",
+    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {cards}. The card {ans} is at the "
+    "{pos}: {card}. I'll carry it to {pad}.",
 )
 _TOY_REASONING = (
     "I see {obj} and {tgt}. The {object} must go {place}. I'll pick up the {object} and put it there.",
@@ -153,11 +162,13 @@ def episode_reasoning(ground_truth: dict, rng: np.random.Generator) -> str:
         xy = ground_truth.get("answer_card_xy") or CARD_SLOTS[pos]
         card = grounded(f"the card {ans}", card_box(xy))
         pad = grounded("the green pad", pad_box())
+        cards = cards_listing({int(d): CARD_SLOTS[slot] for d, slot in ground_truth["cards"].items()})
         if ground_truth.get("equation") is None:  # a caller's whiteboard: only its answer is known
-            return f"The whiteboard's answer is {ans}, so I need {card} at the {pos}. I will place it on {pad}."
+            return (f"The whiteboard's answer is {ans}. On the table: {cards}. So I need the card {ans}, at the {pos}: "
+                    f"{card}. I will place it on {pad}.")
         eq = Equation.parse(ground_truth["equation"])
         template = _MATH_REASONING[rng.integers(len(_MATH_REASONING))]
-        return template.format(eq=equation_words(eq), ans=eq.answer, pos=pos, card=card, pad=pad)
+        return template.format(eq=equation_words(eq), ans=eq.answer, pos=pos, card=card, pad=pad, cards=cards)
     obj, tgt, d = ground_truth["object"], ground_truth["target"], ground_truth["direction"]
     toys = ground_truth["toys"]
     phrase = DIRECTION_PHRASES[d]
@@ -232,12 +243,11 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     m = re.search(r"answer is (\d+)", text)
     if m and facts.answer is None:
         facts.answer = int(m.group(1))
-    m = re.search(r"card (\d)\b", text)
+    picked = [m for phrase, _ in grounded_phrases(text) for m in [re.search(r"card (\d)\b", phrase)] if m]
+    m = picked[0] if picked else re.search(r"card (\d)\b", text)  # the boxed card, else the first one named
     if m:
         facts.card = int(m.group(1))
-    slots = [s for s in sorted(CARD_SLOTS, key=len, reverse=True) if f"the {s}" in text]
-    if slots:
-        facts.card_slot = slots[0]
+    facts.card_slot = _card_slot(text, facts.card)
     objs = find_objects(text)
     if objs:
         facts.object = objs[0]
@@ -257,6 +267,23 @@ def parse_reasoning(text: str) -> ReasoningFacts:
         if getattr(facts, slot) is None:
             setattr(facts, slot, box)
     return facts
+
+
+def _slot_in(text: str) -> str | None:
+    slots = [s for s in sorted(CARD_SLOTS, key=len, reverse=True) if f"the {s}" in text]
+    return slots[0] if slots else None
+
+
+def _card_slot(text: str, card: int | None) -> str | None:
+    """The slot stated for ``card``: the last one named after a mention of it and before the next card's mention
+    (a listing of every card names each one's slot); else the first slot named anywhere."""
+    mentions = list(re.finditer(r"card (\d)\b", text))
+    slot = None
+    for i, m in enumerate(mentions):
+        if card is not None and int(m.group(1)) == card:
+            end = mentions[i + 1].start() if i + 1 < len(mentions) else len(text)
+            slot = _slot_in(text[m.end():end]) or slot
+    return slot or _slot_in(text)
 
 
 _GROUNDED_RE = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>\s*(<\|box_start\|>.*?<\|box_end\|>)")
@@ -288,7 +315,7 @@ def math_score_parts(facts: ReasoningFacts, ground_truth: dict) -> dict:
 
 
 __all__ = [
-    "PHASES", "ReasoningFacts", "describe_position", "episode_reasoning", "equation_words", "find_objects",
+    "PHASES", "ReasoningFacts", "cards_listing", "describe_position", "episode_reasoning", "equation_words", "find_objects",
     "GROUNDING_TOKENS", "check_text", "grounded_phrases",
     "math_instruction", "math_score_parts", "parse_equation", "parse_reasoning", "parse_toy_instruction",
     "step_reasoning", "toy_instruction", "OPERATORS",
