@@ -136,10 +136,10 @@ class DistilPool(ImageTextPool):
 
     Only what the teacher *knew* is kept: an answer token counts when the teacher's most likely token there (teacher-
     forced on the corpus answer) is the corpus token (``items[i]["known"]``, a bool per answer token), and a question
-    with no such token is dropped. Matching the teacher where it was wrong would teach its uncertainty (an earlier
-    version that kept every token pulled the digits after "=" towards the teacher's doubts about boards it misread,
-    and text arithmetic fell from 92% to 24–28% in 300 steps). ``candidates`` questions are rendered and at most
-    ``size`` kept; ``kept`` counts them by kind.
+    with no such token is dropped: matching the teacher where it was wrong would preserve its mistakes and its doubts.
+    (This did not cure what the term costs text arithmetic: in 300-step runs it fell to 24–28% both with every
+    token and with known tokens only, against 72–76% without the term; the README has the figures.) ``candidates``
+    questions are rendered and at most ``size`` kept; ``kept`` counts them by kind.
 
     ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is
     an answer token: a vocabulary-wide row per answer token, small with the tiny tokenizer's 690 tokens; a

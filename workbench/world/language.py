@@ -315,7 +315,8 @@ def math_score_parts(facts: ReasoningFacts, ground_truth: dict) -> dict:
 
 
 __all__ = [
-    "PHASES", "ReasoningFacts", "cards_listing", "describe_position", "episode_reasoning", "equation_words", "find_objects",
+    "PHASES", "ReasoningFacts", "cards_listing", "describe_position", "episode_reasoning", "equation_words",
+    "find_objects",
     "GROUNDING_TOKENS", "check_text", "grounded_phrases",
     "math_instruction", "math_score_parts", "parse_equation", "parse_reasoning", "parse_toy_instruction",
     "step_reasoning", "toy_instruction", "OPERATORS",
