@@ -375,13 +375,14 @@ def test_reasoning_scores():
     from workbench.world.grounding import affordance_box, card_box, grounded, toy_box
 
     gt = {"task": "math_matching", "equation": "3+4=?", "answer_card_slot": "back left",
-          "answer_card_xy": [0.62, 0.21]}
-    good = parse_reasoning("The whiteboard shows 3 + 4 = ?. 3 + 4 = 7, so I need "
-                           f"{grounded('the card 7', card_box([0.625, 0.2]))} at the back left.")
-    assert reasoning_scores(good, gt) == {"ocr": 4, "math": 2, "grounding": 1}
+          "answer_card_xy": [0.62, 0.21], "cards": {7: "back left", 2: "front right"}}
+    good = parse_reasoning("The whiteboard shows 3 + 4 = ?. 3 + 4 = 7. On the table: card 7 at the back left, card 5 "
+                           f"at the front right. So I need {grounded('the card 7', card_box([0.625, 0.2]))} at the "
+                           "back left.")
+    assert reasoning_scores(good, gt) == {"ocr": 4, "math": 2, "grounding": 1, "cards": 0.5}  # card 2 misread as 5
     bad = parse_reasoning("The whiteboard shows 3 × 5 = ?. The card 8 is at the front right, "
                           f"{grounded('the card 8', card_box([0.45, -0.2]))}.")
-    assert reasoning_scores(bad, gt) == {"ocr": 1, "math": 0, "grounding": 0}
+    assert reasoning_scores(bad, gt) == {"ocr": 1, "math": 0, "grounding": 0, "cards": 0.0}
     toys = {"red cube": [0.5, 0.1], "yellow duck": [0.55, -0.1], "blue cube": [0.45, -0.15]}
     toy = {"task": "toy_placement", "object": "red cube", "target": "yellow duck", "direction": "left",
            "toys": toys}

@@ -24,7 +24,8 @@ def reasoning_scores(facts, ground_truth: dict) -> dict:
 
     Math matching: ``ocr`` (0-4) = first operand, operator, second operand read from the board and the
     answer card's slot read from the table; ``math`` (0-2) = the answer and the card chosen; ``grounding`` (0/1) =
-    the box of the card to pick finds the answer card (:func:`~workbench.world.grounding.box_hit`). Toy placement:
+    the box of the card to pick finds the answer card (:func:`~workbench.world.grounding.box_hit`); ``cards`` (0-1)
+    = the share of the table's cards that the reasoning lists with their slots ("card 3 at the back left"). Toy placement:
     ``recognition`` (0-1) = mean of object and target named correctly; ``spatial`` (0/1) = the side;
     ``grounding`` (0-1) = mean of the object's and the target's boxes finding them; ``affordance`` (0/1) = a toy
     put down at the centre of the placement box would succeed (:func:`~workbench.world.grounding.placement_ok`).
@@ -41,8 +42,11 @@ def reasoning_scores(facts, ground_truth: dict) -> dict:
         a, op, b = (int(read[1]), read[2], int(read[3])) if read else (None, None, None)
         ocr = sum([a == truth.a, op == truth.op, b == truth.b, facts.card_slot == ground_truth["answer_card_slot"]])
         card_xy = ground_truth.get("answer_card_xy") or CARD_SLOTS[ground_truth["answer_card_slot"]]
+        cards = ground_truth.get("cards") or {}
+        listed = facts.cards or {}
         return {"ocr": ocr, "math": int(facts.answer == truth.answer) + int(facts.card == truth.answer),
-                "grounding": hit(facts.pick_box, card_box(card_xy))}
+                "grounding": hit(facts.pick_box, card_box(card_xy)),
+                "cards": sum(listed.get(slot) == int(d) for d, slot in cards.items()) / len(cards) if cards else 0.0}
     toys = ground_truth["toys"]
     obj, tgt = ground_truth["object"], ground_truth["target"]
     return {"recognition": (int(facts.object == obj) + int(facts.target == tgt)) / 2,

@@ -209,6 +209,8 @@ class ReasoningFacts:
     pick_box: tuple | None = None
     target_box: tuple | None = None
     place_box: tuple | None = None
+    #: the cards it lists, slot -> digit ("card 3 at the back left"; the first digit named at each slot)
+    cards: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,6 +250,11 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     if m:
         facts.card = int(m.group(1))
     facts.card_slot = _card_slot(text, facts.card)
+    listed = re.findall(r"card (\d) at the (" + "|".join(sorted(CARD_SLOTS, key=len, reverse=True)) + ")", text)
+    if listed:
+        facts.cards = {}
+        for d, slot in listed:
+            facts.cards.setdefault(slot, int(d))
     objs = find_objects(text)
     if objs:
         facts.object = objs[0]
