@@ -25,8 +25,8 @@ def reasoning_scores(facts, ground_truth: dict) -> dict:
     Math matching: ``ocr`` (0-4) = first operand, operator, second operand read from the board and the
     answer card's slot read from the table; ``math`` (0-2) = the answer and the card chosen; ``grounding`` (0/1) =
     the box of the card to pick finds the answer card (:func:`~workbench.world.grounding.box_hit`); ``cards`` (0-1)
-    = the share of the table's cards that the reasoning lists with their slots ("card 3 at the back left"). Toy placement:
-    ``recognition`` (0-1) = mean of object and target named correctly; ``spatial`` (0/1) = the side;
+    = the share of the table's cards that the reasoning lists with their slots ("card 3 at the back left"). Toy
+    placement: ``recognition`` (0-1) = mean of object and target named correctly; ``spatial`` (0/1) = the side;
     ``grounding`` (0-1) = mean of the object's and the target's boxes finding them; ``affordance`` (0/1) = a toy
     put down at the centre of the placement box would succeed (:func:`~workbench.world.grounding.placement_ok`).
     Boxes the reasoning does not state score 0."""
