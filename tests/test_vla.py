@@ -370,6 +370,15 @@ def test_robot_training_data_must_be_in_domain(tmp_path, policy):
         RobotFrames(path, policy, progress=False)
 
 
+def test_robot_reasoning_longer_than_the_policy_generates_is_refused(root, demos):
+    from workbench.vla.stage_data import RobotFrames
+
+    vlm, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
+    short = ChatVLA2Policy.from_vlm(vlm, processor, load_meta(demos).stats, PolicyConfig(max_reasoning_tokens=40))
+    with pytest.raises(ValueError, match="longest reasoning is .* tokens but the policy generates at most 40"):
+        RobotFrames(demos, short, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 def test_reasoning_scores():
     from workbench.world.grounding import affordance_box, card_box, grounded, toy_box

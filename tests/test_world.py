@@ -290,6 +290,10 @@ def test_math_reasoning_lists_the_cards_and_the_parser_reads_the_boxed_one(envs)
     f = language.parse_reasoning("I need <|object_ref_start|>the card 4<|object_ref_end|><|box_start|>(1,2),(3,4)"
                                  "<|box_end|> at the back middle.")
     assert (f.card, f.card_slot) == (4, "back middle")
+    # the first slot after the card, wherever the names sort; another card's listed slot is never borrowed
+    assert language.parse_reasoning("The card 7 is at the back left, not the front right.").card_slot == "back left"
+    f = language.parse_reasoning("card 3 at the back left, card 5 at the front right. So I need the card 7.")
+    assert (f.card, f.card_slot, f.cards) == (7, None, {"back left": 3, "front right": 5})
 
 
 def test_parse_reasoning_never_raises():

@@ -40,8 +40,9 @@ ROBUSTNESS_KINDS = ("ocr", "solve")
 
 def parse_cards(text: str) -> dict[int, str]:
     """``"card 3 at the back left, card 7 at the front middle"`` -> {3: "back left", 7: "front middle"}."""
-    return {int(d): slot for d, slot in re.findall(r"card (\d) at the ((?:front|back) (?:left|middle|right))",
-                                                   text or "")}
+    from ..world.language import listed_cards
+
+    return dict(listed_cards(text))
 
 
 def score(sample: Sample, output: str) -> bool:

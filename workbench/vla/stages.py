@@ -115,6 +115,9 @@ class StageConfig:
             if not self.lm_phases or not set(self.lm_phases) <= set(PHASES):
                 raise ValueError(f"lm_phases must be None (every frame) or a non-empty subset of {list(PHASES)}; "
                                  f"got {list(self.lm_phases)}")
+            if not self.lm_loss or self.caches_vlm:
+                raise ValueError(f"lm_phases={list(self.lm_phases)} needs a stage with an LM loss that trains part of "
+                                 f"the VLM; {self.name!r} has lm_loss={self.lm_loss} and trains {list(self.train)}")
         bad = [p for p in self.train if p not in PARTS]
         if bad:
             raise ValueError(f"unknown parts {bad}; expected a subset of {list(PARTS)}")

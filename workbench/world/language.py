@@ -246,15 +246,17 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     if m and facts.answer is None:
         facts.answer = int(m.group(1))
     picked = [m for phrase, _ in grounded_phrases(text) for m in [re.search(r"card (\d)\b", phrase)] if m]
-    m = picked[0] if picked else re.search(r"card (\d)\b", text)  # the boxed card, else the first one named
+    named = list(re.finditer(r"card (\d)\b", text))
+    m = picked[0] if picked else (named[-1] if named else None)  # the boxed card, else the last one named (a list
+    # of the cards on the table comes before the choice)
     if m:
         facts.card = int(m.group(1))
     facts.card_slot = _card_slot(text, facts.card)
-    listed = re.findall(r"card (\d) at the (" + "|".join(sorted(CARD_SLOTS, key=len, reverse=True)) + ")", text)
+    listed = listed_cards(text)
     if listed:
         facts.cards = {}
         for d, slot in listed:
-            facts.cards.setdefault(slot, int(d))
+            facts.cards.setdefault(slot, d)
     objs = find_objects(text)
     if objs:
         facts.object = objs[0]
@@ -276,21 +278,31 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     return facts
 
 
-def _slot_in(text: str) -> str | None:
-    slots = [s for s in sorted(CARD_SLOTS, key=len, reverse=True) if f"the {s}" in text]
-    return slots[0] if slots else None
+_SLOT_RE = re.compile(r"\bthe (" + "|".join(CARD_SLOTS) + r")\b")
+
+
+def listed_cards(text: str) -> list[tuple[int, str]]:
+    """Every ``card D at the SLOT`` in ``text`` (case-insensitive), in order: ``"card 3 at the back left, card 7 at
+    the front middle"`` -> [(3, "back left"), (7, "front middle")]."""
+    return [(int(d), slot) for d, slot in re.findall(r"card (\d) at the (" + "|".join(CARD_SLOTS) + ")",
+                                                     (text or "").lower())]
+
+
+def _first_slot(text: str, skip=()) -> str | None:
+    return next((m.group(1) for m in _SLOT_RE.finditer(text) if m.group(1) not in skip), None)
 
 
 def _card_slot(text: str, card: int | None) -> str | None:
-    """The slot stated for ``card``: the last one named after a mention of it and before the next card's mention
-    (a listing of every card names each one's slot); else the first slot named anywhere."""
+    """The slot stated for ``card``: the first one named after its last mention that names one (each mention's
+    span ends at the next card's mention, so a list of every card gives each its own slot); else the first slot
+    named anywhere that the text does not give to another card."""
     mentions = list(re.finditer(r"card (\d)\b", text))
     slot = None
     for i, m in enumerate(mentions):
         if card is not None and int(m.group(1)) == card:
             end = mentions[i + 1].start() if i + 1 < len(mentions) else len(text)
-            slot = _slot_in(text[m.end():end]) or slot
-    return slot or _slot_in(text)
+            slot = _first_slot(text[m.end():end]) or slot
+    return slot or _first_slot(text, skip={s for d, s in listed_cards(text) if d != card})
 
 
 _GROUNDED_RE = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>\s*(<\|box_start\|>.*?<\|box_end\|>)")
@@ -323,7 +335,7 @@ def math_score_parts(facts: ReasoningFacts, ground_truth: dict) -> dict:
 
 __all__ = [
     "PHASES", "ReasoningFacts", "cards_listing", "describe_position", "episode_reasoning", "equation_words",
-    "find_objects",
+    "find_objects", "listed_cards",
     "GROUNDING_TOKENS", "check_text", "grounded_phrases",
     "math_instruction", "math_score_parts", "parse_equation", "parse_reasoning", "parse_toy_instruction",
     "step_reasoning", "toy_instruction", "OPERATORS",
