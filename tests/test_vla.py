@@ -432,7 +432,7 @@ def test_reasoning_check_scores_the_first_frame_without_acting(policy, monkeypat
     monkeypatch.setattr("workbench.world.env.TabletopEnv.step", lambda *a: pytest.fail("the check must not act"))
     monkeypatch.setattr(policy, "generate_reasoning", lambda obs, instruction: next(truths))
     r = evaluate_reasoning(policy, "math_matching", "open_world", episodes=2, progress=False)
-    assert r["conclusion_right"] == 2 and r["scores"] == {"ocr": 4.0, "math": 2.0, "grounding": 1.0}
+    assert r["conclusion_right"] == 2 and r["scores"] == {"ocr": 4.0, "math": 2.0, "grounding": 1.0, "cards": 1.0}
     monkeypatch.setattr(policy, "generate_reasoning", lambda obs, instruction: "I read nothing.")
     r = evaluate_reasoning(policy, "toy_placement", "open_world", episodes=1, progress=False)
     assert r["conclusion_right"] == 0 and set(r["scores"].values()) == {0.0}
