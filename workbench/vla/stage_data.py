@@ -143,8 +143,9 @@ class DistilPool(ImageTextPool):
     forced on the corpus answer) is the corpus token (``items[i]["known"]``, a bool per answer token; the closing
     ``<|im_end|>`` never counts, since a teacher fed the answer always predicts it), and a question with no such
     token is dropped: matching the teacher where it was wrong would preserve its mistakes and its doubts.
-    (This did not cure what the term costs text arithmetic: in 300-step runs it fell to 24–28% both with every
-    token and with known tokens only, against 72–76% without the term; the README has the figures.) ``candidates``
+    (This did not cure what the term costs text arithmetic: in 300-step runs it fell to 16–28% with every token,
+    with known tokens and the closing token, and with known tokens only, against 72–76% without the term; leaving the
+    closing token out made every measured row worse. The README has the figures.) ``candidates``
     questions are rendered and at most ``size`` kept; ``kept`` counts them by kind.
 
     ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is
