@@ -471,12 +471,12 @@ def test_distillation_matches_the_teacher_only_where_it_knew_the_answer(monkeypa
     from workbench.vla import stage_data
 
     teacher = torch.log_softmax(torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.1, 0.0]]), -1)  # sure and right; unsure
-    labels = torch.tensor([-100, -100, 0, 2])  # answer tokens 0 and 2: the teacher's argmax is 0, then 1
-    item = {"labels": labels, "teacher": teacher}
-    item["known"] = teacher.argmax(-1) == stage_data.answer_tokens(item)
+    tokens = torch.tensor([0, 2])  # the answer's tokens: the teacher's argmax is 0, then 1
+    item = {"teacher": teacher, "known": stage_data.known_tokens(teacher, tokens, end_token_id=99)}
     assert item["known"].tolist() == [True, False]
+    assert stage_data.known_tokens(teacher, tokens, end_token_id=0).tolist() == [False, False]  # never the end
     student = torch.log_softmax(torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 9.0]]), -1)  # as taught; sure of token 2
-    monkeypatch.setattr(stage_data, "_answer_log_probs", lambda policy, items, pad: [student])
+    monkeypatch.setattr(stage_data, "_answer_log_probs", lambda policy, items, pad: ([student], [tokens]))
     assert float(stage_data.distillation_loss(None, [item], 0)) < 1e-6  # the unknown token's large KL is ignored
     item["known"] = torch.tensor([True, True])
     assert float(stage_data.distillation_loss(None, [item], 0)) > 1.0

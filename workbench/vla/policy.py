@@ -200,10 +200,12 @@ class ChatVLA2Policy(nn.Module):
         answer = labels[:, 1:] != -100
         return self.vlm.lm_head(h[:, :-1][answer]).float(), labels[:, 1:][answer], answer.sum(1)
 
-    def answer_log_probs(self, batch: dict, data_type: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per row of a collated batch, the (answer tokens, vocab) log-probabilities at its labelled positions."""
-        logits, _, counts = self.answer_logits(self.hidden_states(batch, data_type), batch["labels"])
-        return list(torch.log_softmax(logits, -1).split(counts.tolist()))
+    def answer_log_probs(self, batch: dict, data_type: torch.Tensor | None = None
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per row of a collated batch, the (answer tokens, vocab) log-probabilities at its labelled positions, and
+        those answer tokens."""
+        logits, targets, counts = self.answer_logits(self.hidden_states(batch, data_type), batch["labels"])
+        return list(torch.log_softmax(logits, -1).split(counts.tolist())), list(targets.split(counts.tolist()))
 
     def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
         """The language model's last hidden states (B, L, H), after the final norm."""

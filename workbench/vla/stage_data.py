@@ -6,6 +6,7 @@ computed once by the frozen vision tower."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ class DistilPool(ImageTextPool):
     (This did not cure what the term costs text arithmetic: in 300-step runs it fell to 16–28% with every token,
     with known tokens and the closing token, and with known tokens only, against 72–76% without the term; leaving the
     closing token out made every measured row worse. The README has the figures.) ``candidates``
-    questions are rendered and at most ``size`` kept; ``kept`` counts them by kind.
+    questions are rendered and at most ``size`` kept; the ``repr`` counts them by kind.
 
     ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is
     an answer token: a vocabulary-wide row per answer token, small with the tiny tokenizer's 690 tokens; a
@@ -154,8 +155,6 @@ class DistilPool(ImageTextPool):
 
     def __init__(self, size: int, policy: ChatVLA2Policy, teacher: ChatVLA2Policy, seed: int = 0,
                  progress: bool = True, batch: int = 16, candidates: int | None = None):
-        from collections import Counter
-
         from ..vlm.corpus import GENERAL_KINDS, KINDS
 
         super().__init__(candidates or 2 * size, policy, [k for k in KINDS if k not in GENERAL_KINDS], seed + 11,
@@ -166,26 +165,24 @@ class DistilPool(ImageTextPool):
         with torch.no_grad():
             for i in range(0, len(self.items), batch):
                 chunk = self.items[i:i + batch]
-                for it, lp in zip(chunk, _answer_log_probs(teacher, chunk, pad)):
-                    tokens = answer_tokens(it)
-                    it["teacher"], it["known"] = lp, (lp.argmax(-1) == tokens) & (tokens != end)
+                for it, lp, tokens in zip(chunk, *_answer_log_probs(teacher, chunk, pad)):
+                    it["teacher"], it["known"] = lp, known_tokens(lp, tokens, end)
         keep = [j for j, it in enumerate(self.items) if it["known"].any()][:size]
         self.candidates = len(self.items)
         self.items, self.samples = [self.items[j] for j in keep], [self.samples[j] for j in keep]
-        self.kept = dict(Counter(s.kind for s in self.samples))
 
     def __repr__(self) -> str:
-        return f"DistilPool(kept={len(self)} of {self.candidates} questions, by kind={self.kept})"
+        kept = dict(Counter(s.kind for s in self.samples))
+        return f"DistilPool(kept={len(self)} of {self.candidates} questions, by kind={kept})"
 
 
-def answer_tokens(item: dict) -> torch.Tensor:
-    """The answer tokens of an :func:`~workbench.vlm.api.encode_example` item, in the order of
-    :meth:`~workbench.vla.policy.ChatVLA2Policy.answer_logits`."""
-    labels = item["labels"][1:]
-    return labels[labels != -100]
+def known_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, end_token_id: int) -> torch.Tensor:
+    """(answer tokens,) bool: where the most likely token of ``log_probs`` (answer tokens, vocab) is the answer's own
+    token, never at the closing ``end_token_id``."""
+    return (log_probs.argmax(-1) == tokens) & (tokens != end_token_id)
 
 
-def _answer_log_probs(model: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> list[torch.Tensor]:
+def _answer_log_probs(model: ChatVLA2Policy, items: list[dict], pad_token_id: int):
     from ..vlm.api import collate
 
     return model.answer_log_probs(collate(items, pad_token_id), torch.full((len(items),), IMAGE_TEXT))
@@ -196,5 +193,5 @@ def distillation_loss(policy: ChatVLA2Policy, items: list[dict], pad_token_id: i
     then over questions (a one-token arithmetic answer weighs as much as a long reading): 0 while the policy still
     answers as the teacher did."""
     per_question = [(it["teacher"].exp() * (it["teacher"] - lp)).sum(-1)[it["known"]].mean()
-                    for it, lp in zip(items, _answer_log_probs(policy, items, pad_token_id))]
+                    for it, lp in zip(items, _answer_log_probs(policy, items, pad_token_id)[0])]
     return torch.stack(per_question).mean()  # each question counts once, whatever the length of its answer

@@ -308,6 +308,8 @@ class StageTrainer:
         moe = MoEConfig.from_dict(policy.config.moe)
         n_gen = round(st.batch_size * st.image_text_share) if pool else 0
         n_rob = st.batch_size - n_gen
+        # (frames,) bool: the frames whose reasoning carries the LM loss; None: every frame
+        lm_frame = None if st.lm_phases is None else torch.from_numpy(np.isin(frames.phase, st.lm_phases))
         pad = policy.processor.tokenizer.pad_token_id
         policy.train()
         bar = self._bar(start)
@@ -320,8 +322,7 @@ class StageTrainer:
             items = [frames.item(i) for i in rob] + [pool.items[j] for j in gen]
             batch = collate(items, pad)
             data_type = torch.tensor([ROBOT] * len(rob) + [IMAGE_TEXT] * len(gen))
-            lm_rows = None if st.lm_phases is None else torch.tensor(
-                [frames.phase[i] in st.lm_phases for i in rob] + [True] * len(gen))
+            lm_rows = None if lm_frame is None else torch.cat([lm_frame[rob], torch.ones(len(gen), dtype=torch.bool)])
             feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=len(rob), lm_rows=lm_rows)
             terms = {}
             if st.lm_loss:

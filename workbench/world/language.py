@@ -252,11 +252,7 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     if m:
         facts.card = int(m.group(1))
     facts.card_slot = _card_slot(text, facts.card)
-    listed = listed_cards(text)
-    if listed:
-        facts.cards = {}
-        for d, slot in listed:
-            facts.cards.setdefault(slot, d)
+    facts.cards = {slot: d for d, slot in reversed(listed_cards(text))} or None  # the first digit named per slot
     objs = find_objects(text)
     if objs:
         facts.object = objs[0]
