@@ -61,6 +61,11 @@ def main(argv=None):
             a.add_argument("--lr", type=float, default=None, help="peak learning rate instead of the stage's")
             a.add_argument("--lm-phases", default=None, help="comma-separated demonstration phases whose frames carry "
                            "the reasoning's LM loss (reach, grasp, ...), or 'all'")
+            a.add_argument("--reasoning-scenes", type=int, default=None,
+                           help="co-training: rows a step of fresh in-domain first frames that carry the reasoning's "
+                                "LM loss instead of the demonstration frames")
+            a.add_argument("--scene-pool", type=int, default=None, help="fresh scenes rendered at a time")
+            a.add_argument("--scene-refresh", type=int, default=None, help="steps before the scenes are replaced")
     k = sub.add_parser("package", help="copy a trained policy (float16 weights) and its training logs")
     k.add_argument("--policy", required=True, help="trained policy folder (e.g. RECIPE_OUT/policy)")
     k.add_argument("--out", required=True, help="where to write it (e.g. data_samples/policy)")
@@ -126,6 +131,8 @@ def _main_vla(ap, args, StageConfig):
     train = getattr(args, "train", None)
     stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
                                     ("general_pool", args.general_pool), ("lr", getattr(args, "lr", None)),
+                                    *((k, getattr(args, k, None)) for k in ("reasoning_scenes", "scene_pool",
+                                                                            "scene_refresh")),
                                     ("train", tuple(p.strip() for p in train.split(",")) if train else None))
                   if v is not None}
     phases = getattr(args, "lm_phases", None)

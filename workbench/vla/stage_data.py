@@ -1,5 +1,6 @@
 """What the ChatVLA-2 stages train on: in-domain robot frames (:class:`RobotFrames`), the general image–text
-subset mixed into co-training (:class:`GeneralPool`) and the questions of the other skills whose pretrained answers
+subset mixed into co-training (:class:`GeneralPool`), fresh first frames for the reasoning's LM loss
+(:class:`ReasoningScenes`) and the questions of the other skills whose pretrained answers
 co-training may be pulled towards (:class:`DistilPool`, :func:`distillation_loss`), all with their vision tokens
 computed once by the frozen vision tower."""
 
@@ -89,6 +90,63 @@ class RobotFrames:
 
     def __repr__(self) -> str:
         return f"RobotFrames(frames={len(self)}, episodes={len(self.encoded)})"
+
+
+class ReasoningScenes:
+    """Fresh in-domain first frames (both tasks, alternating) with their reasoning, for the reasoning's LM loss in
+    co-training: the demonstrations hold 100 scenes per task, whose reasoning a few hundred steps memorise (the
+    in-domain board read back from the scene, not from the board), so here each step's reasoning rows come from a
+    pool of ``size`` scenes that is replaced by new ones every ``refresh`` steps (``pool(block)``: block ``b`` serves
+    steps ``[b * refresh, (b + 1) * refresh)``). A scene is :meth:`TabletopEnv.reset` under a seed of its own (drawn
+    from ``seed`` and the block, never the evaluation's) and the reasoning the dataset would annotate it with
+    (:func:`~workbench.world.language.episode_reasoning`); its vision tokens are computed once. Items are
+    :func:`~workbench.vlm.api.encode_example` dicts (+ ``feats``). Scenes whose reasoning is longer than the policy
+    generates are skipped (``skipped`` counts them)."""
+
+    def __init__(self, policy: ChatVLA2Policy, size: int, refresh: int, seed: int = 0, progress: bool = True):
+        self.policy, self.size, self.refresh, self.seed, self.progress = policy, size, refresh, seed, progress
+        self._block: tuple[int, list[dict]] | None = None
+        self._envs: dict = {}
+        self.skipped = 0
+
+    def pool(self, block: int) -> list[dict]:
+        if self._block is None or self._block[0] != block:
+            self._block = (block, self._render(block))
+        return self._block[1]
+
+    def _render(self, block: int) -> list[dict]:
+        from ..vlm.api import encode_example, vision_tokens
+        from ..world import language
+        from ..world.catalog import TASKS
+        from ..world.env import TabletopEnv
+
+        rng = np.random.default_rng([self.seed, 23, block])
+        visual, ip = self.policy.vlm.model.visual.eval(), self.policy.processor.image_processor
+        limit = self.policy.config.max_reasoning_tokens
+        items = []
+        for j in tqdm(range(self.size), desc=f"reasoning scenes (block {block})", disable=not self.progress):
+            task = TASKS[j % len(TASKS)]
+            if task not in self._envs:
+                self._envs[task] = TabletopEnv(task, "in_domain", cameras=CAMERA_ORDER)
+            obs, info = self._envs[task].reset(seed=int(rng.integers(2**20, 2**31 - 1)))
+            images = [obs[c] for c in CAMERA_ORDER]
+            item = encode_example(self.policy.processor, images, info["instruction"],
+                                  language.episode_reasoning(info, rng))
+            if int((item["labels"] != -100).sum()) > limit:
+                self.skipped += 1
+                continue
+            with torch.no_grad():
+                tokens, per_image = vision_tokens(visual, ip, images)
+            items.append({**item, "feats": list(tokens.split(per_image))})
+        return items
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs = {}
+
+    def __repr__(self) -> str:
+        return f"ReasoningScenes(size={self.size}, refresh={self.refresh}, skipped={self.skipped})"
 
 
 class ImageTextPool:

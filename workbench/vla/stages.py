@@ -53,7 +53,7 @@ from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoi
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config, shard
 from .moe import MoEConfig, load_balancing_loss
 from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
-from .stage_data import DistilPool, GeneralPool, RobotFrames, distillation_loss
+from .stage_data import DistilPool, GeneralPool, ReasoningScenes, RobotFrames, distillation_loss
 
 #: groups of parameters a stage may train (everything else is frozen)
 PARTS = ("vision", "embeddings", "attention", "experts", "router", "action_expert")
@@ -90,6 +90,12 @@ class StageConfig:
     #: (:data:`~workbench.world.language.PHASES`); ``None``: every frame. The reasoning states the scene as it is at
     #: the start (where each card or toy lies), which stays true until the arm lifts what it grasped.
     lm_phases: tuple | None = None
+    #: co-training: the reasoning's LM loss comes from this many fresh in-domain first frames a step
+    #: (:class:`ReasoningScenes`: a pool of ``scene_pool`` scenes, new every ``scene_refresh`` steps) instead of the
+    #: demonstration frames, which then carry the diffusion loss only; 0: the frames carry it
+    reasoning_scenes: int = 0
+    scene_pool: int = 200
+    scene_refresh: int = 200
     diffusion_loss: bool = True
     general_pool: int = 400  # image–text samples rendered and cached for the mix
     #: rows per step from a :class:`DistilPool` (the other skills' questions) whose loss is KL to the answer
@@ -121,11 +127,23 @@ class StageConfig:
         bad = [p for p in self.train if p not in PARTS]
         if bad:
             raise ValueError(f"unknown parts {bad}; expected a subset of {list(PARTS)}")
-        for k in ("steps", "batch_size", "checkpoint_every", "general_pool", "distil_rows", "distil_pool"):
+        for k in ("steps", "batch_size", "checkpoint_every", "general_pool", "distil_rows", "distil_pool",
+                  "reasoning_scenes", "scene_pool", "scene_refresh"):
             v = getattr(self, k)
-            low = 0 if k in ("steps", "distil_rows") else 1
+            low = 0 if k in ("steps", "distil_rows", "reasoning_scenes") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
+        if self.reasoning_scenes:
+            if not self.lm_loss or self.caches_vlm:
+                raise ValueError(f"reasoning_scenes={self.reasoning_scenes} needs a stage with an LM loss that trains "
+                                 f"part of the VLM; {self.name!r} has lm_loss={self.lm_loss} and trains "
+                                 f"{list(self.train)}")
+            if self.lm_phases is not None:
+                raise ValueError("reasoning_scenes takes the reasoning's LM loss off the demonstration frames; "
+                                 f"lm_phases={list(self.lm_phases)} (which frames carry it) would be ignored")
+            if self.reasoning_scenes > self.scene_pool:
+                raise ValueError(f"reasoning_scenes ({self.reasoning_scenes}) must not exceed scene_pool "
+                                 f"({self.scene_pool})")
         if self.distil_rows > self.distil_pool:
             raise ValueError(f"distil_rows ({self.distil_rows}) must not exceed distil_pool ({self.distil_pool})")
         if self.distil_rows and "vision" in self.train:
@@ -304,12 +322,16 @@ class StageTrainer:
                                  f"{len(distil)} of {distil.candidates} questions: {distil!r}")
             if self.main and self.progress:
                 print(distil)
+        scenes = (ReasoningScenes(policy, st.scene_pool, st.scene_refresh, st.seed, self.progress)
+                  if st.reasoning_scenes else None)
         params, opt = self._optimizer(policy, ckpt)
         moe = MoEConfig.from_dict(policy.config.moe)
         n_gen = round(st.batch_size * st.image_text_share) if pool else 0
         n_rob = st.batch_size - n_gen
-        # (frames,) bool: the frames whose reasoning carries the LM loss; None: every frame
-        lm_frame = None if st.lm_phases is None else torch.from_numpy(np.isin(frames.phase, st.lm_phases))
+        # (frames,) bool: the frames whose reasoning carries the LM loss (none when fresh scenes carry it); None: every
+        # frame
+        lm_frame = (torch.zeros(len(frames), dtype=torch.bool) if scenes is not None
+                    else None if st.lm_phases is None else torch.from_numpy(np.isin(frames.phase, st.lm_phases)))
         pad = policy.processor.tokenizer.pad_token_id
         policy.train()
         bar = self._bar(start)
@@ -319,10 +341,16 @@ class StageTrainer:
             gen_all = rng.choice(len(pool), n_gen) if n_gen else np.zeros(0, int)
             noise, timesteps = (shard(x, self.accelerator) for x in self._noise(policy, step, n_rob))
             rob, gen = shard(rob_all, self.accelerator), shard(gen_all, self.accelerator)
-            items = [frames.item(i) for i in rob] + [pool.items[j] for j in gen]
+            seen = []  # fresh scenes: reasoning rows (robot data, LM loss only) after the frames
+            if scenes is not None:
+                block = scenes.pool(step // st.scene_refresh)
+                seen = [block[j] for j in shard(rng.choice(len(block), st.reasoning_scenes, replace=False),
+                                                self.accelerator)]
+            items = [frames.item(i) for i in rob] + seen + [pool.items[j] for j in gen]
             batch = collate(items, pad)
-            data_type = torch.tensor([ROBOT] * len(rob) + [IMAGE_TEXT] * len(gen))
-            lm_rows = None if lm_frame is None else torch.cat([lm_frame[rob], torch.ones(len(gen), dtype=torch.bool)])
+            data_type = torch.tensor([ROBOT] * (len(rob) + len(seen)) + [IMAGE_TEXT] * len(gen))
+            lm_rows = None if lm_frame is None else torch.cat([lm_frame[rob], torch.ones(len(seen) + len(gen),
+                                                                                         dtype=torch.bool)])
             feats, lm = policy.features(batch, data_type, with_lm_loss=st.lm_loss, n_robot=len(rob), lm_rows=lm_rows)
             terms = {}
             if st.lm_loss:
@@ -337,6 +365,8 @@ class StageTrainer:
                 pick = shard(rng.choice(len(distil), st.distil_rows, replace=False), self.accelerator)
                 terms["distil"] = distillation_loss(policy, [distil.items[j] for j in pick], pad)
             self._update(policy, step, terms, params, opt, bar)
+        if scenes is not None:
+            scenes.close()
 
     def train_cached(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
         """The VLM is frozen: its per-frame summaries are computed once; only the action side trains."""
