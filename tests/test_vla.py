@@ -14,6 +14,8 @@ from workbench.evaluation.knowledge import load_backbone
 from workbench.vla.observation import Observation
 from workbench.vla.policy import (
     BOX_FEATURES,
+    IMAGE_TEXT,
+    ROBOT,
     ChatVLA2Policy,
     PolicyConfig,
     Summaries,
@@ -265,6 +267,12 @@ def test_stage_configs_validate_and_recipes_chain_stages():
         StageConfig("x", steps=5, train=("experts",), distil_rows=8, distil_pool=4)
     with pytest.raises(ValueError, match="lm_phases must be None.*subset of.*reach"):
         StageConfig("x", steps=5, train=("experts",), lm_loss=True, lm_phases=("fly",))
+    with pytest.raises(ValueError, match="reasoning_scenes=2 needs a stage with an LM loss"):
+        StageConfig("x", steps=5, train=("experts",), reasoning_scenes=2)
+    with pytest.raises(ValueError, match="lm_phases.*would be ignored"):
+        StageConfig("x", steps=5, train=("experts",), lm_loss=True, reasoning_scenes=2, lm_phases=("reach",))
+    with pytest.raises(ValueError, match="must not exceed scene_pool"):
+        StageConfig("x", steps=5, train=("experts",), lm_loss=True, reasoning_scenes=8, scene_pool=4)
 
 
 def test_full_finetune_trains_a_dense_backbone_on_robot_data_only(root, demos, tmp_path):
@@ -377,6 +385,36 @@ def test_robot_reasoning_longer_than_the_policy_generates_is_refused(root, demos
     short = ChatVLA2Policy.from_vlm(vlm, processor, load_meta(demos).stats, PolicyConfig(max_reasoning_tokens=40))
     with pytest.raises(ValueError, match="longest reasoning is .* tokens but the policy generates at most 40"):
         RobotFrames(demos, short, progress=False)
+
+
+def test_fresh_reasoning_scenes_are_new_each_block_and_carry_the_lm_loss(root, demos, tmp_path, monkeypatch):
+    from workbench.vla.stage_data import ReasoningScenes
+    from workbench.world.language import parse_reasoning
+
+    vlm, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
+    policy = ChatVLA2Policy.from_vlm(vlm, processor, load_meta(demos).stats)
+    scenes = ReasoningScenes(policy, size=2, refresh=1, seed=0, progress=False)
+    first, again = scenes.pool(0), ReasoningScenes(policy, 2, 1, 0, progress=False).pool(0)
+    texts = [processor.tokenizer.decode(it["input_ids"][it["labels"] != -100]) for it in first]
+    assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again)] == [True, True]  # seeded
+    assert not torch.equal(scenes.pool(1)[0]["input_ids"], first[0]["input_ids"])  # a new block: new scenes
+    assert parse_reasoning(texts[0]).answer is not None and "<|box_start|>" in texts[1]  # a math, then a toy scene
+    assert [f.shape[0] for f in first[0]["feats"]] == [72, 176]  # both cameras' vision tokens
+    scenes.close()
+    # in co-training, the demonstration frames then carry the diffusion loss only; the scenes the LM loss
+    seen = []
+    features = ChatVLA2Policy.features
+
+    def spy(self, batch, data_type=None, with_lm_loss=False, n_robot=None, lm_rows=None):
+        seen.append((data_type.tolist(), lm_rows.tolist(), n_robot))
+        return features(self, batch, data_type, with_lm_loss, n_robot, lm_rows)
+
+    monkeypatch.setattr(ChatVLA2Policy, "features", spy)
+    stage = dataclasses.replace(RECIPES["two_stage"][0], steps=1, batch_size=4, general_pool=2, reasoning_scenes=2,
+                                scene_pool=2)
+    StageTrainer(stage, os.path.join(root, "data_samples", "vlm"), demos, str(tmp_path / "s"), progress=False).run()
+    (types, rows, n_robot), = seen
+    assert n_robot == 3 and rows == [False] * 3 + [True] * 3 and types == [ROBOT] * 5 + [IMAGE_TEXT]
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
