@@ -387,20 +387,19 @@ def test_robot_reasoning_longer_than_the_policy_generates_is_refused(root, demos
         RobotFrames(demos, short, progress=False)
 
 
-def test_fresh_reasoning_scenes_are_new_each_block_and_carry_the_lm_loss(root, demos, tmp_path, monkeypatch):
+def test_fresh_reasoning_scenes_are_new_each_block_and_carry_the_lm_loss(root, demos, policy, tmp_path, monkeypatch):
     from workbench.vla.stage_data import ReasoningScenes
-    from workbench.world.language import parse_reasoning
 
-    vlm, processor = load_vlm(os.path.join(root, "data_samples", "vlm"))
-    policy = ChatVLA2Policy.from_vlm(vlm, processor, load_meta(demos).stats)
-    scenes = ReasoningScenes(policy, size=2, refresh=1, seed=0, progress=False)
-    first, again = scenes.pool(0), ReasoningScenes(policy, 2, 1, 0, progress=False).pool(0)
-    texts = [processor.tokenizer.decode(it["input_ids"][it["labels"] != -100]) for it in first]
+    scenes, twin = (ReasoningScenes(policy, size=2, refresh=1, seed=0, progress=False) for _ in range(2))
+    first, again = scenes.pool(0), twin.pool(0)
+    texts = [policy.processor.tokenizer.decode(it["input_ids"][it["labels"] != -100]) for it in first]
     assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again)] == [True, True]  # seeded
     assert not torch.equal(scenes.pool(1)[0]["input_ids"], first[0]["input_ids"])  # a new block: new scenes
-    assert parse_reasoning(texts[0]).answer is not None and "<|box_start|>" in texts[1]  # a math, then a toy scene
+    facts = [parse_reasoning(t) for t in texts]
+    assert facts[0].answer is not None and facts[1].object is not None  # a math scene, then a toy scene
     assert [f.shape[0] for f in first[0]["feats"]] == [72, 176]  # both cameras' vision tokens
     scenes.close()
+    twin.close()
     # in co-training, the demonstration frames then carry the diffusion loss only; the scenes the LM loss
     seen = []
     features = ChatVLA2Policy.features
@@ -488,6 +487,11 @@ def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         train.main([*args, "--train", "experts,brain"])
     assert "unknown parts ['brain']" in capsys.readouterr().err
+    train.main([*args, "--reasoning-scenes", "4", "--scene-pool", "100", "--scene-refresh", "50"])
+    assert (ran[-1].reasoning_scenes, ran[-1].scene_pool, ran[-1].scene_refresh) == (4, 100, 50)
+    with pytest.raises(SystemExit):  # sizes of fresh scenes that the stage does not use
+        train.main([*args, "--reasoning-scenes", "0", "--scene-pool", "100"])
+    assert "--scene-pool/--scene-refresh size the fresh scenes" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a stage that builds no policy cannot take the options that shape one
         train.main([*args, "--no-reasoning-boxes", "--top-k", "1"])
     assert "--top-k, --no-reasoning-boxes shape(s) the policy an upcycling stage builds" in capsys.readouterr().err

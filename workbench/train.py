@@ -155,7 +155,10 @@ def _main_vla(ap, args, StageConfig):
                               **({"steps": args.steps} if args.steps is not None and s.steps else {})}
                      for s in stages}
         for s in stages:
-            StageConfig(**{**dataclasses.asdict(s), **per_stage[s.name]})  # validate early
+            checked = StageConfig(**{**dataclasses.asdict(s), **per_stage[s.name]})  # validate early
+            if not checked.reasoning_scenes and {"scene_pool", "scene_refresh"} & set(per_stage[s.name]):
+                raise ValueError("--scene-pool/--scene-refresh size the fresh scenes of --reasoning-scenes, which "
+                                 f"stage {s.name!r} does not use (reasoning_scenes=0)")
         built = [o for o, v in (("--moe-variant", args.moe_variant), ("--num-experts", args.num_experts),
                                 ("--top-k", args.top_k), ("--reasoning-injection", args.reasoning_injection),
                                 ("--no-reasoning-boxes", args.no_reasoning_boxes)) if v not in (None, False)]

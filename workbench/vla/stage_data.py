@@ -45,7 +45,7 @@ class RobotFrames:
             row = ds.hf[int(np.argmax(self.episode == ep))]
             images = [row[f"observation.images.{c}"].convert("RGB") for c in CAMERA_ORDER]
             self.encoded[int(ep)] = encode_example(policy.processor, images, row["instruction"], row["reasoning"])
-        longest = max(int((it["labels"] != -100).sum()) for it in self.encoded.values())  # reasoning + <|im_end|>
+        longest = max(map(reasoning_tokens, self.encoded.values()))
         if longest > policy.config.max_reasoning_tokens:
             raise ValueError(f"{root}'s longest reasoning is {longest} tokens but the policy generates at most "
                              f"{policy.config.max_reasoning_tokens} (max_reasoning_tokens in its policy_config.json): "
@@ -93,15 +93,15 @@ class RobotFrames:
 
 
 class ReasoningScenes:
-    """Fresh in-domain first frames (both tasks, alternating) with their reasoning, for the reasoning's LM loss in
-    co-training: the demonstrations hold 100 scenes per task, whose reasoning a few hundred steps memorise (the
-    in-domain board read back from the scene, not from the board), so here each step's reasoning rows come from a
-    pool of ``size`` scenes that is replaced by new ones every ``refresh`` steps (``pool(block)``: block ``b`` serves
-    steps ``[b * refresh, (b + 1) * refresh)``). A scene is :meth:`TabletopEnv.reset` under a seed of its own (drawn
-    from ``seed`` and the block, never the evaluation's) and the reasoning the dataset would annotate it with
-    (:func:`~workbench.world.language.episode_reasoning`); its vision tokens are computed once. Items are
-    :func:`~workbench.vlm.api.encode_example` dicts (+ ``feats``). Scenes whose reasoning is longer than the policy
-    generates are skipped (``skipped`` counts them)."""
+    """Fresh in-domain first frames (both tasks in turn) with their reasoning, for the reasoning's LM loss in
+    co-training: the demonstrations hold 100 scenes per task, whose reasoning a few hundred steps memorise, so here
+    each step's reasoning rows come from a pool of ``size`` scenes that is replaced by new ones every ``refresh``
+    steps (``pool(block)``: block ``b`` serves steps ``[b * refresh, (b + 1) * refresh)``). A scene is
+    :meth:`TabletopEnv.reset` under a seed of its own (drawn from ``seed`` and the block, above the evaluation's
+    seeds) with a reasoning of the dataset's kind (:func:`~workbench.world.language.episode_reasoning`, its phrasing
+    drawn from the block's stream); its vision tokens are computed once. Items are
+    :func:`~workbench.vlm.api.encode_example` dicts (+ ``feats``). A scene whose reasoning is longer than the
+    policy generates is replaced by the next one (``skipped`` counts them)."""
 
     def __init__(self, policy: ChatVLA2Policy, size: int, refresh: int, seed: int = 0, progress: bool = True):
         self.policy, self.size, self.refresh, self.seed, self.progress = policy, size, refresh, seed, progress
@@ -122,22 +122,28 @@ class ReasoningScenes:
 
         rng = np.random.default_rng([self.seed, 23, block])
         visual, ip = self.policy.vlm.model.visual.eval(), self.policy.processor.image_processor
-        limit = self.policy.config.max_reasoning_tokens
-        items = []
-        for j in tqdm(range(self.size), desc=f"reasoning scenes (block {block})", disable=not self.progress):
-            task = TASKS[j % len(TASKS)]
+        items, attempt = [], 0
+        bar = tqdm(total=self.size, desc=f"reasoning scenes (block {block})", disable=not self.progress)
+        while len(items) < self.size:
+            if attempt >= 2 * self.size:
+                raise RuntimeError(f"{self.skipped} of {attempt} scenes had a reasoning longer than the policy's "
+                                   f"max_reasoning_tokens ({self.policy.config.max_reasoning_tokens})")
+            task = TASKS[attempt % len(TASKS)]
+            attempt += 1
             if task not in self._envs:
                 self._envs[task] = TabletopEnv(task, "in_domain", cameras=CAMERA_ORDER)
             obs, info = self._envs[task].reset(seed=int(rng.integers(2**20, 2**31 - 1)))
             images = [obs[c] for c in CAMERA_ORDER]
             item = encode_example(self.policy.processor, images, info["instruction"],
                                   language.episode_reasoning(info, rng))
-            if int((item["labels"] != -100).sum()) > limit:
+            if reasoning_tokens(item) > self.policy.config.max_reasoning_tokens:
                 self.skipped += 1
                 continue
             with torch.no_grad():
                 tokens, per_image = vision_tokens(visual, ip, images)
             items.append({**item, "feats": list(tokens.split(per_image))})
+            bar.update()
+        bar.close()
         return items
 
     def close(self) -> None:
@@ -147,6 +153,11 @@ class ReasoningScenes:
 
     def __repr__(self) -> str:
         return f"ReasoningScenes(size={self.size}, refresh={self.refresh}, skipped={self.skipped})"
+
+
+def reasoning_tokens(item: dict) -> int:
+    """The labelled tokens of an :func:`~workbench.vlm.api.encode_example` item: its reasoning + ``<|im_end|>``."""
+    return int((item["labels"] != -100).sum())
 
 
 class ImageTextPool:

@@ -92,7 +92,8 @@ class StageConfig:
     lm_phases: tuple | None = None
     #: co-training: the reasoning's LM loss comes from this many fresh in-domain first frames a step
     #: (:class:`ReasoningScenes`: a pool of ``scene_pool`` scenes, new every ``scene_refresh`` steps) instead of the
-    #: demonstration frames, which then carry the diffusion loss only; 0: the frames carry it
+    #: demonstration frames, which then carry the diffusion loss only (a step then has batch_size + reasoning_scenes
+    #: rows); 0: the frames carry it
     reasoning_scenes: int = 0
     scene_pool: int = 200
     scene_refresh: int = 200
@@ -307,14 +308,13 @@ class StageTrainer:
 
     def train_joint(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
         """VLM parts are trained: every step runs the language model (vision tokens from the cache)."""
-        from ..vlm.api import collate
-
         st = self.stage
+        for name in ("distil_rows", "reasoning_scenes"):  # rows each process keeps an equal share of
+            if getattr(st, name) % self.accelerator.num_processes:
+                raise ValueError(f"{name} ({getattr(st, name)}) must be a multiple of the number of processes "
+                                 f"({self.accelerator.num_processes})")
         frames = RobotFrames(self.data, policy, self.progress)
         pool = GeneralPool(st.general_pool, policy, st.seed, self.progress) if st.image_text_share else None
-        if st.distil_rows % self.accelerator.num_processes:
-            raise ValueError(f"distil_rows ({st.distil_rows}) must be a multiple of the number of processes "
-                             f"({self.accelerator.num_processes})")
         distil = DistilPool(st.distil_pool, policy, self.teacher(), st.seed, self.progress) if st.distil_rows else None
         if distil is not None:
             if len(distil) < st.distil_rows:
@@ -324,6 +324,18 @@ class StageTrainer:
                 print(distil)
         scenes = (ReasoningScenes(policy, st.scene_pool, st.scene_refresh, st.seed, self.progress)
                   if st.reasoning_scenes else None)
+        try:
+            self._co_train(policy, start, ckpt, frames, pool, distil, scenes)
+        finally:
+            if scenes is not None:
+                scenes.close()
+
+    def _co_train(self, policy, start, ckpt, frames, pool, distil, scenes) -> None:
+        """The co-training steps of :meth:`train_joint` on its data sources (``pool``, ``distil``, ``scenes``: None
+        when off)."""
+        from ..vlm.api import collate
+
+        st = self.stage
         params, opt = self._optimizer(policy, ckpt)
         moe = MoEConfig.from_dict(policy.config.moe)
         n_gen = round(st.batch_size * st.image_text_share) if pool else 0
@@ -365,8 +377,6 @@ class StageTrainer:
                 pick = shard(rng.choice(len(distil), st.distil_rows, replace=False), self.accelerator)
                 terms["distil"] = distillation_loss(policy, [distil.items[j] for j in pick], pad)
             self._update(policy, step, terms, params, opt, bar)
-        if scenes is not None:
-            scenes.close()
 
     def train_cached(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
         """The VLM is frozen: its per-frame summaries are computed once; only the action side trains."""
