@@ -305,7 +305,8 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
     s1 = str(tmp_path / "s1")
     StageTrainer(STAGES["knowledge_freezing"], vlm_dir, demos, s1, progress=False).run()
     align = dataclasses.replace(STAGES["reasoning_alignment"], steps=2, batch_size=4, general_pool=4,
-                                checkpoint_every=1, distil_rows=2, distil_pool=4, lm_phases=("reach",))
+                                checkpoint_every=1, distil_rows=2, distil_pool=4, reasoning_scenes=0,
+                                lm_phases=("reach",))
     s2 = str(tmp_path / "s2")
     StageTrainer(align, s1, demos, s2, progress=False).run()
     with open(os.path.join(s2 + ".run", "log.csv")) as f:

@@ -7,9 +7,10 @@ knowledge_freezing     upcycle the pretrained VLM's MLPs into experts (each   no
                        a copy), attach a fresh action expert + normaliser     policy; the vision tower and
                                                                               embeddings stay frozen
 reasoning_alignment    co-train on the *general* image–text subset (no        experts, routers,
-                       digits) mixed 1:3 with in-domain robot frames whose    action expert (attention
-                       target is the reasoning text; loss = LM CE + diffusion  frozen)
-                       (+ router load balancing)
+                       digits) mixed 1:3 with in-domain robot frames          action expert (attention
+                       (diffusion), plus fresh in-domain first frames whose   frozen)
+                       target is the reasoning text; loss = LM CE +
+                       diffusion (+ router load balancing)
 action_finetuning      the whole VLM frozen; the action expert learns to      action expert
                        follow the reasoning (diffusion)
 =====================  =====================================================  ==========================
@@ -141,7 +142,8 @@ class StageConfig:
                                  f"{list(self.train)}")
             if self.lm_phases is not None:
                 raise ValueError("reasoning_scenes takes the reasoning's LM loss off the demonstration frames; "
-                                 f"lm_phases={list(self.lm_phases)} (which frames carry it) would be ignored")
+                                 f"lm_phases={list(self.lm_phases)} (which frames carry it) would be ignored: set "
+                                 "reasoning_scenes=0 (--reasoning-scenes 0) to use it")
             if self.reasoning_scenes > self.scene_pool:
                 raise ValueError(f"reasoning_scenes ({self.reasoning_scenes}) must not exceed scene_pool "
                                  f"({self.scene_pool})")
@@ -171,7 +173,8 @@ STAGES: dict[str, StageConfig] = {
     "knowledge_freezing": StageConfig("knowledge_freezing", upcycle=True),
     "reasoning_alignment": StageConfig(
         "reasoning_alignment", steps=1200, batch_size=16, lr=1e-3, image_text_share=0.25, lm_loss=True,
-        train=("experts", "router", "action_expert"), checkpoint_every=200),
+        train=("experts", "router", "action_expert"), checkpoint_every=200, reasoning_scenes=8, scene_pool=200,
+        scene_refresh=200),
     "action_finetuning": StageConfig("action_finetuning", steps=20000, batch_size=64, lr=1e-3,
                                      train=("action_expert",), checkpoint_every=500),
 }
