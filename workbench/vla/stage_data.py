@@ -94,7 +94,8 @@ class RobotFrames:
 
 class ReasoningScenes:
     """Fresh in-domain first frames (both tasks in turn) with their reasoning, for the reasoning's LM loss in
-    co-training: the demonstrations hold 100 scenes per task, whose reasoning a few hundred steps memorise, so here
+    co-training: the demonstrations hold 100 scenes per task, whose reasoning texts the language side fits instead of
+    learning to read a new scene (README, "Fresh reasoning scenes"), so here
     each step's reasoning rows come from a pool of ``size`` scenes that is replaced by new ones every ``refresh``
     steps (``pool(block)``: block ``b`` serves steps ``[b * refresh, (b + 1) * refresh)``). A scene is
     :meth:`TabletopEnv.reset` under a seed of its own (drawn from ``seed`` and the block, above the evaluation's
