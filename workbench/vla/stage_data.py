@@ -116,13 +116,12 @@ class ReasoningScenes:
         return self._block[1]
 
     def _render(self, block: int) -> list[dict]:
-        from ..vlm.api import encode_example, vision_tokens
+        from ..vlm.api import encode_example
         from ..world import language
         from ..world.catalog import TASKS
         from ..world.env import TabletopEnv
 
         rng = np.random.default_rng([self.seed, 23, block])
-        visual, ip = self.policy.vlm.model.visual.eval(), self.policy.processor.image_processor
         items, attempt = [], 0
         bar = tqdm(total=self.size, desc=f"reasoning scenes (block {block})", disable=not self.progress)
         while len(items) < self.size:
@@ -140,9 +139,7 @@ class ReasoningScenes:
             if reasoning_tokens(item) > self.policy.config.max_reasoning_tokens:
                 self.skipped += 1
                 continue
-            with torch.no_grad():
-                tokens, per_image = vision_tokens(visual, ip, images)
-            items.append({**item, "feats": list(tokens.split(per_image))})
+            items.append({**item, "feats": frozen_vision_tokens(self.policy, images)})
             bar.update()
         bar.close()
         return items
@@ -154,6 +151,18 @@ class ReasoningScenes:
 
     def __repr__(self) -> str:
         return f"ReasoningScenes(size={self.size}, refresh={self.refresh}, skipped={self.skipped})"
+
+
+def frozen_vision_tokens(policy: ChatVLA2Policy, images) -> list[torch.Tensor]:
+    """The frozen vision tower's merged tokens of each of ``images``, one (tokens, hidden) tensor per image (none for
+    no image), computed without gradients."""
+    from ..vlm.api import vision_tokens
+
+    if not len(images):
+        return []
+    with torch.no_grad():
+        tokens, per_image = vision_tokens(policy.vlm.model.visual.eval(), policy.processor.image_processor, images)
+    return list(tokens.split(per_image))
 
 
 def reasoning_tokens(item: dict) -> int:
@@ -168,21 +177,17 @@ class ImageTextPool:
 
     def __init__(self, size: int, policy: ChatVLA2Policy, kinds, seed: int, progress: bool = True,
                  desc: str = "image–text pool"):
-        from ..vlm.api import encode_example, vision_tokens
+        from ..vlm.api import encode_example
         from ..vlm.corpus import CorpusGenerator, CorpusRenderer
 
         self.kinds = tuple(kinds)
         self.samples = samples = CorpusGenerator("train", seed=seed).samples(size, kinds=self.kinds)
         renderer = CorpusRenderer()
-        visual, ip = policy.vlm.model.visual.eval(), policy.processor.image_processor
         self.items = []
-        with torch.no_grad():
-            for s in tqdm(samples, desc=desc, disable=not progress):
-                images, feats = renderer(s), []
-                if images:  # text-only questions (arithmetic) have none
-                    tokens, per_image = vision_tokens(visual, ip, images)
-                    feats = list(tokens.split(per_image))
-                self.items.append({**encode_example(policy.processor, images, s.question, s.answer), "feats": feats})
+        for s in tqdm(samples, desc=desc, disable=not progress):
+            images = renderer(s)  # none for text-only questions (arithmetic)
+            item = encode_example(policy.processor, images, s.question, s.answer)
+            self.items.append({**item, "feats": frozen_vision_tokens(policy, images)})
         renderer.close()
 
     def __len__(self) -> int:
