@@ -278,24 +278,14 @@ def test_math_reasoning_lists_the_cards_and_the_parser_reads_the_boxed_one(envs)
     for seed in range(6):
         _, info = env.reset(seed=seed)
         text = language.episode_reasoning(info, np.random.default_rng(seed))
-        # every card with its slot, as the VLM lists them; the answer card marked after its digit, its box after
-        # its slot
-        assert sorted(language.listed_cards(text)) == sorted((int(d), s) for d, s in info["cards"].items()), text
-        ans, slot = info["answer"], info["answer_card_slot"]
-        assert f"card {ans} (the answer) at the {slot}: <|object_ref_start|>the card {ans}<|object_ref_end|>" in text
-        assert text.count("(the answer)") == 1
-        f = language.parse_reasoning(text)
-        assert (f.card, f.card_slot) == (ans, slot)
+        for d, slot in info["cards"].items():  # every card, with its slot, as the VLM lists them
+            assert f"card {d} at the {slot}" in text, (d, slot, text)
     # the listing names other cards first: the card and slot read back are the boxed card's
-    text = ("2 + 3 = 5. On the table: card 1 at the back left, card 5 (the answer) at the front right: "
-            "<|object_ref_start|>the card 5<|object_ref_end|><|box_start|>(700,700),(800,900)<|box_end|>. I will "
-            "place the card 5 on the pad.")
+    text = ("2 + 3 = 5. On the table: card 1 at the back left, card 5 at the front right. So I need the card 5, at "
+            "the front right: <|object_ref_start|>the card 5<|object_ref_end|><|box_start|>(700,700),(800,900)"
+            "<|box_end|>.")
     f = language.parse_reasoning(text)
     assert (f.card, f.card_slot, f.pick_box) == (5, "front right", (700, 700, 800, 900))
-    assert f.cards == {"back left": 1, "front right": 5}
-    # the slot is the marked one, whose box it is, even where the list misreads the marked card's digit
-    f = language.parse_reasoning(text.replace("card 1 at", "card 5 at").replace("card 5 (", "card 2 ("))
-    assert (f.card, f.card_slot) == (5, "front right")
     # without a listing, the slot after the card still counts (the earlier phrasing, and the VLM's answers)
     f = language.parse_reasoning("I need <|object_ref_start|>the card 4<|object_ref_end|><|box_start|>(1,2),(3,4)"
                                  "<|box_end|> at the back middle.")

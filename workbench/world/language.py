@@ -106,28 +106,12 @@ def describe_position(x: float, y: float) -> str:
     return min(CARD_SLOTS, key=lambda s: (CARD_SLOTS[s][0] - x) ** 2 + (CARD_SLOTS[s][1] - y) ** 2)
 
 
-def cards_listing(cards: dict, answer: int | None = None, answer_box: str = "") -> str:
+def cards_listing(cards: dict) -> str:
     """``"card 3 at the back left, card 7 at the front right"``: every card (digit -> table (x, y)) with its slot,
-    back row first, left to right: the pretrained VLM's answer to "List the cards and where they are.".
-
-    The math reasoning repeats it with the ``answer`` card marked where its digit is written and ``answer_box`` (its
-    grounded phrase) after its slot: ``"card 3 at the back left, card 7 (the answer) at the front right: <box>"``.
-    So the choice is made card by card, comparing the digit just read with the answer, and the box follows the slot
-    it belongs to; nothing has to be copied back out of the list (a generated slot restated after the list was
-    the previous policy's commonest error)."""
+    back row first, left to right: the pretrained VLM's answer to "List the cards and where they are.", which the
+    math reasoning repeats so that finding the answer card is copying a slot from it."""
     order = sorted(cards, key=lambda d: (-round(cards[d][0], 1), -cards[d][1]))
-
-    def item(d):
-        slot = describe_position(*cards[d])
-        if d != answer:
-            return f"card {d} at the {slot}"
-        return f"card {d} {ANSWER_MARK} at the {slot}" + (f": {answer_box}" if answer_box else "")
-
-    return ", ".join(item(d) for d in order)
-
-
-#: how the reasoning's list of cards marks the answer card, right after its digit
-ANSWER_MARK = "(the answer)"
+    return ", ".join(f"card {d} at the {describe_position(*cards[d])}" for d in order)
 
 
 # ---------------------------------------------------------------------------- reasoning
@@ -135,11 +119,12 @@ ANSWER_MARK = "(the answer)"
 # {card}, {pad}, {obj}, {tgt} and {place} are grounded phrases (:func:`~workbench.world.grounding.grounded`): the
 # reasoning says *where* each thing is, in Qwen2-VL's box format on the table camera, as ChatVLA-2's does
 _MATH_REASONING = (
-    "The whiteboard shows {eq} = ?. {eq} = {ans}. On the table: {cards}. I will place the card {ans} on {pad}.",
+    "The whiteboard shows {eq} = ?. {eq} = {ans}. On the table: {cards}. So I need the card {ans}, at the {pos}: "
+    "{card}. I will place it on {pad}.",
     "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. The cards: {cards}. I'll move the card "
-    "{ans} to {pad}.",
-    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {cards}. I'll carry the card {ans} "
-    "to {pad}.",
+    "{ans} at the {pos}, {card}, to {pad}.",
+    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {cards}. The card {ans} is at the "
+    "{pos}: {card}. I'll carry it to {pad}.",
 )
 _TOY_REASONING = (
     "I see {obj} and {tgt}. The {object} must go {place}. I'll pick up the {object} and put it there.",
@@ -177,14 +162,13 @@ def episode_reasoning(ground_truth: dict, rng: np.random.Generator) -> str:
         xy = ground_truth.get("answer_card_xy") or CARD_SLOTS[pos]
         card = grounded(f"the card {ans}", card_box(xy))
         pad = grounded("the green pad", pad_box())
-        layout = {int(d): CARD_SLOTS[slot] for d, slot in ground_truth["cards"].items()}
-        layout[int(ans)] = CARD_SLOTS[pos]
-        cards = cards_listing(layout, answer=int(ans), answer_box=card)
+        cards = cards_listing({int(d): CARD_SLOTS[slot] for d, slot in ground_truth["cards"].items()})
         if ground_truth.get("equation") is None:  # a caller's whiteboard: only its answer is known
-            return f"The whiteboard's answer is {ans}. On the table: {cards}. I will place the card {ans} on {pad}."
+            return (f"The whiteboard's answer is {ans}. On the table: {cards}. So I need the card {ans}, at the {pos}: "
+                    f"{card}. I will place it on {pad}.")
         eq = Equation.parse(ground_truth["equation"])
         template = _MATH_REASONING[rng.integers(len(_MATH_REASONING))]
-        return template.format(eq=equation_words(eq), ans=eq.answer, pad=pad, cards=cards)
+        return template.format(eq=equation_words(eq), ans=eq.answer, pos=pos, card=card, pad=pad, cards=cards)
     obj, tgt, d = ground_truth["object"], ground_truth["target"], ground_truth["direction"]
     toys = ground_truth["toys"]
     phrase = DIRECTION_PHRASES[d]
@@ -296,8 +280,8 @@ _SLOT_RE = re.compile(r"\bthe (" + "|".join(CARD_SLOTS) + r")\b")
 def listed_cards(text: str) -> list[tuple[int, str]]:
     """Every ``card D at the SLOT`` in ``text`` (case-insensitive), in order: ``"card 3 at the back left, card 7 at
     the front middle"`` -> [(3, "back left"), (7, "front middle")]."""
-    pattern = r"card (\d)(?: " + re.escape(ANSWER_MARK) + r")? at the (" + "|".join(CARD_SLOTS) + ")"
-    return [(int(d), slot) for d, slot in re.findall(pattern, (text or "").lower())]
+    return [(int(d), slot) for d, slot in re.findall(r"card (\d) at the (" + "|".join(CARD_SLOTS) + ")",
+                                                     (text or "").lower())]
 
 
 def _first_slot(text: str, skip=()) -> str | None:
@@ -305,13 +289,9 @@ def _first_slot(text: str, skip=()) -> str | None:
 
 
 def _card_slot(text: str, card: int | None) -> str | None:
-    """The slot stated for ``card``: the slot of the card the list marks as the answer (whose box follows it), else
-    the first one named after its last mention that names one (each mention's
+    """The slot stated for ``card``: the first one named after its last mention that names one (each mention's
     span ends at the next card's mention, so a list of every card gives each its own slot); else the first slot
     named anywhere that the text does not give to another card."""
-    marked = re.search(r"card \d " + re.escape(ANSWER_MARK) + r" at the (" + "|".join(CARD_SLOTS) + ")", text)
-    if marked:  # the reasoning's list marks the card it picks: its box follows this slot
-        return marked.group(1)
     mentions = list(re.finditer(r"card (\d)\b", text))
     slot = None
     for i, m in enumerate(mentions):
