@@ -193,8 +193,9 @@ def test_cli_fast_run(tmp_path, capsys):
 
 
 def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path, root):
-    """``init`` + ``phases``: a saved VLM continues with some phases (how the README's *where* continuation ran);
-    the probe's *where* term trains the vision side in *see* and *scenes* leaves it frozen."""
+    """``init`` + ``phases``: a saved VLM continues with some phases (how the *where* continuation of
+    docs/vlm_experiments.md ran); the probe's *where* term trains the vision side in *see* and *scenes* leaves it
+    frozen."""
     from safetensors.torch import load_file
 
     shipped = os.path.join(root, "data_samples", "vlm")

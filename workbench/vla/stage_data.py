@@ -95,7 +95,7 @@ class RobotFrames:
 class ReasoningScenes:
     """Fresh in-domain first frames (both tasks in turn) with their reasoning, for the reasoning's LM loss in
     co-training: the demonstrations hold 100 scenes per task, whose reasoning texts the language side fits instead of
-    learning to read a new scene (README, "Fresh reasoning scenes"), so here
+    learning to read a new scene (docs/chatvla2_experiments.md, "Fresh reasoning scenes"), so here
     each step's reasoning rows come from a pool of ``size`` scenes that is replaced by new ones every ``refresh``
     steps (``pool(block)``: block ``b`` serves steps ``[b * refresh, (b + 1) * refresh)``). A scene is
     :meth:`TabletopEnv.reset` under a seed of its own (drawn from ``seed`` and the block, above the evaluation's
@@ -221,7 +221,7 @@ class DistilPool(ImageTextPool):
     token is dropped: matching the teacher where it was wrong would preserve its mistakes and its doubts.
     (This did not cure what the term costs text arithmetic: in 300-step runs it fell to 16–28% with every token,
     with known tokens and the closing token, and with known tokens only, against 72–76% without the term; leaving the
-    closing token out made every measured row worse. The README has the figures.) ``candidates``
+    closing token out made every measured row worse. docs/chatvla2_experiments.md has the figures.) ``candidates``
     questions are rendered and at most ``size`` kept; the ``repr`` counts them by kind.
 
     ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is

@@ -32,8 +32,8 @@ The paper keeps attention "frozen or lightly trained" in co-training; here it is
 the same stage-1 policy, a knowledge slice of 12 held-out questions per skill) measured why: with attention trained
 at lr 1e-3, board solving fell from 7/12 to 1/12 and text arithmetic from 12/12 to 3/12; with attention frozen, 3/12
 and 9/12 (the issue notes of session 4 have every variant). ``distil_rows`` adds a self-distillation term on the
-other skills' questions (:class:`~workbench.vla.stage_data.DistilPool`); off by default (the README has the short
-runs: it kept board reading but lost text arithmetic). The vision
+other skills' questions (:class:`~workbench.vla.stage_data.DistilPool`); off by default
+(docs/chatvla2_experiments.md has the short runs: it kept board reading but lost text arithmetic). The vision
 tower is frozen in every default stage, so each frame's vision tokens are computed once and
 cached; in action fine-tuning the whole VLM is frozen, so its per-frame summaries are cached too.
 """

@@ -35,14 +35,14 @@ was being memorised), so only tables are pooled (:data:`POOLED_KINDS`); boards a
 Batch ``i`` of a phase depends only on ``(seed, phase, i)``, so a resumed
 run sees exactly the batches it would have seen.
 
-A saved VLM can also continue with chosen phases (``init`` and ``phases``; e.g. *see* with the probe's *where*
-term, ``where_coef``, then *read* and *scenes*: the README's "Where the image tokens are"). ``keep_coef`` adds to
-such a *see* a term that keeps the vision features near ``init``'s, so that the tokens learn where they are without
-the language side losing what it reads. For boxes, two terms act where an answer writes one (teacher-forced):
-``bind_coef`` teaches head :data:`BIND_HEAD` of every layer after the first to look at the named object's image
-tokens (:func:`binding_loss`, with the attention rows recomputed by :class:`HeadAttention`), ``locate_coef`` teaches
-the last layer's input to say that object's row and column (:func:`locate_loss`); ``scenes_weights`` asks more
-grounding questions in *scenes*.
+A saved VLM can also continue with chosen phases (``init`` and ``phases``; e.g. *see* with the probe's *where* term,
+``where_coef``, then *read* and *scenes*: docs/vlm_experiments.md, "Where the image tokens are"). ``keep_coef`` adds
+to such a *see* a term that keeps the vision features near ``init``'s, so that the tokens learn where they are
+without the language side losing what it reads. For boxes, two terms act where an answer writes one
+(teacher-forced): ``bind_coef`` teaches head :data:`BIND_HEAD` of every layer after the first to look at the named
+object's image tokens (:func:`binding_loss`, with the attention rows recomputed by :class:`HeadAttention`),
+``locate_coef`` teaches the last layer's input to say that object's row and column (:func:`locate_loss`);
+``scenes_weights`` asks more grounding questions in *scenes*.
 
 Every phase checkpoints atomically to ``<work>/checkpoints`` every ``checkpoint_every`` steps and a
 restarted run resumes from the newest checkpoint; ``<work>/log.csv`` logs losses and the held-out
@@ -299,7 +299,7 @@ def binding_loss(rows, boxes, layers: int) -> torch.Tensor | None:
     ``layers`` layers; ``boxes``: :func:`grounded_boxes`. Why: before this term the model's table tokens knew where
     they were (a linear probe read their row 93% of the time) but its boxes were no better than always writing the
     mean box, and no head looked at the named object much more than at the others: the coordinates' loss alone did
-    not find the route (README, "Binding a box to the named object")."""
+    not find the route (docs/vlm_experiments.md, "Binding a box to the named object")."""
     losses = [-torch.log(rows(layer, b, start, end)[:, keys].sum(-1) + 1e-6).mean()
               for b, start, end, keys, _ in boxes for layer in range(layers)]
     return torch.stack(losses).mean() if losses else None
@@ -474,8 +474,9 @@ class ReadingHead(torch.nn.Module):
         tokens in row-major order, ``grids`` the (rows, cols) of each image. Qwen2-VL's vision tower has no absolute
         position embedding and the language model's M-RoPE gives image columns only its lowest frequencies
         (``tiny``: at most 0.003 rad per column); without this term the tokens of the recipe's model hardly say
-        where they are (README, "Where the image tokens are"). Off by default (``where_coef=0``): the recipe does
-        not use it; the shipped model's second continuation does (with ``keep_coef``)."""
+        where they are (docs/vlm_experiments.md, "Where the image tokens are"). Off by default
+        (``where_coef=0``): the recipe does not use it; the shipped model's second continuation does (with
+        ``keep_coef``)."""
         if any(max(g) > self.MAX_GRID for g in grids):
             raise ValueError(f"image token grids {grids} exceed {self.MAX_GRID} tokens a side")
         rows, cols = (torch.from_numpy(np.concatenate(axis)).to(feats.device)
