@@ -422,7 +422,7 @@ def test_reasoning_scores():
     from workbench.world.grounding import affordance_box, card_box, grounded, toy_box
 
     gt = {"task": "math_matching", "equation": "3+4=?", "answer_card_slot": "back left",
-          "answer_card_xy": [0.62, 0.21], "cards": {7: "back left", 2: "front right"}}
+          "answer_card_xy": [0.575, 0.155], "cards": {7: "back left", 2: "front right"}}
     good = parse_reasoning("The whiteboard shows 3 + 4 = ?. 3 + 4 = 7. On the table: card 7 at the back left, card 5 "
                            f"at the front right. So I need {grounded('the card 7', card_box([0.625, 0.2]))} at the "
                            "back left.")

@@ -250,8 +250,9 @@ def test_reasoning_templates_parse_back(envs, task):
         facts = language.parse_reasoning(text)
         if task == "math_matching":
             assert all(language.math_score_parts(facts, info).values()), (text, facts)
-            card = env.scene.cards[info["answer"]]
-            want = {"pick_box": G.card_box(env.scene.body_position(card)[:2]), "place_box": G.pad_box()}
+            card = env.scene.body_position(env.scene.cards[info["answer"]])[:2]
+            assert G.box_hit(facts.pick_box, G.card_box(card)), text  # the listed slot's box finds the card
+            want = {"pick_box": G.card_box(CARD_SLOTS[info["answer_card_slot"]]), "place_box": G.pad_box()}
         else:
             assert (facts.object, facts.target, facts.direction) == (info["object"], info["target"],
                                                                      info["direction"]), text
@@ -273,27 +274,32 @@ def test_reasoning_has_several_phrasings(envs):
     assert len(texts) >= 3
 
 
-def test_math_reasoning_lists_the_cards_and_the_parser_reads_the_boxed_one(envs):
+def test_math_reasoning_lists_the_cards_and_the_parser_reads_the_answer_card_from_the_list(envs):
     env = envs("math_matching", "open_world")
     for seed in range(6):
         _, info = env.reset(seed=seed)
         text = language.episode_reasoning(info, np.random.default_rng(seed))
         for d, slot in info["cards"].items():  # every card, with its slot, as the VLM lists them
             assert f"card {d} at the {slot}" in text, (d, slot, text)
-    # the listing names other cards first: the card and slot read back are the boxed card's
+        assert "box_start" not in text.split("green pad")[0]  # the card is named by its digit, located by the list
+    # the chosen card is the boxed / last-named one; its slot and box are the list's, whatever is restated after it
     text = ("2 + 3 = 5. On the table: card 1 at the back left, card 5 at the front right. So I need the card 5, at "
-            "the front right: <|object_ref_start|>the card 5<|object_ref_end|><|box_start|>(700,700),(800,900)"
+            "the back middle: <|object_ref_start|>the card 5<|object_ref_end|><|box_start|>(700,700),(800,900)"
             "<|box_end|>.")
     f = language.parse_reasoning(text)
-    assert (f.card, f.card_slot, f.pick_box) == (5, "front right", (700, 700, 800, 900))
-    # without a listing, the slot after the card still counts (the earlier phrasing, and the VLM's answers)
+    want = tuple(round(v) for v in G.card_box(CARD_SLOTS["front right"]))
+    assert (f.card, f.card_slot, f.pick_box) == (5, "front right", want)
+    f = language.parse_reasoning("2 + 3 = 5. The cards: card 1 at the back left, card 5 at the front right. I'll "
+                                 "move the card 5 to the pad.")
+    assert (f.card, f.card_slot, f.pick_box) == (5, "front right", want)
+    # without a listing, the slot and box after the card count (the earlier phrasing, and the VLM's answers)
     f = language.parse_reasoning("I need <|object_ref_start|>the card 4<|object_ref_end|><|box_start|>(1,2),(3,4)"
                                  "<|box_end|> at the back middle.")
-    assert (f.card, f.card_slot) == (4, "back middle")
+    assert (f.card, f.card_slot, f.pick_box) == (4, "back middle", (1, 2, 3, 4))
     # the first slot after the card, wherever the names sort; another card's listed slot is never borrowed
     assert language.parse_reasoning("The card 7 is at the back left, not the front right.").card_slot == "back left"
     f = language.parse_reasoning("card 3 at the back left, card 5 at the front right. So I need the card 7.")
-    assert (f.card, f.card_slot, f.cards) == (7, None, {"back left": 3, "front right": 5})
+    assert (f.card, f.card_slot, f.cards, f.pick_box) == (7, None, {"back left": 3, "front right": 5}, None)
 
 
 def test_parse_reasoning_never_raises():

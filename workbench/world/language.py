@@ -109,22 +109,24 @@ def describe_position(x: float, y: float) -> str:
 def cards_listing(cards: dict) -> str:
     """``"card 3 at the back left, card 7 at the front right"``: every card (digit -> table (x, y)) with its slot,
     back row first, left to right: the pretrained VLM's answer to "List the cards and where they are.", which the
-    math reasoning repeats so that finding the answer card is copying a slot from it."""
+    math reasoning repeats; the answer card's slot (and box) is read from it (:func:`parse_reasoning`)."""
     order = sorted(cards, key=lambda d: (-round(cards[d][0], 1), -cards[d][1]))
     return ", ".join(f"card {d} at the {describe_position(*cards[d])}" for d in order)
 
 
 # ---------------------------------------------------------------------------- reasoning
 
-# {card}, {pad}, {obj}, {tgt} and {place} are grounded phrases (:func:`~workbench.world.grounding.grounded`): the
-# reasoning says *where* each thing is, in Qwen2-VL's box format on the table camera, as ChatVLA-2's does
+# {pad}, {obj}, {tgt} and {place} are grounded phrases (:func:`~workbench.world.grounding.grounded`): the reasoning
+# says *where* each thing is, in Qwen2-VL's box format on the table camera, as ChatVLA-2's does. The answer card is
+# located by the list of cards ({cards}: each card with its slot), not restated: the parser takes its slot, and the
+# slot's box, from the list (:func:`parse_reasoning`), so the model never has to copy a slot back out of its list
 _MATH_REASONING = (
-    "The whiteboard shows {eq} = ?. {eq} = {ans}. On the table: {cards}. So I need the card {ans}, at the {pos}: "
-    "{card}. I will place it on {pad}.",
+    "The whiteboard shows {eq} = ?. {eq} = {ans}. On the table: {cards}. So I need the card {ans}. I will place it "
+    "on {pad}.",
     "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. The cards: {cards}. I'll move the card "
-    "{ans} at the {pos}, {card}, to {pad}.",
-    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {cards}. The card {ans} is at the "
-    "{pos}: {card}. I'll carry it to {pad}.",
+    "{ans} to {pad}.",
+    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {cards}. I'll carry the card {ans} "
+    "to {pad}.",
 )
 _TOY_REASONING = (
     "I see {obj} and {tgt}. The {object} must go {place}. I'll pick up the {object} and put it there.",
@@ -154,21 +156,20 @@ def equation_words(eq: Equation) -> str:
 
 def episode_reasoning(ground_truth: dict, rng: np.random.Generator) -> str:
     """What the model should say before acting, from an episode's ground truth (``info``): the facts and,
-    grounded with their boxes on the table camera, what to pick and where to put it."""
-    from .grounding import affordance_box, card_box, grounded, pad_box, toy_box
+    grounded with their boxes on the table camera, what to pick and where to put it (math: the cards with their
+    slots, the answer card by its digit, and the pad's box)."""
+    from .grounding import affordance_box, grounded, pad_box, toy_box
 
     if ground_truth["task"] == "math_matching":
-        ans, pos = ground_truth["answer"], ground_truth["answer_card_slot"]
-        xy = ground_truth.get("answer_card_xy") or CARD_SLOTS[pos]
-        card = grounded(f"the card {ans}", card_box(xy))
+        ans = ground_truth["answer"]
         pad = grounded("the green pad", pad_box())
         cards = cards_listing({int(d): CARD_SLOTS[slot] for d, slot in ground_truth["cards"].items()})
         if ground_truth.get("equation") is None:  # a caller's whiteboard: only its answer is known
-            return (f"The whiteboard's answer is {ans}. On the table: {cards}. So I need the card {ans}, at the {pos}: "
-                    f"{card}. I will place it on {pad}.")
+            return f"The whiteboard's answer is {ans}. On the table: {cards}. So I need the card {ans}. I will place " \
+                   f"it on {pad}."
         eq = Equation.parse(ground_truth["equation"])
         template = _MATH_REASONING[rng.integers(len(_MATH_REASONING))]
-        return template.format(eq=equation_words(eq), ans=eq.answer, pos=pos, card=card, pad=pad, cards=cards)
+        return template.format(eq=equation_words(eq), ans=eq.answer, pad=pad, cards=cards)
     obj, tgt, d = ground_truth["object"], ground_truth["target"], ground_truth["direction"]
     toys = ground_truth["toys"]
     phrase = DIRECTION_PHRASES[d]
@@ -233,7 +234,12 @@ def parse_equation(text: str) -> tuple[str, str] | None:
 
 
 def parse_reasoning(text: str) -> ReasoningFacts:
-    """Read the facts back from reasoning text (robust to the phrasings above; never raises)."""
+    """Read the facts back from reasoning text (robust to the phrasings above; never raises).
+
+    Math: the card is the boxed one, else the last one named (the choice comes after the list). When the text lists
+    the cards with their slots (``"card 8 at the back middle"``) and the chosen card is among them, its slot is the
+    listed one and ``pick_box`` is that slot's card box on the table camera: the list is the model's reading of the
+    table, and a slot or box restated later does not override it."""
     facts = ReasoningFacts()
     if not isinstance(text, str):
         return facts
@@ -252,7 +258,8 @@ def parse_reasoning(text: str) -> ReasoningFacts:
     if m:
         facts.card = int(m.group(1))
     facts.card_slot = _card_slot(text, facts.card)
-    facts.cards = {slot: d for d, slot in reversed(listed_cards(text))} or None  # the first digit named per slot
+    listing = listed_cards(text)
+    facts.cards = {slot: d for d, slot in reversed(listing)} or None  # the first digit named per slot
     objs = find_objects(text)
     if objs:
         facts.object = objs[0]
@@ -271,6 +278,12 @@ def parse_reasoning(text: str) -> ReasoningFacts:
             continue
         if getattr(facts, slot) is None:
             setattr(facts, slot, box)
+    listed = next((slot for d, slot in listing if d == facts.card), None)
+    if listed is not None:  # the list of the cards says where the chosen card is: its slot and the slot's box win
+        from .grounding import card_box
+
+        facts.card_slot = listed
+        facts.pick_box = tuple(round(v) for v in card_box(CARD_SLOTS[listed]))
     return facts
 
 
