@@ -552,6 +552,7 @@ def test_counterfactual_following_hands_over_another_task(policy):
     other = env.scene.body_position(env.scene.cards[gt["answer"]])[:2]
     assert kind == "card" and gt["answer"] != info["answer"] and gt["answer"] in info["cards"]
     assert facts.card == gt["answer"] and box_hit(facts.pick_box, card_box(other))
+    assert facts.answer == gt["answer"] and facts.equation != info["equation"].rstrip("=?")  # another equation's
     env.close()
     env, kinds = TabletopEnv("toy_placement", "open_world"), set()
     for seed in range(8):

@@ -153,9 +153,11 @@ def format_reasoning_result(r: dict) -> str:
 
 def counterfactual(env, ground_truth: dict, rng) -> tuple[dict, str]:
     """Another task in the same scene, as (its ground truth, the kind of change): math matching, another card
-    on the table is "the answer" (``"card"``); toy placement, alternately the object goes to another side of the
-    target (``"side"``) or another toy goes where the object should (``"object"``). Positions are read from the
-    simulator, so the counterfactual reasoning's boxes are exact."""
+    on the table is "the answer", of another equation of the split with that answer (``"card"``; the reasoning
+    reads as an episode of that equation, while the board still shows the scene's own); toy placement,
+    alternately the object goes to another side of the target (``"side"``) or another toy goes where the object
+    should (``"object"``). Positions are read from the simulator, so the counterfactual reasoning's boxes are
+    exact."""
 
     from ..world.catalog import DIRECTIONS
     from ..world.grounding import placement_reachable
@@ -165,7 +167,8 @@ def counterfactual(env, ground_truth: dict, rng) -> tuple[dict, str]:
     if gt["task"] == "math_matching":
         others = sorted(d for d in gt["cards"] if int(d) != gt["answer"])
         d = int(others[rng.integers(len(others))])
-        gt.update(answer=d, equation=None, answer_card_slot=gt["cards"][d],
+        equations = [e for e in env.unwrapped.spec_split.equations if e.answer == d]  # the split has each digit
+        gt.update(answer=d, equation=equations[rng.integers(len(equations))].text, answer_card_slot=gt["cards"][d],
                   answer_card_xy=[float(v) for v in scene.body_position(scene.cards[d])[:2]])
         return gt, "card"
     toys = gt["toys"]
