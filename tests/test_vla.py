@@ -582,11 +582,16 @@ def test_knowledge_suite_accepts_a_policy_folder(policy, tmp_path):
     assert answer.strip() and answer == ask(policy.vlm, policy.processor, [board], question)
 
 
-def test_shipped_policy_does_what_a_handed_reasoning_says(root):
-    # a regression floor on learned behaviour: handed the reasoning of another toy or another side in held-out scenes,
-    # the shipped policy does what that text says (1 of these 5 when shipped, 7/25 in the report; see the README)
-    from workbench.evaluation.closed_loop import evaluate_following
+def test_shipped_policy_solves_in_domain_boards_with_its_own_reasoning(root):
+    # a regression floor on learned behaviour: the shipped policy reads the board, lists the cards, names the answer
+    # card and brings it to the pad (3 of these 5 when shipped, 18/25 in the report; see the README); the parser
+    # finds the named card in the reasoning's own list
+    from workbench.evaluation.closed_loop import evaluate_policy
 
     shipped = load_policy(os.path.join(root, "data_samples", "policy"))
-    result = evaluate_following(shipped, "toy_placement", episodes=5, progress=False)
-    assert result["followed"] >= 1, [(r["seed"], r["followed"], r["reasoning"]) for r in result["records"]]
+    result = evaluate_policy(shipped, "math_matching", "in_domain", episodes=5, progress=False)
+    assert result["successes"] >= 2, [(r["seed"], r["success"], r["reasoning"]) for r in result["records"]]
+    # handed the true reasoning, it places open-world toys (names no robot episode holds) where the boxes say
+    # (5 of these 5 when shipped, 22/25 in the report)
+    result = evaluate_policy(shipped, "toy_placement", "open_world", episodes=5, progress=False, oracle_reasoning=True)
+    assert result["successes"] >= 3, [(r["seed"], r["success"]) for r in result["records"]]
