@@ -540,14 +540,14 @@ def test_the_distillation_teacher_is_the_stages_starting_model(root, demos, tmp_
 
 
 def test_counterfactual_following_hands_over_another_task(policy):
-    from workbench.evaluation.closed_loop import counterfactual, evaluate_following
+    from workbench.evaluation.closed_loop import evaluate_following
     from workbench.world.env import TabletopEnv
     from workbench.world.grounding import box_hit, card_box, toy_box
     from workbench.world.language import episode_reasoning
 
     env = TabletopEnv("math_matching", "open_world")
     _, info = env.reset(seed=3)
-    gt, kind = counterfactual(env, info, np.random.default_rng(0))
+    gt, kind = env.counterfactual_task(np.random.default_rng(0))
     facts = parse_reasoning(episode_reasoning(gt, np.random.default_rng(0)))
     other = env.scene.body_position(env.scene.cards[gt["answer"]])[:2]
     assert kind == "card" and gt["answer"] != info["answer"] and gt["answer"] in info["cards"]
@@ -557,7 +557,7 @@ def test_counterfactual_following_hands_over_another_task(policy):
     env, kinds = TabletopEnv("toy_placement", "open_world"), set()
     for seed in range(8):
         _, info = env.reset(seed=seed)
-        gt, kind = counterfactual(env, info, np.random.default_rng(seed))
+        gt, kind = env.counterfactual_task(np.random.default_rng(seed))
         kinds.add(kind)
         changed = {k for k in ("object", "target", "direction") if gt[k] != info[k]}
         assert changed == {"direction" if kind == "side" else "object"}

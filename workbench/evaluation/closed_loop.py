@@ -151,44 +151,14 @@ def format_reasoning_result(r: dict) -> str:
             f"scores: {scores}")
 
 
-def counterfactual(env, ground_truth: dict, rng) -> tuple[dict, str]:
-    """Another task in the same scene, as (its ground truth, the kind of change): math matching, another card
-    on the table is "the answer", of another equation of the split with that answer (``"card"``; the reasoning
-    reads as an episode of that equation, while the board still shows the scene's own); toy placement,
-    alternately the object goes to another side of the target (``"side"``) or another toy goes where the object
-    should (``"object"``). Positions are read from the simulator, so the counterfactual reasoning's boxes are
-    exact."""
-
-    from ..world.catalog import DIRECTIONS
-    from ..world.grounding import placement_reachable
-
-    gt = dict(ground_truth)
-    scene = env.unwrapped.scene
-    if gt["task"] == "math_matching":
-        others = sorted(d for d in gt["cards"] if int(d) != gt["answer"])
-        d = int(others[rng.integers(len(others))])
-        equations = [e for e in env.unwrapped.spec_split.equations if e.answer == d]  # the split has each digit
-        gt.update(answer=d, equation=equations[rng.integers(len(equations))].text, answer_card_slot=gt["cards"][d],
-                  answer_card_xy=[float(v) for v in scene.body_position(scene.cards[d])[:2]])
-        return gt, "card"
-    toys = gt["toys"]
-    if rng.random() < 0.5 or len(toys) < 3:
-        sides = [d for d in DIRECTIONS if d != gt["direction"] and placement_reachable(toys[gt["target"]], d)]
-        if sides:
-            gt["direction"] = sides[rng.integers(len(sides))]
-            return gt, "side"
-    others = [n for n in toys if n not in (gt["object"], gt["target"])]
-    gt["object"] = others[rng.integers(len(others))]
-    return gt, "object"
-
-
 def evaluate_following(policy, task: str, split: str = "open_world", episodes: int = 50, seed: int = EVAL_SEED,
                        progress: bool = True) -> dict:
     """Counterfactual following: in each seeded scene the policy is handed the reasoning of *another* task
-    (:func:`counterfactual`, written as the datasets annotate reasoning) and ``followed`` counts the episodes where
-    the robot did what that text says (the named card on the pad; the named toy on the named side), ``original``
-    those where it did the instruction's task instead. The instruction is the scene's own, so a policy that
-    re-derives the task from the instruction or the pixels does the original task."""
+    (:meth:`~workbench.world.env.TabletopEnv.counterfactual_task`, written as the datasets annotate reasoning)
+    and ``followed`` counts the episodes where the robot did what that text says (the named card on the pad; the
+    named toy on the named side), ``original`` those where it did the instruction's task instead. The
+    instruction is the scene's own, so a policy that re-derives the task from the instruction or the pixels does
+    the original task."""
     import numpy as np
 
     from ..controllers import PolicyController
@@ -200,7 +170,7 @@ def evaluate_following(policy, task: str, split: str = "open_world", episodes: i
     changed: dict = {}
 
     def text(info, env_seed):
-        changed["gt"], changed["kind"] = counterfactual(env, info, np.random.default_rng([env_seed, 5]))
+        changed["gt"], changed["kind"] = env.unwrapped.counterfactual_task(np.random.default_rng([env_seed, 5]))
         return episode_reasoning(changed["gt"], np.random.default_rng(env_seed))
 
     controller = PolicyController(policy, reasoning=text)

@@ -49,7 +49,7 @@ from .catalog import (
     Equation,
     get_split,
 )
-from .grounding import affordance_ok
+from .grounding import affordance_ok, placement_reachable
 from .scene import CAMERAS, CONTROL_HZ, HOME_EE, OVERVIEW, WORKSPACE_HIGH, WORKSPACE_LOW, TabletopScene
 from .writing import as_rgb_image, render_text
 
@@ -331,6 +331,57 @@ class TabletopEnv(gym.Env):
         writing_style, cards {digit: slot}, answer_card_slot, answer_card_xy [x, y]) or (object, target,
         direction, toys {name: [x, y]})."""
         return copy.deepcopy(self._gt)
+
+    def counterfactual_task(self, rng: np.random.Generator) -> tuple[dict, str]:
+        """Another task in this scene, as (its ground truth, the kind of change). Math matching: another card on
+        the table is "the answer", of another equation of the split with that answer (``"card"``; its reasoning
+        reads as an episode of that equation, while the board still shows the scene's own). Toy placement:
+        alternately the object goes to another side of the target (``"side"``) or another toy goes where the
+        object should (``"object"``). Positions are read from the simulator, so the boxes of its reasoning are
+        exact. The instruction stays the scene's own. Counterfactual following hands a policy this task's
+        reasoning; :meth:`retarget` makes it the task the episode checks (demonstrations of following)."""
+        gt = self.ground_truth()
+        if self.task == "math_matching":
+            others = sorted(d for d in gt["cards"] if int(d) != gt["answer"])
+            d = int(others[rng.integers(len(others))])
+            equations = [e for e in self.spec_split.equations if e.answer == d]  # the split has each digit
+            gt.update(answer=d, equation=equations[rng.integers(len(equations))].text,
+                      answer_card_slot=gt["cards"][d],
+                      answer_card_xy=[float(v) for v in self.scene.body_position(self.scene.cards[d])[:2]])
+            return gt, "card"
+        toys = gt["toys"]
+        if rng.random() < 0.5 or len(toys) < 3:
+            sides = [d for d in DIRECTIONS if d != gt["direction"] and placement_reachable(toys[gt["target"]], d)]
+            if sides:
+                gt["direction"] = sides[rng.integers(len(sides))]
+                return gt, "side"
+        others = [n for n in toys if n not in (gt["object"], gt["target"])]
+        gt["object"] = others[rng.integers(len(others))]
+        return gt, "object"
+
+    def retarget(self, ground_truth: dict) -> None:
+        """Make ``ground_truth`` (another task in the same scene, e.g. from :meth:`counterfactual_task`) the
+        episode's task: success, termination, :meth:`pick_and_place_targets` (the scripted expert) and
+        :meth:`ground_truth` follow it from now on; the scene, the board and the instruction stay as reset."""
+        if not self._gt:
+            raise RuntimeError("retarget() needs a reset episode")
+        scene_keys = ("task", "split", "instruction", "cards", "toys", "writing_style")
+        changed = [k for k in scene_keys if ground_truth.get(k) != self._gt.get(k)]
+        if changed:
+            raise ValueError(f"retarget() takes another task in the same scene; {changed} differ from the episode's")
+        if self.task == "math_matching":
+            if int(ground_truth["answer"]) not in self._gt["cards"]:
+                raise ValueError(f"card {ground_truth['answer']} is not on the table; "
+                                 f"cards: {list(self._gt['cards'])}")
+        else:
+            names = [ground_truth[k] for k in ("object", "target")]
+            if any(n not in self._gt["toys"] for n in names) or names[0] == names[1]:
+                raise ValueError(f"object and target must be two toys of the scene {list(self._gt['toys'])}, "
+                                 f"got {names}")
+            if ground_truth["direction"] not in DIRECTIONS:
+                raise ValueError(f"direction must be one of {list(DIRECTIONS)}, "
+                                 f"got {ground_truth['direction']!r}")
+        self._gt = copy.deepcopy({k: v for k, v in ground_truth.items() if k not in ("is_success", "step")})
 
     def pick_and_place_targets(self) -> tuple[int, np.ndarray]:
         """(body to pick, (x, y) where it must go) — what a scripted expert needs."""
