@@ -131,6 +131,41 @@ def test_the_env_tells_which_card_is_on_the_pad_and_where_a_toy_rests(envs, task
         assert not any(env.toy_placed(gt["object"], gt["target"], d) for d in others)
 
 
+@pytest.mark.parametrize("task", ["math_matching", "toy_placement"])
+def test_retargeted_episode_checks_and_demonstrates_the_new_task(envs, task):
+    """retarget(): success, termination and the expert follow the new task; the scene's own task is not done."""
+    from workbench.dataset import FollowingExpert
+
+    env = envs(task)
+    expert = FollowingExpert()
+    ep = rollout(env, expert, seed=6)
+    scene, want = ep.ground_truth, expert.ground_truth
+    assert ep.success and env.ground_truth()["instruction"] == scene["instruction"]
+    if task == "math_matching":
+        assert want["answer"] != scene["answer"] and env.card_on_pad(want["answer"])
+        assert not env.card_on_pad(scene["answer"]) and want["cards"] == scene["cards"]
+    else:
+        assert (want["object"], want["direction"]) != (scene["object"], scene["direction"])
+        assert env.toy_placed(want["object"], want["target"], want["direction"])
+        assert not env.toy_placed(scene["object"], scene["target"], scene["direction"])
+
+
+def test_retarget_refuses_another_scene(envs):
+    env = envs("math_matching")
+    _, info = env.reset(seed=1)
+    absent = next(d for d in range(10) if d not in info["cards"])
+    with pytest.raises(ValueError, match="not on the table"):
+        env.retarget({**info, "answer": absent})
+    with pytest.raises(ValueError, match=r"\['cards'\] differ"):
+        env.retarget({**info, "cards": {absent: "front_left"}})
+    env = envs("toy_placement")
+    _, info = env.reset(seed=1)
+    with pytest.raises(ValueError, match="two toys of the scene"):
+        env.retarget({**info, "target": info["object"]})
+    with pytest.raises(ValueError, match="direction must be one of"):
+        env.retarget({**info, "direction": "up"})
+
+
 def test_doing_nothing_fails_and_truncates(envs):
     env = envs("math_matching")
     ep = rollout(env, controller=lambda obs: (np.zeros(4, np.float32), "reach"), seed=0)
