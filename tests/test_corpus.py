@@ -144,6 +144,41 @@ def test_token_labels_match_the_scene():
     r.close()
 
 
+def test_upsampled_boards_label_every_character_and_name_its_owner(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from workbench.vlm import api
+    from workbench.vlm.probe import read_boards
+
+    g, cls = C.CorpusGenerator("heldout", seed=2), C.TOKEN_CLASSES
+    one, two = C.CorpusRenderer(), C.CorpusRenderer(board_scale=2)
+    boards = []
+    for _ in range(3):
+        s = g.sample("ocr")
+        chars = s.board["text"].replace(" ", "")
+        (b1,), (l1,), (o1,) = one(s, labels=True, owners=True)
+        (b2,), (l2,), (o2,) = two(s, labels=True, owners=True)
+        assert b2.shape == (192, 384, 3) and l2.shape == o2.shape == (12, 24) and l1.shape == (6, 12)
+        for labels, owners in ((l1, o1), (l2, o2)):  # each token's class is that of the character it lies in
+            assert all(cls[c] == (chars[i] if i >= 0 else "background") for c, i in zip(labels.ravel(), owners.ravel()))
+        assert set(np.unique(o2[o2 >= 0])) >= set(np.unique(o1[o1 >= 0]))  # a finer grid misses no character
+        assert len(set(np.unique(o2[o2 >= 0]))) == len(chars)
+        boards.append((b2, l2, o2, s.board["text"]))
+    one.close()
+    two.close()
+    with pytest.raises(ValueError, match="board_scale must be an int >= 1"):
+        C.CorpusRenderer(board_scale=0)
+    # the probe's reading: a probe that outputs each token's label reads every board; one that says "background"
+    # everywhere reads none
+    truth = torch.from_numpy(np.concatenate([b[1].ravel() for b in boards]))
+    monkeypatch.setattr(api, "vision_tokens", lambda visual, ip, images: (truth, [288] * len(images)))
+    right = read_boards(None, lambda feats, emb: F.one_hot(feats, len(cls)).float(), None, None, boards)
+    wrong = read_boards(None, lambda feats, emb: F.one_hot(feats * 0, len(cls)).float(), None, None, boards)
+    assert right["char_accuracy"] == right["board_accuracy"] == right["token_accuracy"] == 1.0
+    assert wrong["char_accuracy"] == wrong["board_accuracy"] == wrong["token_accuracy"] == 0.0
+
+
 @pytest.mark.parametrize("kind, family", [("ocr", ("ocr", "solve")), ("ground_card", C.CARD_KINDS),
                                           ("spatial", C.TOY_KINDS), ("count", C.TOY_KINDS)])
 def test_conversations_ask_several_questions_about_one_scene(kind, family):

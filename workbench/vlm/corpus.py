@@ -395,28 +395,40 @@ class CorpusRenderer:
     Board views use the fast :class:`~workbench.world.board_view.BoardView` (``view="camera"``), the texture
     itself shrunk to the camera's size (``"raw"``), or the real PyBullet whiteboard (``"env"``); table views
     are rendered by PyBullet (about 25 ms each; the last table is reused when the next sample shares it).
-    Samples marked ``aug`` get photometric jitter seeded by their own seed."""
+    Samples marked ``aug`` get photometric jitter seeded by their own seed. ``board_scale`` > 1 upsamples board
+    images by that factor (bicubic) after the camera, so each character covers ``board_scale``² times as many
+    merged tokens (:mod:`workbench.vlm.probe` measures what that does to reading; the models here use 1).
 
-    def __init__(self):
+    ``owners=True`` (with ``labels``) also returns, per image, the index of the board character under each merged
+    token (``(H/16, W/16)``, -1 where none; None for tables): the characters are the board's text without spaces,
+    in order."""
+
+    def __init__(self, board_scale: int = 1):
         from ..world.board_view import BoardView
         from ..world.scene import TabletopScene
 
+        if not (isinstance(board_scale, int) and board_scale >= 1):
+            raise ValueError(f"board_scale must be an int >= 1, got {board_scale!r}")
+        self.board_scale = board_scale
         self.scene = TabletopScene()
         self.board_view = BoardView(self.scene)
         self._cls = {c: i for i, c in enumerate(TOKEN_CLASSES)}
         self._last_table: tuple[str, np.ndarray, np.ndarray] | None = None
 
-    def __call__(self, sample: Sample, labels: bool = False):
-        images, maps = [], []
+    def __call__(self, sample: Sample, labels: bool = False, owners: bool = False):
+        images, maps, whose = [], [], []
         for view in sample.views:
             if view == "board":
-                img, lab = self._board(sample.board, labels)
+                img, lab, own = self._board(sample.board, labels or owners)
             elif view == "table":
-                img, lab = self._table(sample.table, labels)
+                (img, lab), own = self._table(sample.table, labels), None
             else:
                 raise ValueError(f"unknown view {view!r}; expected 'board' or 'table'")
             images.append(img)
             maps.append(lab)
+            whose.append(own)
+        if owners:
+            return images, maps, whose
         return (images, maps) if labels else images
 
     def _board(self, b: dict, labels: bool):
@@ -445,20 +457,24 @@ class CorpusRenderer:
             raise ValueError(f"unknown board view {view!r}; expected 'camera', 'raw' or 'env'")
         if b.get("aug"):
             img = photometric(img, np.random.default_rng([b["seed"], 1]))
-        if not labels:
-            return img, None
         h, w = img.shape[:2]
-        centres = _token_centres(h, w)
+        k = self.board_scale
+        if k > 1:
+            img = np.asarray(Image.fromarray(img).resize((w * k, h * k), Image.Resampling.BICUBIC))
+        if not labels:
+            return img, None, None
+        centres = _token_centres(h * k, w * k) / k  # in the camera image's pixels
         if view == "raw":
             tex = centres * np.array(BOARD_TEXTURE_SIZE, float) / np.array([w, h], float)
         else:
             tex = self.board_view.texture_coords(centres)
         tex = unrotate(tex, rotation)
-        out = np.zeros(len(tex), np.int64)
-        for ch, x0, y0, x1, y1 in cells:
-            inside = (tex[:, 0] >= x0) & (tex[:, 0] < x1) & (tex[:, 1] >= y0) & (tex[:, 1] < y1)
-            out[inside] = self._cls[ch]
-        return img, out.reshape(h // TOKEN_PX, w // TOKEN_PX)
+        owner = np.full(len(tex), -1, np.int64)
+        for i, (_, x0, y0, x1, y1) in enumerate(cells):
+            owner[(tex[:, 0] >= x0) & (tex[:, 0] < x1) & (tex[:, 1] >= y0) & (tex[:, 1] < y1)] = i
+        classes = np.array([self._cls[c[0]] for c in cells] + [0], np.int64)  # owner -1: background
+        grid = (h * k // TOKEN_PX, w * k // TOKEN_PX)
+        return img, classes[owner].reshape(grid), owner.reshape(grid)
 
     def _table(self, t: dict, labels: bool):
         import json

@@ -1,0 +1,181 @@
+"""What limits reading: the vision side alone, trained on fresh boards and read on held-out ones.
+
+:func:`probe_reading` trains a fresh vision tower and merger (a :data:`~workbench.vlm.modeling.PRESETS` preset)
+with the *see* phase's dense probe (:class:`~workbench.vlm.pretrain.ReadingHead`, tied to a fresh language model's
+token embeddings, as in pretraining) on fresh, augmented **training** whiteboards for a wall-clock budget, then
+reads **held-out** whiteboards (held-out font families and equations, ``CorpusGenerator("heldout")``) from the
+probe alone: each character is read as the most frequent class among the merged tokens whose centres fall inside
+it (no token inside: unread), and a board is read when every character is. ``board_scale`` upsamples each board
+image before the vision tower (:class:`~workbench.vlm.corpus.CorpusRenderer`), so a character covers
+``board_scale``² times as many tokens: comparing scales at equal wall time says whether the token grid or the
+tower limits reading. The learning rate follows a cosine of the elapsed share of the budget (not resumable: a
+diagnostic, not a training run). Evaluations are logged against wall-clock minutes.
+
+    python -m workbench.vlm.probe --board-scale 1 --minutes 10 --out outputs/probe_scale1.json
+    python -m workbench.vlm.probe --board-scale 2 --minutes 10 --out outputs/probe_scale2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer
+from .pretrain import ReadingHead
+
+
+class _Boards(torch.utils.data.IterableDataset):
+    """Endless fresh training boards, ``batch`` at a time: (images, token label maps), rendered in a worker."""
+
+    def __init__(self, batch: int, board_scale: int, seed: int):
+        self.batch, self.board_scale, self.seed = batch, board_scale, seed
+
+    def __iter__(self):
+        gen, renderer = CorpusGenerator("train", seed=self.seed), CorpusRenderer(self.board_scale)
+        while True:
+            rendered = [renderer(gen.sample("ocr"), labels=True) for _ in range(self.batch)]
+            yield [im for r in rendered for im in r[0]], [lab for r in rendered for lab in r[1]]
+
+
+def _as_is(batch):
+    return batch  # the images stay numpy arrays (the default would turn them into tensors)
+
+
+def _one_thread(_):
+    torch.set_num_threads(1)  # the worker renders; the cores belong to training
+
+
+def read_boards(visual, head, embeddings, image_processor, boards: list[tuple], batch: int = 32) -> dict:
+    """Read ``boards`` ([(image, labels, owners, text)], as :func:`held_out_boards` makes) with the probe: token
+    accuracy (non-background tokens), character accuracy (majority vote per character) and board accuracy."""
+    from .api import vision_tokens
+
+    tok_right = tok_n = char_right = char_n = board_right = 0
+    with torch.no_grad():
+        for start in range(0, len(boards), batch):
+            chunk = boards[start:start + batch]
+            feats, per_image = vision_tokens(visual, image_processor, [b[0] for b in chunk])
+            pred = head(feats, embeddings).argmax(-1).split(per_image)
+            for (_, labels, owners, text), p in zip(chunk, pred):
+                p, labels, owners = p.numpy(), labels.ravel(), owners.ravel()
+                fg = labels > 0
+                tok_right, tok_n = tok_right + int((p[fg] == labels[fg]).sum()), tok_n + int(fg.sum())
+                chars = text.replace(" ", "")
+                right = 0
+                for i, ch in enumerate(chars):
+                    votes = p[owners == i]
+                    right += bool(len(votes)) and TOKEN_CLASSES[np.bincount(votes).argmax()] == ch
+                char_right, char_n = char_right + right, char_n + len(chars)
+                board_right += right == len(chars)
+    return {"token_accuracy": tok_right / max(1, tok_n), "char_accuracy": char_right / max(1, char_n),
+            "board_accuracy": board_right / len(boards), "boards": len(boards)}
+
+
+def held_out_boards(n: int, board_scale: int, seed: int = 1234) -> list[tuple]:
+    """``n`` held-out whiteboards (font families and equations never in training): (image, labels, owners, text)."""
+    gen, renderer = CorpusGenerator("heldout", seed=seed), CorpusRenderer(board_scale)
+    out = []
+    for _ in range(n):
+        s = gen.sample("ocr")
+        images, labels, owners = renderer(s, labels=True, owners=True)
+        out.append((images[0], labels[0], owners[0], s.board["text"]))
+    renderer.close()
+    return out
+
+
+def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, lr: float = 2e-3,
+                  preset: str = "tiny", eval_boards: int = 128, evals: int = 5, seed: int = 0,
+                  progress: bool = True) -> dict:
+    """Train the vision side of a fresh ``preset`` model with the dense probe for ``minutes`` on fresh training
+    boards shown at ``board_scale``, reading ``eval_boards`` held-out boards ``evals`` times along the way (and at
+    the end). Returns the config, the curve ``[{"minutes", "step", ...read_boards figures}]`` and the final row."""
+    from .modeling import build_model
+    from .processing import build_processor, tokenizer_texts
+
+    if minutes <= 0 or batch < 1 or eval_boards < 1 or evals < 1:
+        raise ValueError("minutes must be > 0 and batch, eval_boards, evals >= 1; got "
+                         f"{minutes}, {batch}, {eval_boards}, {evals}")
+    torch.manual_seed(seed)
+    processor = build_processor(tokenizer_texts(3000, seed=seed), 1024)
+    model = build_model(processor.tokenizer, preset, seed=seed, verbose=False)
+    visual, embeddings = model.model.visual, model.get_input_embeddings().weight.detach()
+    head = ReadingHead(processor.tokenizer, model.config.vision_config.hidden_size)
+    params = list(visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    weight = torch.ones(len(TOKEN_CLASSES))
+    weight[0] = 0.2  # background is most tokens, as in pretraining
+    tests = held_out_boards(eval_boards, board_scale)
+    loader = iter(torch.utils.data.DataLoader(_Boards(batch, board_scale, seed), batch_size=None, num_workers=1,
+                                              prefetch_factor=4, collate_fn=_as_is, worker_init_fn=_one_thread))
+    from .api import vision_tokens
+
+    budget, curve, step, t0 = minutes * 60, [], 0, time.time()
+    next_eval = budget / evals
+    bar = tqdm(total=round(budget), desc=f"probe x{board_scale}", unit="s", disable=not progress)
+    while True:
+        elapsed = time.time() - t0
+        if elapsed >= next_eval or elapsed >= budget:
+            visual.eval()
+            row = {"minutes": round(elapsed / 60, 2), "step": step,
+                   **read_boards(visual, head, embeddings, processor.image_processor, tests)}
+            curve.append(row)
+            if progress:
+                tqdm.write(json.dumps(row))
+            next_eval += budget / evals
+            if elapsed >= budget:
+                break
+        visual.train()
+        images, labels = next(loader)
+        feats, _ = vision_tokens(visual, processor.image_processor, images)
+        target = torch.from_numpy(np.concatenate([lab.ravel() for lab in labels]))
+        loss = F.cross_entropy(head(feats, embeddings), target, weight=weight)
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(round(time.time() - t0) - bar.n)
+        bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
+    bar.close()
+    config = {"board_scale": board_scale, "minutes": minutes, "batch": batch, "lr": lr, "preset": preset,
+              "eval_boards": eval_boards, "seed": seed, "torch_threads": torch.get_num_threads(),
+              "tokens_per_board": int(tests[0][1].size)}
+    return {"config": config, "curve": curve, "final": curve[-1]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m workbench.vlm.probe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--board-scale", type=int, default=1, help="upsample board images by this factor (1, 2, ...)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--eval-boards", type=int, default=128)
+    ap.add_argument("--evals", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="write the result here (JSON)")
+    args = ap.parse_args(argv)
+    result = probe_reading(args.board_scale, args.minutes, args.batch, args.lr, args.preset, args.eval_boards,
+                           args.evals, args.seed)
+    print(f"| minutes | steps | token acc | char acc | board acc (N={args.eval_boards}) |\n|---|---|---|---|---|")
+    for r in result["curve"]:
+        print(f"| {r['minutes']:.1f} | {r['step']} | {r['token_accuracy']:.3f} | {r['char_accuracy']:.3f} | "
+              f"{r['board_accuracy']:.3f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    from ..settings import run_cli
+
+    run_cli(main)
