@@ -305,9 +305,14 @@ class TabletopEnv(gym.Env):
         return self._obs(), float(success), terminated, truncated, self._info(success)
 
     def is_success(self) -> bool:
+        return self.achieved(self._gt)
+
+    def achieved(self, ground_truth: dict) -> bool:
+        """Whether the task of ``ground_truth`` (this episode's, or another in the same scene) is done now: its
+        answer card on the pad, or its object on the named side of its target, released."""
         if self.task == "math_matching":
-            return self.card_on_pad(self._gt["answer"])
-        return self.toy_placed(self._gt["object"], self._gt["target"], self._gt["direction"])
+            return self.card_on_pad(ground_truth["answer"])
+        return self.toy_placed(ground_truth["object"], ground_truth["target"], ground_truth["direction"])
 
     def card_on_pad(self, digit: int) -> bool:
         """Whether the card ``digit`` lies on the answer pad (released)."""
