@@ -10,7 +10,6 @@ import pytest
 
 from workbench import dataset as wds
 from workbench.world.env import MAX_STEP
-from workbench.world.language import parse_reasoning
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +40,6 @@ def test_round_trip(small):
         table.column("episode_index").to_pylist()) == 0).sum()
     stats = meta.stats["action"]
     np.testing.assert_allclose(stats["mean"], actions.mean(0), atol=1e-5)
-
-
-def test_counterfactual_episodes_follow_another_task(tmp_path):
-    out = str(tmp_path / "cf")
-    info = wds.generate_dataset(out, tasks=("math_matching",), episodes=1, seed=3, progress=False, counterfactual=1)
-    plain, cf = wds.load_meta(out).episodes
-    assert info["total_episodes"] == 2 and info["counterfactual_episodes_per_task_split"] == 1
-    assert "counterfactual" not in plain and cf["counterfactual"] == "card"
-    want, scene = cf["ground_truth"], cf["scene_ground_truth"]
-    assert want["answer"] != scene["answer"] and want["cards"] == scene["cards"]
-    assert parse_reasoning(cf["reasoning"]).card == want["answer"] and cf["instruction"] == scene["instruction"]
-    # the ordinary episodes come from the same seeds with or without counterfactual ones
-    same = wds.generate_dataset(str(tmp_path / "plain"), tasks=("math_matching",), episodes=1, seed=3,
-                                progress=False)
-    assert wds.load_meta(str(tmp_path / "plain")).episodes[0]["seed"] == plain["seed"]
-    assert same["counterfactual_episodes_per_task_split"] == 0
-    with pytest.raises(ValueError, match="counterfactual must be an int >= 0"):
-        wds.generate_dataset(str(tmp_path / "bad"), episodes=1, counterfactual=-1)
 
 
 def test_chunks_pad_at_episode_end(small):

@@ -379,18 +379,6 @@ def test_robot_training_data_must_be_in_domain(tmp_path, policy):
         RobotFrames(path, policy, progress=False)
 
 
-def test_counterfactual_demonstrations_never_teach_the_language_model(root, tmp_path):
-    from workbench.dataset import generate_dataset
-
-    path = str(tmp_path / "cf")
-    generate_dataset(path, tasks=["math_matching"], episodes=1, counterfactual=1, progress=False)
-    vlm = os.path.join(root, "data_samples", "vlm")
-    with pytest.raises(ValueError, match="holds 1 counterfactual demonstrations"):
-        StageTrainer(RECIPES["full_finetune"][0], vlm, path, str(tmp_path / "ff"), progress=False)
-    for stage in (STAGES["reasoning_alignment"], STAGES["action_finetuning"]):  # scenes carry its LM loss / no LM
-        StageTrainer(stage, vlm, path, str(tmp_path / stage.name), progress=False)
-
-
 def test_robot_reasoning_longer_than_the_policy_generates_is_refused(root, demos):
     from workbench.vla.stage_data import RobotFrames
 

@@ -34,7 +34,6 @@ from .checkpoint import atomic_folder
 from .world import language
 from .world.catalog import SPLIT_NAMES, TASKS
 from .world.env import ACTION_DIM, MAX_STEP, STATE_DIM, TabletopEnv, commanded_targets
-from .world.expert import ScriptedExpert
 from .world.rollout import Episode, rollout
 from .world.scene import CAMERAS, CONTROL_HZ
 
@@ -64,31 +63,12 @@ def _png(arr: np.ndarray) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def annotate(episode: Episode, seed: int, ground_truth: dict | None = None) -> tuple[str, list[str]]:
-    """Episode reasoning and per-step reasoning (one phrasing per phase, fixed within an episode) of
-    ``ground_truth`` (default: the episode's own, as reset)."""
-    gt = episode.ground_truth if ground_truth is None else ground_truth
+def annotate(episode: Episode, seed: int) -> tuple[str, list[str]]:
+    """Episode reasoning and per-step reasoning (one phrasing per phase, fixed within an episode)."""
     rng = np.random.default_rng(seed)
-    reasoning = language.episode_reasoning(gt, rng)
-    per_phase = {ph: language.step_reasoning(ph, gt, rng) for ph in language.PHASES}
+    reasoning = language.episode_reasoning(episode.ground_truth, rng)
+    per_phase = {ph: language.step_reasoning(ph, episode.ground_truth, rng) for ph in language.PHASES}
     return reasoning, [per_phase[ph] for ph in episode.phases]
-
-
-class FollowingExpert:
-    """A controller that demonstrates *following a reasoning*: right after the reset it retargets the episode to
-    another task in the same scene (:meth:`~workbench.world.env.TabletopEnv.counterfactual_task`, drawn from the
-    episode's seed; the board and the instruction stay the scene's own) and the scripted expert does that task.
-    ``ground_truth`` is then that task's, ``kind`` what changed; the step notes are the expert's phases."""
-
-    def start(self, env, obs, info, seed=None, streamer=None) -> None:
-        u = env.unwrapped
-        self.ground_truth, self.kind = u.counterfactual_task(np.random.default_rng(None if seed is None
-                                                                                   else [seed, 5]))
-        u.retarget(self.ground_truth)
-        self.act = ScriptedExpert(u).act
-
-    def __call__(self, obs):
-        return self.act(obs)
 
 
 def _json_safe(obj):
@@ -104,15 +84,8 @@ def _json_safe(obj):
 
 
 def generate_dataset(out: str, tasks=TASKS, splits=("in_domain",), episodes: int = 10, seed: int = 0,
-                     cameras=tuple(CAMERAS), progress: bool = True, overwrite: bool = False,
-                     counterfactual: int = 0) -> dict:
-    """Run the scripted expert and write ``episodes`` successful episodes per task/split to ``out``, then
-    ``counterfactual`` more per task/split that demonstrate *following a reasoning*: in a fresh scene the expert
-    does another task than the instruction's (:class:`FollowingExpert`: another card as "the answer", the toy
-    to another side or another toy), and the
-    episode's reasoning states that task, while the board and the instruction stay the scene's own. Their
-    ``episodes.jsonl`` lines carry ``counterfactual`` (the kind of change) and ``scene_ground_truth``; the
-    ``episodes`` ordinary ones come from the same seeds whatever ``counterfactual`` is.
+                     cameras=tuple(CAMERAS), progress: bool = True, overwrite: bool = False) -> dict:
+    """Run the scripted expert and write ``episodes`` successful episodes per task/split to ``out``.
 
     Failed expert episodes are not written (they are counted in ``meta/info.json``). The folder is
     built in a temporary sibling and moved into place at the end, so an interrupted run never
@@ -126,15 +99,13 @@ def generate_dataset(out: str, tasks=TASKS, splits=("in_domain",), episodes: int
             raise ValueError(f"unknown split {s!r}; expected one of {list(SPLIT_NAMES)}")
     if not (isinstance(episodes, int) and episodes > 0):
         raise ValueError(f"episodes must be a positive int, got {episodes!r}")
-    if not (isinstance(counterfactual, int) and counterfactual >= 0):
-        raise ValueError(f"counterfactual must be an int >= 0 (episodes per task and split), got {counterfactual!r}")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     with atomic_folder(out) as tmp:
-        return _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress, counterfactual)
+        return _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress)
 
 
-def _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress, counterfactual=0) -> dict:
+def _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress) -> dict:
     """Fill folder ``tmp`` with a dataset (see :func:`generate_dataset`)."""
     import datasets
     from datasets import Dataset
@@ -147,7 +118,7 @@ def _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress, counte
     rows, ep_lines, failures = [], [], 0
     states, actions = [], []
     file_idx, ep_index = 0, 0
-    bar = tqdm(total=(episodes + counterfactual) * len(tasks) * len(splits), desc="episodes", disable=not progress)
+    bar = tqdm(total=episodes * len(tasks) * len(splits), desc="episodes", disable=not progress)
 
     def flush():
         nonlocal rows, file_idx
@@ -159,48 +130,41 @@ def _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress, counte
     for task in tasks:
         for split in splits:
             env = TabletopEnv(task, split, cameras=tuple(cameras))
-            streams = [(False, episodes, [seed, TASKS.index(task), SPLIT_NAMES.index(split)])]
-            if counterfactual:  # a stream of its own: the ordinary episodes stay those of the same seed
-                streams.append((True, counterfactual, [seed, TASKS.index(task), SPLIT_NAMES.index(split), 1]))
-            for following, wanted, key in streams:
-                seeds = np.random.default_rng(key).integers(0, 2**31 - 1, size=10 * wanted + 10)
-                done = 0
-                for ep_seed in seeds:
-                    if done == wanted:
-                        break
-                    expert = FollowingExpert() if following else None
-                    ep = rollout(env, expert, seed=int(ep_seed))
-                    if not ep.success:
-                        failures += 1
-                        continue
-                    gt = expert.ground_truth if following else ep.ground_truth
-                    reasoning, steps = annotate(ep, int(ep_seed), gt)
-                    for i in range(len(ep)):
-                        rows.append({
-                            "episode_index": ep_index, "frame_index": i, "timestamp": i / CONTROL_HZ,
-                            **{f"observation.images.{c}": _png(ep.frames[c][i]) for c in cameras},
-                            "observation.state": ep.states[i].tolist(), "action": ep.actions[i].tolist(),
-                            "task": task, "split": split, "instruction": gt["instruction"],
-                            "reasoning": reasoning, "phase": ep.phases[i], "step_reasoning": steps[i],
-                        })
-                    states.append(ep.states)
-                    actions.append(ep.actions)
-                    line = {"episode_index": ep_index, "task": task, "split": split, "seed": int(ep_seed),
-                            "length": len(ep), "instruction": gt["instruction"], "reasoning": reasoning,
-                            "ground_truth": {k: v for k, v in gt.items() if k not in ("is_success", "step")}}
-                    if following:
-                        line.update(counterfactual=expert.kind, scene_ground_truth={
-                            k: v for k, v in ep.ground_truth.items() if k not in ("is_success", "step")})
-                    ep_lines.append(_json_safe(line))
-                    ep_index += 1
-                    done += 1
-                    bar.update(1)
-                    if ep_index % EPISODES_PER_FILE == 0:
-                        flush()
-                if done < wanted:
-                    kind = "counterfactual " * following
-                    raise RuntimeError(f"the expert solved only {done} of {len(seeds)} {kind}{task}/{split} episodes")
+            seeds = np.random.default_rng([seed, TASKS.index(task), SPLIT_NAMES.index(split)]).integers(
+                0, 2**31 - 1, size=10 * episodes + 10)
+            done = 0
+            for ep_seed in seeds:
+                if done == episodes:
+                    break
+                ep = rollout(env, seed=int(ep_seed))
+                if not ep.success:
+                    failures += 1
+                    continue
+                reasoning, steps = annotate(ep, int(ep_seed))
+                gt = ep.ground_truth
+                for i in range(len(ep)):
+                    rows.append({
+                        "episode_index": ep_index, "frame_index": i, "timestamp": i / CONTROL_HZ,
+                        **{f"observation.images.{c}": _png(ep.frames[c][i]) for c in cameras},
+                        "observation.state": ep.states[i].tolist(), "action": ep.actions[i].tolist(),
+                        "task": task, "split": split, "instruction": gt["instruction"],
+                        "reasoning": reasoning, "phase": ep.phases[i], "step_reasoning": steps[i],
+                    })
+                states.append(ep.states)
+                actions.append(ep.actions)
+                ep_lines.append(_json_safe({
+                    "episode_index": ep_index, "task": task, "split": split, "seed": int(ep_seed),
+                    "length": len(ep), "instruction": gt["instruction"], "reasoning": reasoning,
+                    "ground_truth": {k: v for k, v in gt.items() if k not in ("is_success", "step")},
+                }))
+                ep_index += 1
+                done += 1
+                bar.update(1)
+                if ep_index % EPISODES_PER_FILE == 0:
+                    flush()
             env.close()
+            if done < episodes:
+                raise RuntimeError(f"the expert solved only {done} of {len(seeds)} {task}/{split} episodes")
     flush()
     bar.close()
     s, a = np.concatenate(states), np.concatenate(actions)
@@ -210,7 +174,7 @@ def _write_dataset(tmp, tasks, splits, episodes, seed, cameras, progress, counte
         "format": "workbench demonstrations v1 (parquet rows + meta/, LeRobot-like)",
         "fps": CONTROL_HZ, "total_episodes": ep_index, "total_frames": int(len(s)),
         "failed_expert_episodes_skipped": failures, "tasks": list(tasks), "splits": list(splits),
-        "seed": seed, "counterfactual_episodes_per_task_split": counterfactual, "chunk_size_hint": CHUNK_SIZE,
+        "seed": seed, "chunk_size_hint": CHUNK_SIZE,
         "cameras": {c: {"height": CAMERAS[c].height, "width": CAMERAS[c].width} for c in cameras},
         "features": {
             "observation.state": {"shape": [STATE_DIM], "names": ["ee_x", "ee_y", "ee_z", "gripper_width"],
@@ -361,13 +325,10 @@ def main(argv=None):
     ap.add_argument("--splits", nargs="+", default=["in_domain"], choices=SPLIT_NAMES)
     ap.add_argument("--episodes", type=int, default=10, help="successful episodes per task and split")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--counterfactual", type=int, default=0,
-                    help="extra episodes per task and split in which the expert follows another task's reasoning "
-                         "(the board and instruction unchanged)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     info = generate_dataset(args.out, args.tasks, args.splits, args.episodes, args.seed,
-                            overwrite=args.overwrite, counterfactual=args.counterfactual)
+                            overwrite=args.overwrite)
     print(f"wrote {info['total_episodes']} episodes, {info['total_frames']} frames to {args.out}")
 
 

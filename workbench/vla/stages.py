@@ -221,15 +221,6 @@ class StageTrainer:
 
         self.stage, self.init, self.data, self.out, self.progress = stage, init, data, out, progress
         self.policy_config = policy_config or PolicyConfig()
-        if stage.lm_loss and not stage.reasoning_scenes:  # the language model would learn the frames' reasoning
-            from ..dataset import load_meta
-
-            following = sum(bool(e.get("counterfactual")) for e in load_meta(data).episodes)
-            if following:
-                raise ValueError(f"{data} holds {following} counterfactual demonstrations, whose reasoning states "
-                                 f"another task than the board's; stage {stage.name!r} would teach the language model "
-                                 "that reasoning (lm_loss with reasoning_scenes=0): train it on a dataset made without "
-                                 "--counterfactual")
         self.run_dir = out.rstrip("/") + ".run"
         os.makedirs(self.run_dir, exist_ok=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
