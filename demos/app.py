@@ -245,8 +245,11 @@ def run_episode(controller: ExpertController | PolicyController, task_label: str
                 reasoning: str | None = None, gif_dir: str | None = None) -> Iterator[Update]:
     """Generator: one episode, yielding an :class:`Update` while the reasoning streams and after every step.
 
-    ``reasoning`` (policy only): act on this text instead of generating it. Bad inputs raise ``gr.Error``
-    before the robot moves; the episode ends at the env's ``max_steps``; the last update carries the GIF.
+    ``reasoning`` (policy only): act on this text instead of generating it; when it states a task in the scene
+    (a card on the table; two of its toys and a side), the episode is retargeted to that task
+    (:meth:`~workbench.world.env.TabletopEnv.retarget`), so it ends once the robot has done what the text says and
+    the outcome says whether it did. Bad inputs raise ``gr.Error`` before the robot moves; the episode ends at its
+    success or the env's ``max_steps``; the last update carries the GIF.
     """
     if task_label not in TASKS:
         raise fail(f"Unknown task {task_label!r}; choose one of {list(TASKS)}.")
@@ -265,6 +268,9 @@ def run_episode(controller: ExpertController | PolicyController, task_label: str
             obs, info = env.reset(seed=seed, options=options)
         except ValueError as exc:
             raise fail(f"Cannot set up that episode: {exc}") from None
+        stated = None if reasoning is None else env.unwrapped.stated_task(language.parse_reasoning(reasoning))
+        if stated is not None:
+            env.unwrapped.retarget(stated)  # the episode ends when what the reasoning says is done
         cams = {c: obs[c] for c in env.cameras}
         head = f"**Instruction:** {html.escape(info['instruction'])}  \n"
         frames = [compose_frame(env.render(), cams)]
@@ -282,6 +288,9 @@ def run_episode(controller: ExpertController | PolicyController, task_label: str
             frames.append(compose_frame(env.render(), {c: step.next_obs[c] for c in env.cameras}))
             if not step.done:
                 outcome = f"Running… step {n}/{env.max_steps}"
+            elif stated is not None:
+                outcome = (f"**Did what the reasoning says** in {n} steps" if step.success
+                           else f"**Did not do what the reasoning says** after {n} steps")
             elif has_truth:
                 outcome = f"**Success** in {n} steps" if step.success else f"**Failure** after {n} steps"
             else:

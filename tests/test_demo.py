@@ -149,6 +149,8 @@ def test_policy_streams_its_reasoning_and_follows_an_edited_one(app, policy):
     followed = list(app.run_episode(controller, "math matching", "in_domain", 4, "", reasoning=edited))
     assert followed[-1].reasoning == edited and "✗ wrong" in followed[-1].truth
     assert controller.policy.facts.card == other and controller.path() is not None
+    # the episode was retargeted to the handed card: it ends once that card is on the pad, and says so
+    assert "Did what the reasoning says" in followed[-1].status and len(followed) < 80
 
 
 # ------------------------------------------------------------------------------------------------ gradio_client

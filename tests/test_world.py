@@ -156,6 +156,24 @@ def test_retargeted_episode_checks_and_demonstrates_the_new_task(envs, task):
         assert (want["object"], want["direction"]) != (scene["object"], scene["direction"])
 
 
+def test_the_task_a_reasoning_states_in_the_scene(envs):
+    env = envs("math_matching")
+    _, info = env.reset(seed=2)
+    other = next(d for d in info["cards"] if d != info["answer"])
+    absent = next(d for d in range(10) if d not in info["cards"])
+    stated = env.stated_task(language.parse_reasoning(f"I'll move the card {other} to the pad."))
+    assert stated["answer"] == other and stated["answer_card_slot"] == info["cards"][other]
+    env.retarget(stated)  # a task of this scene
+    assert env.stated_task(language.parse_reasoning(f"I'll move the card {absent} to the pad.")) is None
+    assert env.stated_task(language.parse_reasoning("no card named")) is None
+    env = envs("toy_placement")
+    _, info = env.reset(seed=2)
+    side = next(d for d in ("left", "right", "front", "behind") if d != info["direction"])
+    facts = language.ReasoningFacts(object=info["object"], target=info["target"], direction=side)
+    assert env.stated_task(facts)["direction"] == side
+    assert env.stated_task(language.ReasoningFacts(object="a whale", target=info["target"], direction=side)) is None
+
+
 def test_retarget_refuses_another_scene(envs):
     env = envs("math_matching")
     _, info = env.reset(seed=1)

@@ -364,6 +364,25 @@ class TabletopEnv(gym.Env):
         gt["object"] = others[rng.integers(len(others))]
         return gt, "object"
 
+    def stated_task(self, facts) -> dict | None:
+        """The task that a reasoning states in this scene, from its facts (:func:`~workbench.world.language.
+        parse_reasoning`), as a ground truth for :meth:`retarget`: math, the card it names, if that card is on the
+        table; toys, its object, target and side, if they are two toys of the scene and a direction. None when the
+        facts state no such task."""
+        gt = self.ground_truth()
+        if self.task == "math_matching":
+            if facts.card is None or facts.card not in gt["cards"]:
+                return None
+            xy = self.scene.body_position(self.scene.cards[facts.card])[:2]
+            gt.update(answer=facts.card, answer_card_slot=gt["cards"][facts.card],
+                      answer_card_xy=[float(v) for v in xy])
+            return gt
+        names = (facts.object, facts.target)
+        if names[0] == names[1] or any(n not in gt["toys"] for n in names) or facts.direction not in DIRECTIONS:
+            return None
+        gt.update(object=facts.object, target=facts.target, direction=facts.direction)
+        return gt
+
     def retarget(self, ground_truth: dict) -> None:
         """Make ``ground_truth`` (another task in the same scene, e.g. from :meth:`counterfactual_task`) the
         episode's task: success, termination, :meth:`pick_and_place_targets` (the scripted expert) and
