@@ -14,8 +14,8 @@ in :mod:`workbench.evaluation`.
 ``reasoning``: the reasoning a policy (or a stage-2 checkpoint) generates at the first frame of held-out episodes,
 scored without acting, and a slice of the knowledge suite (no robustness rows): a check in a few minutes.
 ``following``: counterfactual following on held-out (open-world) scenes of both tasks: the policy is handed the
-reasoning of another task in the same scene (another card; another side or another toy) and the robot's outcome is
-checked against what that text says.
+reasoning of another task in the same scene (another card; another side or another toy), the episode ends when that
+task is done, and the robot's outcome is checked against what that text says.
 ``positions``: does a VLM know where things are (:mod:`workbench.evaluation.positions`): linear probes of each
 image token's row and column and of the card digit or toy it lies on, the error of the boxes it writes against always
 answering the mean box, and whether any attention head looks at the named card or toy more than at the others when
