@@ -586,7 +586,7 @@ def test_shipped_policy_solves_in_domain_boards_with_its_own_reasoning(root):
     # a regression floor on learned behaviour: the shipped policy reads the board, lists the cards, names the answer
     # card and brings it to the pad (3 of these 5 when shipped, 18/25 in the report; see the README); the parser
     # finds the named card in the reasoning's own list
-    from workbench.evaluation.closed_loop import evaluate_policy
+    from workbench.evaluation.closed_loop import evaluate_following, evaluate_policy
 
     shipped = load_policy(os.path.join(root, "data_samples", "policy"))
     result = evaluate_policy(shipped, "math_matching", "in_domain", episodes=5, progress=False)
@@ -595,3 +595,7 @@ def test_shipped_policy_solves_in_domain_boards_with_its_own_reasoning(root):
     # (5 of these 5 when shipped, 22/25 in the report)
     result = evaluate_policy(shipped, "toy_placement", "open_world", episodes=5, progress=False, oracle_reasoning=True)
     assert result["successes"] >= 3, [(r["seed"], r["success"]) for r in result["records"]]
+    # handed another card than the board's answer, it brings that card (4 of these 4 when shipped, 50/50 in
+    # data_samples/policy/following.json): it acts on the reasoning, not on the board
+    result = evaluate_following(shipped, "math_matching", episodes=4, progress=False)
+    assert result["followed"] >= 3 and result["original"] == 0, [(r["seed"], r["steps"]) for r in result["records"]]
