@@ -162,7 +162,7 @@ def evaluate_following(policy, task: str, split: str = "open_world", episodes: i
     The episode is retargeted to the handed task (:meth:`~workbench.world.env.TabletopEnv.retarget`): it ends
     when that task is done, as an ordinary episode ends at its success. (Without it the episode ran on to its
     step limit and a policy that had put the named card on the pad picked it up again, trying to finish the
-    board's task: sessions up to 17 counted such episodes as not followed.)"""
+    board's task: an earlier version of this evaluation counted such episodes as not followed.)"""
     import numpy as np
 
     from ..controllers import PolicyController
