@@ -175,6 +175,8 @@ def test_presets():
     assert cfg.text_config.hidden_size == 1536 and cfg.vision_config.hidden_size == 1536
     n = count_parameters(build_model(proc.tokenizer, verbose=False))
     assert 1_000_000 < n["total"] < 3_000_000
+    small = count_parameters(build_model(proc.tokenizer, "small", verbose=False))  # tiny with a bigger vision tower
+    assert small["language"] == n["language"] and 4 * n["vision"] < small["vision"] and small["total"] < 10_000_000
 
 
 def test_shipped_checkpoint_scores_above_its_floor(root):

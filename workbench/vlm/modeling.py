@@ -7,10 +7,12 @@ weights format and APIs (``save_pretrained`` / ``from_pretrained``, ``generate``
 preset     hidden  layers  heads  kv heads  vision dim   depth   patch  params
 =========  ======  ======  =====  ========  ===========  ======  =====  ========
 ``tiny``   128     4       4      2         96           4       8      ~1.8 M
+``small``  128     4       4      2         192          6       8      ~4.5 M
 ``2b``     1536    28      12     2         1280         32      14     ~2.2 B
 =========  ======  ======  =====  ========  ===========  ======  =====  ========
 
-(``tiny``'s count is with a ~1k-token vocabulary; ``2b`` is Qwen2-VL-2B's published config with its
+(``small`` is ``tiny`` with a wider, deeper vision tower: :mod:`workbench.vlm.probe` compares what the two read;
+``tiny``'s count is with a ~1k-token vocabulary; ``2b`` is Qwen2-VL-2B's published config with its
 151,936-token vocabulary, for GPU checks only.)
 """
 
@@ -21,13 +23,19 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from .processing import MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
+_TINY_TEXT = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048,
+              # mrope_section (temporal, height, width) must sum to head_dim / 2 = 128 / 4 / 2
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}}
+
 PRESETS: dict[str, dict] = {
     "tiny": {
-        "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "max_position_embeddings": 2048,
-                 # mrope_section (temporal, height, width) must sum to head_dim / 2 = 128 / 4 / 2
-                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
+        "text": _TINY_TEXT,
         "vision": {"depth": 4, "embed_dim": 96, "num_heads": 4, "mlp_ratio": 4, "patch_size": PATCH_SIZE},
+    },
+    "small": {
+        "text": _TINY_TEXT,
+        "vision": {"depth": 6, "embed_dim": 192, "num_heads": 6, "mlp_ratio": 4, "patch_size": PATCH_SIZE},
     },
     "2b": {
         "text": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
