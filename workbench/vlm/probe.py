@@ -8,11 +8,13 @@ probe alone: each character is read as the most frequent class among the merged 
 it (no token inside: unread), and a board is read when every character is. ``board_scale`` upsamples each board
 image before the vision tower (:class:`~workbench.vlm.corpus.CorpusRenderer`), so a character covers
 ``board_scale``² times as many tokens: comparing scales at equal wall time says whether the token grid or the
-tower limits reading. The learning rate follows a cosine of the elapsed share of the budget (not resumable: a
-diagnostic, not a training run). Evaluations are logged against wall-clock minutes.
+tower limits reading (``preset="small"`` has a bigger vision tower). The learning rate follows a cosine of the elapsed
+share of the budget (not resumable: a diagnostic, not a training run). Evaluations are logged against minutes of
+training (the evaluations' own time is left out of the budget).
 
     python -m workbench.vlm.probe --board-scale 1 --minutes 10 --out outputs/probe_scale1.json
     python -m workbench.vlm.probe --board-scale 2 --minutes 10 --out outputs/probe_scale2.json
+    python -m workbench.vlm.probe --preset small --minutes 10 --out outputs/probe_small.json
 """
 
 from __future__ import annotations
@@ -116,15 +118,17 @@ def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, 
                                               prefetch_factor=4, collate_fn=_as_is, worker_init_fn=_one_thread))
     from .api import vision_tokens
 
-    budget, curve, step, t0 = minutes * 60, [], 0, time.time()
+    budget, curve, step, t0, evaluating = minutes * 60, [], 0, time.time(), 0.0
     next_eval = budget / evals
     bar = tqdm(total=round(budget), desc=f"probe x{board_scale}", unit="s", disable=not progress)
     while True:
-        elapsed = time.time() - t0
+        elapsed = time.time() - t0 - evaluating  # training time: the evaluations do not count
         if elapsed >= next_eval or elapsed >= budget:
             visual.eval()
+            t_eval = time.time()
             row = {"minutes": round(elapsed / 60, 2), "step": step,
                    **read_boards(visual, head, embeddings, processor.image_processor, tests)}
+            evaluating += time.time() - t_eval
             curve.append(row)
             if progress:
                 tqdm.write(json.dumps(row))
@@ -143,7 +147,7 @@ def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        bar.update(round(time.time() - t0) - bar.n)
+        bar.update(round(time.time() - t0 - evaluating) - bar.n)
         bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
     bar.close()
     config = {"board_scale": board_scale, "minutes": minutes, "batch": batch, "lr": lr, "preset": preset,
