@@ -350,10 +350,7 @@ class TabletopEnv(gym.Env):
             others = sorted(d for d in gt["cards"] if int(d) != gt["answer"])
             d = int(others[rng.integers(len(others))])
             equations = [e for e in self.spec_split.equations if e.answer == d]  # the split has each digit
-            gt.update(answer=d, equation=equations[rng.integers(len(equations))].text,
-                      answer_card_slot=gt["cards"][d],
-                      answer_card_xy=[float(v) for v in self.scene.body_position(self.scene.cards[d])[:2]])
-            return gt, "card"
+            return {**self._answering_card(gt, d), "equation": equations[rng.integers(len(equations))].text}, "card"
         toys = gt["toys"]
         if rng.random() < 0.5 or len(toys) < 3:
             sides = [d for d in DIRECTIONS if d != gt["direction"] and placement_reachable(toys[gt["target"]], d)]
@@ -371,17 +368,18 @@ class TabletopEnv(gym.Env):
         facts state no such task."""
         gt = self.ground_truth()
         if self.task == "math_matching":
-            if facts.card is None or facts.card not in gt["cards"]:
-                return None
-            xy = self.scene.body_position(self.scene.cards[facts.card])[:2]
-            gt.update(answer=facts.card, answer_card_slot=gt["cards"][facts.card],
-                      answer_card_xy=[float(v) for v in xy])
-            return gt
+            return None if facts.card not in gt["cards"] else self._answering_card(gt, facts.card)
         names = (facts.object, facts.target)
         if names[0] == names[1] or any(n not in gt["toys"] for n in names) or facts.direction not in DIRECTIONS:
             return None
         gt.update(object=facts.object, target=facts.target, direction=facts.direction)
         return gt
+
+    def _answering_card(self, gt: dict, digit: int) -> dict:
+        """``gt`` with card ``digit`` (on the table) as the answer card: its slot and where it lies now."""
+        xy = self.scene.body_position(self.scene.cards[digit])[:2]
+        return {**gt, "answer": digit, "answer_card_slot": gt["cards"][digit],
+                "answer_card_xy": [float(v) for v in xy]}
 
     def retarget(self, ground_truth: dict) -> None:
         """Make ``ground_truth`` (another task in the same scene, e.g. from :meth:`counterfactual_task`) the
