@@ -425,10 +425,10 @@ def _loader(dataset: FreshBatches, workers: int):
     if workers == 0:
         return iter(dataset)
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                            persistent_workers=False, worker_init_fn=_worker_init))
+                                            persistent_workers=False, worker_init_fn=render_worker_init))
 
 
-def _worker_init(_):
+def render_worker_init(_):
     torch.set_num_threads(1)  # the worker renders (numpy / PIL / PyBullet); the cores belong to training
 
 
@@ -485,7 +485,26 @@ class ReadingHead(torch.nn.Module):
         return F.cross_entropy(logits[:, :self.MAX_GRID], rows) + F.cross_entropy(logits[:, self.MAX_GRID:], cols)
 
 
+def reading_loss(logits: torch.Tensor, maps: list[np.ndarray]) -> torch.Tensor:
+    """The dense probe's cross-entropy of *what* lies under each merged token: (N, classes) logits of
+    :class:`ReadingHead`, ``maps`` the images' token label maps (:class:`~workbench.vlm.corpus.CorpusRenderer`, N
+    tokens in all, row-major); background, most tokens, weighs 0.2."""
+    labels = torch.from_numpy(np.concatenate([lab.ravel() for lab in maps])).to(logits.device)
+    weight = torch.ones(len(TOKEN_CLASSES), device=logits.device)
+    weight[0] = 0.2
+    return F.cross_entropy(logits, labels, weight=weight)
+
+
 # ------------------------------------------------------------------------------------------- training
+def fresh_vlm(preset: str = "tiny", vocab_size: int = 1024, seed: int = 0, verbose: bool = True):
+    """A freshly initialised model of ``preset`` and its processor (a tokenizer trained on the project's texts)."""
+    from .modeling import build_model
+    from .processing import build_processor, tokenizer_texts
+
+    processor = build_processor(tokenizer_texts(3000, seed=seed), vocab_size)
+    return build_model(processor.tokenizer, preset, seed=seed, verbose=verbose), processor
+
+
 class Pretrainer:
     """Runs (or resumes) the phases of :mod:`workbench.vlm.pretrain` in ``work_dir``."""
 
@@ -505,12 +524,7 @@ class Pretrainer:
 
     # -- pieces --------------------------------------------------------------------------------
     def fresh_model(self):
-        from .modeling import build_model
-        from .processing import build_processor, tokenizer_texts
-
-        processor = build_processor(tokenizer_texts(3000, seed=self.cfg.seed), self.cfg.vocab_size)
-        model = build_model(processor.tokenizer, self.cfg.preset, seed=self.cfg.seed, verbose=self.progress)
-        return model, processor
+        return fresh_vlm(self.cfg.preset, self.cfg.vocab_size, self.cfg.seed, verbose=self.progress)
 
     def _checkpoint(self, phase, step, model, processor, optimizer, head):
         from .api import save_vlm
@@ -574,11 +588,7 @@ class Pretrainer:
         """The probe's loss on every merged image token: cross-entropy of *what* lies under it (background
         down-weighted) plus ``where_coef`` times that of *where* it is (:meth:`ReadingHead.where_loss`)."""
         maps = [lab for it in items for lab in it["token_maps"]]
-        labels = torch.from_numpy(np.concatenate([lab.ravel() for lab in maps]))
-        weight = torch.ones(len(TOKEN_CLASSES), device=self.device)
-        weight[0] = 0.2  # background is most tokens
-        logits = head(feats, model.get_input_embeddings().weight)
-        what = F.cross_entropy(logits, labels.to(self.device), weight=weight)
+        what = reading_loss(head(feats, model.get_input_embeddings().weight), maps)
         if not self.cfg.where_coef:
             return what
         return what + self.cfg.where_coef * head.where_loss(feats, [lab.shape for lab in maps])

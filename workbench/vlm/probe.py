@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..training import lr_at
 from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer
-from .pretrain import ReadingHead
+from .pretrain import ReadingHead, fresh_vlm, reading_loss, render_worker_init
 
 
 class _Boards(torch.utils.data.IterableDataset):
@@ -48,10 +47,6 @@ class _Boards(torch.utils.data.IterableDataset):
 
 def _as_is(batch):
     return batch  # the images stay numpy arrays (the default would turn them into tensors)
-
-
-def _one_thread(_):
-    torch.set_num_threads(1)  # the worker renders; the cores belong to training
 
 
 def read_boards(visual, head, embeddings, image_processor, boards: list[tuple], batch: int = 32) -> dict:
@@ -98,24 +93,18 @@ def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, 
     """Train the vision side of a fresh ``preset`` model with the dense probe for ``minutes`` on fresh training
     boards shown at ``board_scale``, reading ``eval_boards`` held-out boards ``evals`` times along the way (and at
     the end). Returns the config, the curve ``[{"minutes", "step", ...read_boards figures}]`` and the final row."""
-    from .modeling import build_model
-    from .processing import build_processor, tokenizer_texts
-
     if minutes <= 0 or batch < 1 or eval_boards < 1 or evals < 1:
         raise ValueError("minutes must be > 0 and batch, eval_boards, evals >= 1; got "
                          f"{minutes}, {batch}, {eval_boards}, {evals}")
     torch.manual_seed(seed)
-    processor = build_processor(tokenizer_texts(3000, seed=seed), 1024)
-    model = build_model(processor.tokenizer, preset, seed=seed, verbose=False)
+    model, processor = fresh_vlm(preset, seed=seed, verbose=False)
     visual, embeddings = model.model.visual, model.get_input_embeddings().weight.detach()
     head = ReadingHead(processor.tokenizer, model.config.vision_config.hidden_size)
     params = list(visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    weight = torch.ones(len(TOKEN_CLASSES))
-    weight[0] = 0.2  # background is most tokens, as in pretraining
     tests = held_out_boards(eval_boards, board_scale)
     loader = iter(torch.utils.data.DataLoader(_Boards(batch, board_scale, seed), batch_size=None, num_workers=1,
-                                              prefetch_factor=4, collate_fn=_as_is, worker_init_fn=_one_thread))
+                                              prefetch_factor=4, collate_fn=_as_is, worker_init_fn=render_worker_init))
     from .api import vision_tokens
 
     budget, curve, step, t0, evaluating = minutes * 60, [], 0, time.time(), 0.0
@@ -138,10 +127,9 @@ def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, 
         visual.train()
         images, labels = next(loader)
         feats, _ = vision_tokens(visual, processor.image_processor, images)
-        target = torch.from_numpy(np.concatenate([lab.ravel() for lab in labels]))
-        loss = F.cross_entropy(head(feats, embeddings), target, weight=weight)
-        for g in opt.param_groups:
-            g["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
+        loss = reading_loss(head(feats, embeddings), labels)
+        for g in opt.param_groups:  # cosine over the budget's seconds, no warm-up
+            g["lr"] = lr_at(int(elapsed), int(budget), lr, warmup_frac=0.0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
