@@ -344,7 +344,7 @@ class TabletopEnv(gym.Env):
         alternately the object goes to another side of the target (``"side"``) or another toy goes where the
         object should (``"object"``). Positions are read from the simulator, so the boxes of its reasoning are
         exact. The instruction stays the scene's own. Counterfactual following hands a policy this task's
-        reasoning; :meth:`retarget` makes it the task the episode checks (demonstrations of following)."""
+        reasoning; :meth:`retarget` makes it the task the episode checks."""
         gt = self.ground_truth()
         if self.task == "math_matching":
             others = sorted(d for d in gt["cards"] if int(d) != gt["answer"])
