@@ -148,8 +148,8 @@ def test_upsampled_boards_label_every_character_and_name_its_owner(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from workbench.vlm import api
-    from workbench.vlm.probe import read_boards
+    from workbench.vlm import pretrain
+    from workbench.vlm.pretrain import read_boards
 
     g, cls = C.CorpusGenerator("heldout", seed=2), C.TOKEN_CLASSES
     one, two = C.CorpusRenderer(), C.CorpusRenderer(board_scale=2)
@@ -172,7 +172,7 @@ def test_upsampled_boards_label_every_character_and_name_its_owner(monkeypatch):
     # the probe's reading: a probe that outputs each token's label reads every board; one that says "background"
     # everywhere reads none
     truth = torch.from_numpy(np.concatenate([b[1].ravel() for b in boards]))
-    monkeypatch.setattr(api, "vision_tokens", lambda visual, ip, images: (truth, [288] * len(images)))
+    monkeypatch.setattr(pretrain, "vision_tokens", lambda visual, ip, images: (truth, [288] * len(images)))
     right = read_boards(None, lambda feats, emb: F.one_hot(feats, len(cls)).float(), None, None, boards)
     wrong = read_boards(None, lambda feats, emb: F.one_hot(feats * 0, len(cls)).float(), None, None, boards)
     assert right["char_accuracy"] == right["board_accuracy"] == right["token_accuracy"] == 1.0

@@ -203,6 +203,9 @@ def test_continuing_a_saved_vlm_runs_only_the_chosen_phases(tmp_path, root):
     P.Pretrainer(cfg, str(tmp_path / "b"), progress=False).run()
     rows = open(tmp_path / "b" / "log.csv").read().splitlines()
     assert [sum(f",{p}," in r for r in rows) for p in P.PHASES] == [2, 0, 0, 2]
+    # the end of *see* reads held-out boards with the dense probe (logged as eval rows at its last step)
+    assert [r.split(",")[5] for r in rows if r.split(",")[1:3] == ["eval", "2"]] == [
+        "see_token_reading", "see_char_reading", "see_board_reading"]
     before = load_file(os.path.join(shipped, "model.safetensors"))
     after_see, after_scenes = (load_file(str(tmp_path / "b" / "checkpoints" / f"step-00000{n}" / "vlm" /
                                               "model.safetensors")) for n in (2, 4))
@@ -231,6 +234,27 @@ def test_keep_term_holds_the_vision_features_near_inits(tmp_path, root):
             before, _ = vision_tokens(reference.model.visual, processor.image_processor, images)
         change[keep] = float((after - before).pow(2).mean() / before.pow(2).mean())
     assert change[20.0] < 0.25 * change[0.0], change
+
+
+def test_keep_term_on_tables_leaves_the_boards_free(tmp_path, root):
+    """``keep_on="tables"``: the *keep* term counts only the table images' change, so the boards can learn to read
+    better while what the language side reads on the tables stays put."""
+    from workbench.vlm.api import load_vlm, vision_tokens
+
+    shipped = os.path.join(root, "data_samples", "vlm")
+    reference = load_vlm(shipped)[0].model.visual.eval()
+    cfg = P.PretrainConfig.fast(init=shipped, phases="see", keep_coef=1.0, keep_on="tables")
+    trainer = P.Pretrainer(cfg, str(tmp_path), progress=False)
+    items = next(iter(P.FreshBatches("see", cfg, None)))
+    views = [v for it in items for v in it["sample"].views]
+    assert {"board", "table"} <= set(views)
+    processor = load_vlm(shipped)[1]
+    with torch.no_grad():
+        feats, per_image = vision_tokens(reference, processor.image_processor,
+                                         [im for it in items for im in it["images"]])
+    moved = {view: torch.cat([f + (v == view) for f, v in zip(feats.split(per_image), views)]) for view in views}
+    assert float(trainer._keep_loss(reference, processor, items, moved["board"], per_image)) < 1e-6
+    assert float(trainer._keep_loss(reference, processor, items, moved["table"], per_image)) > 0.01
 
 
 def _binding_on(model, processor, items) -> float:

@@ -124,6 +124,7 @@ class PretrainConfig:
     # see phase of a continued VLM: weight of a term keeping the vision features near ``init``'s (their mean squared
     # change relative to init's mean squared feature), so that new terms (*where*) do not unlearn what it reads
     keep_coef: float = 0.0
+    keep_on: str = "all"  # the images the *keep* term holds: "all", or "tables" (boards free to read better)
     # read/answer/scenes: weight of the *binding* term (:func:`binding_loss`): while an answer writes a box, head
     # :data:`BIND_HEAD` of every layer after the first is taught to look at the named object's image tokens
     bind_coef: float = 0.0
@@ -143,6 +144,8 @@ class PretrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 500
     eval_per_skill: int = 8
+    # see phase: held-out boards read by the dense probe (:func:`read_boards`) every ``eval_every`` steps and at its end
+    eval_boards: int = 64
     seed: int = 0
     init: str = ""  # a saved VLM folder to continue from (its weights and processor) instead of a fresh model
     phases: str = ",".join(PHASES)  # the phases to run, comma-separated, in :data:`PHASES` order
@@ -157,7 +160,7 @@ class PretrainConfig:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("see_steps", "read_steps", "answer_steps", "scenes_steps", "text_batch", "workers",
-                     "scene_pool"):
+                     "scene_pool", "eval_boards"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
         for name in ("see_lr", "read_lr", "answer_lr", "scenes_lr"):
@@ -176,6 +179,8 @@ class PretrainConfig:
             if not (isinstance(getattr(self, name), float | int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         self.phase_weights("scenes")  # validates scenes_weights
+        if self.keep_on not in ("all", "tables"):
+            raise ValueError(f"keep_on must be 'all' or 'tables', got {self.keep_on!r}")
         if self.keep_coef and not self.init:
             raise ValueError("keep_coef keeps the vision features near init's: it needs init, a saved VLM")
         if self.init and not os.path.isfile(os.path.join(self.init, "model.safetensors")):
@@ -207,7 +212,7 @@ class PretrainConfig:
         base = dict(vocab_size=400, batch_size=6, see_batch_size=6, read_batch_size=4, scenes_batch_size=4,
                     see_steps=4, read_steps=2, answer_steps=4, scenes_steps=2, text_batch=4,
                     checkpoint_every=2,
-                    eval_every=1000, eval_per_skill=1, workers=0)
+                    eval_every=1000, eval_per_skill=1, eval_boards=4, workers=0)
         return cls(**{**base, **kw})
 
 
@@ -495,6 +500,42 @@ def reading_loss(logits: torch.Tensor, maps: list[np.ndarray]) -> torch.Tensor:
     return F.cross_entropy(logits, labels, weight=weight)
 
 
+def read_boards(visual, head, embeddings, image_processor, boards: list[tuple], batch: int = 32) -> dict:
+    """Read ``boards`` ([(image, labels, owners, text)], as :func:`held_out_boards` makes) with the probe: token
+    accuracy (non-background tokens), character accuracy (majority vote per character) and board accuracy."""
+    tok_right = tok_n = char_right = char_n = board_right = 0
+    with torch.no_grad():
+        for start in range(0, len(boards), batch):
+            chunk = boards[start:start + batch]
+            feats, per_image = vision_tokens(visual, image_processor, [b[0] for b in chunk])
+            pred = head(feats, embeddings).argmax(-1).split(per_image)
+            for (_, labels, owners, text), p in zip(chunk, pred):
+                p, labels, owners = p.numpy(), labels.ravel(), owners.ravel()
+                fg = labels > 0
+                tok_right, tok_n = tok_right + int((p[fg] == labels[fg]).sum()), tok_n + int(fg.sum())
+                chars = text.replace(" ", "")
+                right = 0
+                for i, ch in enumerate(chars):
+                    votes = p[owners == i]
+                    right += bool(len(votes)) and TOKEN_CLASSES[np.bincount(votes).argmax()] == ch
+                char_right, char_n = char_right + right, char_n + len(chars)
+                board_right += right == len(chars)
+    return {"token_accuracy": tok_right / max(1, tok_n), "char_accuracy": char_right / max(1, char_n),
+            "board_accuracy": board_right / len(boards), "boards": len(boards)}
+
+
+def held_out_boards(n: int, board_scale: int = 1, seed: int = 1234) -> list[tuple]:
+    """``n`` held-out whiteboards (font families and equations never in training): (image, labels, owners, text)."""
+    gen, renderer = CorpusGenerator("heldout", seed=seed), CorpusRenderer(board_scale)
+    out = []
+    for _ in range(n):
+        s = gen.sample("ocr")
+        images, labels, owners = renderer(s, labels=True, owners=True)
+        out.append((images[0], labels[0], owners[0], s.board["text"]))
+    renderer.close()
+    return out
+
+
 # ------------------------------------------------------------------------------------------- training
 def fresh_vlm(preset: str = "tiny", vocab_size: int = 1024, seed: int = 0, verbose: bool = True):
     """A freshly initialised model of ``preset`` and its processor (a tokenizer trained on the project's texts)."""
@@ -610,24 +651,43 @@ class Pretrainer:
         opt = torch.optim.AdamW(params, lr=cfg.see_lr, weight_decay=0.01)
         if ckpt is not None:
             load_checkpoint_state(ckpt, opt)
+        boards = held_out_boards(cfg.eval_boards) if cfg.eval_boards and self.accelerator.is_main_process else []
         visual.train()
         bar = self._bar("see", start, cfg.see_steps)
         batches = self._batches("see", start=start)
         for step in bar:
             items = next(batches)
             images = [im for it in items for im in it["images"]]
-            feats, _ = vision_tokens(visual, processor.image_processor, images)
+            feats, per_image = vision_tokens(visual, processor.image_processor, images)
             loss = self._dense_loss(model, head, feats, items)
             if reference is not None:
-                with torch.no_grad():
-                    ref, _ = vision_tokens(reference, processor.image_processor, images)
-                loss = loss + cfg.keep_coef * F.mse_loss(feats, ref) / ref.pow(2).mean()
+                loss = loss + cfg.keep_coef * self._keep_loss(reference, processor, items, feats, per_image)
             lr = lr_at(step, cfg.see_steps, cfg.see_lr)
             optimizer_step(self.accelerator, loss, opt, params, lr)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             self.log(phase="see", step=step + 1, loss=round(process_mean(self.accelerator, loss), 5), lr=lr)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.see_steps:
                 self._checkpoint("see", step + 1, model, processor, opt, head)
+            if boards and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.see_steps):
+                visual.eval()
+                read = read_boards(visual, head, model.get_input_embeddings().weight, processor.image_processor,
+                                   boards)
+                for name in ("token", "char", "board"):
+                    self.log(phase="eval", step=self._global_step("see", step + 1), metric=f"see_{name}_reading",
+                             value=round(read[f"{name}_accuracy"], 4))
+                visual.train()
+
+    def _keep_loss(self, reference, processor, items, feats, per_image) -> torch.Tensor:
+        """The *keep* term: the mean squared change of the held images' features from ``reference``'s (init's),
+        relative to their mean squared reference feature; ``keep_on="tables"`` holds only the table images."""
+        held = [self.cfg.keep_on == "all" or view == "table" for it in items for view in it["sample"].views]
+        if not any(held):
+            return feats.new_zeros(())
+        images = [im for it in items for im in it["images"]]
+        with torch.no_grad():
+            ref, _ = vision_tokens(reference, processor.image_processor, [im for im, h in zip(images, held) if h])
+        mine = torch.cat([f for f, h in zip(feats.split(per_image), held) if h])
+        return F.mse_loss(mine, ref) / ref.pow(2).mean()
 
     def talk(self, phase, model, processor, head, start=0, ckpt=None):
         """A phase after *see*: the language model learns to answer (the vision side too, in :data:`VISION_TRAINS`)."""

@@ -23,13 +23,12 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..training import lr_at
-from .corpus import TOKEN_CLASSES, CorpusGenerator, CorpusRenderer
-from .pretrain import ReadingHead, fresh_vlm, reading_loss, render_worker_init
+from .corpus import CorpusGenerator, CorpusRenderer
+from .pretrain import ReadingHead, fresh_vlm, held_out_boards, read_boards, reading_loss, render_worker_init
 
 
 class _Boards(torch.utils.data.IterableDataset):
@@ -47,44 +46,6 @@ class _Boards(torch.utils.data.IterableDataset):
 
 def _as_is(batch):
     return batch  # the images stay numpy arrays (the default would turn them into tensors)
-
-
-def read_boards(visual, head, embeddings, image_processor, boards: list[tuple], batch: int = 32) -> dict:
-    """Read ``boards`` ([(image, labels, owners, text)], as :func:`held_out_boards` makes) with the probe: token
-    accuracy (non-background tokens), character accuracy (majority vote per character) and board accuracy."""
-    from .api import vision_tokens
-
-    tok_right = tok_n = char_right = char_n = board_right = 0
-    with torch.no_grad():
-        for start in range(0, len(boards), batch):
-            chunk = boards[start:start + batch]
-            feats, per_image = vision_tokens(visual, image_processor, [b[0] for b in chunk])
-            pred = head(feats, embeddings).argmax(-1).split(per_image)
-            for (_, labels, owners, text), p in zip(chunk, pred):
-                p, labels, owners = p.numpy(), labels.ravel(), owners.ravel()
-                fg = labels > 0
-                tok_right, tok_n = tok_right + int((p[fg] == labels[fg]).sum()), tok_n + int(fg.sum())
-                chars = text.replace(" ", "")
-                right = 0
-                for i, ch in enumerate(chars):
-                    votes = p[owners == i]
-                    right += bool(len(votes)) and TOKEN_CLASSES[np.bincount(votes).argmax()] == ch
-                char_right, char_n = char_right + right, char_n + len(chars)
-                board_right += right == len(chars)
-    return {"token_accuracy": tok_right / max(1, tok_n), "char_accuracy": char_right / max(1, char_n),
-            "board_accuracy": board_right / len(boards), "boards": len(boards)}
-
-
-def held_out_boards(n: int, board_scale: int, seed: int = 1234) -> list[tuple]:
-    """``n`` held-out whiteboards (font families and equations never in training): (image, labels, owners, text)."""
-    gen, renderer = CorpusGenerator("heldout", seed=seed), CorpusRenderer(board_scale)
-    out = []
-    for _ in range(n):
-        s = gen.sample("ocr")
-        images, labels, owners = renderer(s, labels=True, owners=True)
-        out.append((images[0], labels[0], owners[0], s.board["text"]))
-    renderer.close()
-    return out
 
 
 def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, lr: float = 2e-3,
