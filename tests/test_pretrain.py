@@ -365,3 +365,19 @@ def test_where_term_is_low_only_when_features_say_where_they_are():
         assert (loss.item() < 0.05) if low else (loss.item() > math.log(rows) + math.log(cols) - 0.05)
     with pytest.raises(ValueError, match="exceed"):
         P.ReadingHead.where_loss(head, torch.zeros(80, rows + cols), [(2, 40)])
+
+
+def test_frozen_probe_reads_a_saved_vlm_without_changing_it(root, monkeypatch):
+    """``probe_reading(init=..., frozen=True)`` trains only the probe on a saved VLM's vision tokens: the tokens stay
+    as they were, and the result says what was probed."""
+    from workbench.vlm import api, probe
+
+    shipped = os.path.join(root, "data_samples", "vlm")
+    model, processor = api.load_vlm(shipped)
+    before = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    monkeypatch.setattr(api, "load_vlm", lambda path: (model, processor))
+    result = probe.probe_reading(minutes=0.05, batch=4, eval_boards=4, evals=1, init=shipped, frozen=True,
+                                 progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.model.visual.state_dict().items())
+    assert result["config"]["init"] == shipped and result["config"]["frozen"] and result["curve"][-1]["step"] >= 1
+    assert 0 <= result["final"]["char_accuracy"] <= 1

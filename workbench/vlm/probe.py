@@ -15,6 +15,7 @@ training (the evaluations' own time is left out of the budget).
     python -m workbench.vlm.probe --board-scale 1 --minutes 10 --out outputs/probe_scale1.json
     python -m workbench.vlm.probe --board-scale 2 --minutes 10 --out outputs/probe_scale2.json
     python -m workbench.vlm.probe --preset small --minutes 10 --out outputs/probe_small.json
+    python -m workbench.vlm.probe --init data_samples/vlm --frozen --minutes 3 --out outputs/probe_shipped.json
 """
 
 from __future__ import annotations
@@ -50,18 +51,27 @@ def _as_is(batch):
 
 def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, lr: float = 2e-3,
                   preset: str = "tiny", eval_boards: int = 128, evals: int = 5, seed: int = 0,
-                  progress: bool = True) -> dict:
+                  init: str | None = None, frozen: bool = False, progress: bool = True) -> dict:
     """Train the vision side of a fresh ``preset`` model with the dense probe for ``minutes`` on fresh training
     boards shown at ``board_scale``, reading ``eval_boards`` held-out boards ``evals`` times along the way (and at
-    the end). Returns the config, the curve ``[{"minutes", "step", ...read_boards figures}]`` and the final row."""
+    the end). Returns the config, the curve ``[{"minutes", "step", ...read_boards figures}]`` and the final row.
+
+    ``init``: start from a saved VLM's vision side and token embeddings instead of a fresh model (``preset`` is then
+    ignored); ``frozen``: train the probe alone, leaving the vision side as it is — how readable its tokens are."""
     if minutes <= 0 or batch < 1 or eval_boards < 1 or evals < 1:
         raise ValueError("minutes must be > 0 and batch, eval_boards, evals >= 1; got "
                          f"{minutes}, {batch}, {eval_boards}, {evals}")
     torch.manual_seed(seed)
-    model, processor = fresh_vlm(preset, seed=seed, verbose=False)
+    if init:
+        from .api import load_vlm
+
+        model, processor = load_vlm(init)
+    else:
+        model, processor = fresh_vlm(preset, seed=seed, verbose=False)
     visual, embeddings = model.model.visual, model.get_input_embeddings().weight.detach()
     head = ReadingHead(processor.tokenizer, model.config.vision_config.hidden_size)
-    params = list(visual.parameters()) + list(head.parameters())
+    visual.requires_grad_(not frozen)
+    params = (list(visual.parameters()) if not frozen else []) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     tests = held_out_boards(eval_boards, board_scale)
     loader = iter(torch.utils.data.DataLoader(_Boards(batch, board_scale, seed), batch_size=None, num_workers=1,
@@ -85,7 +95,7 @@ def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, 
             next_eval += budget / evals
             if elapsed >= budget:
                 break
-        visual.train()
+        visual.train(not frozen)
         images, labels = next(loader)
         feats, _ = vision_tokens(visual, processor.image_processor, images)
         loss = reading_loss(head(feats, embeddings), labels)
@@ -99,7 +109,8 @@ def probe_reading(board_scale: int = 1, minutes: float = 10.0, batch: int = 32, 
         bar.update(round(time.time() - t0 - evaluating) - bar.n)
         bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
     bar.close()
-    config = {"board_scale": board_scale, "minutes": minutes, "batch": batch, "lr": lr, "preset": preset,
+    config = {"board_scale": board_scale, "minutes": minutes, "batch": batch, "lr": lr,
+              "preset": None if init else preset, "init": init, "frozen": frozen,
               "eval_boards": eval_boards, "seed": seed, "torch_threads": torch.get_num_threads(),
               "tokens_per_board": int(tests[0][1].size)}
     return {"config": config, "curve": curve, "final": curve[-1]}
@@ -115,10 +126,12 @@ def main(argv=None):
     ap.add_argument("--eval-boards", type=int, default=128)
     ap.add_argument("--evals", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="start from this saved VLM's vision side (instead of a fresh --preset model)")
+    ap.add_argument("--frozen", action="store_true", help="train the probe alone: how readable are init's tokens?")
     ap.add_argument("--out", help="write the result here (JSON)")
     args = ap.parse_args(argv)
     result = probe_reading(args.board_scale, args.minutes, args.batch, args.lr, args.preset, args.eval_boards,
-                           args.evals, args.seed)
+                           args.evals, args.seed, args.init, args.frozen)
     print(f"| minutes | steps | token acc | char acc | board acc (N={args.eval_boards}) |\n|---|---|---|---|---|")
     for r in result["curve"]:
         print(f"| {r['minutes']:.1f} | {r['step']} | {r['token_accuracy']:.3f} | {r['char_accuracy']:.3f} | "
