@@ -159,6 +159,25 @@ def spatial_relation(a_xy, b_xy) -> str | None:
     return None
 
 
+_HELDOUT_SET = frozenset(HELDOUT_EQUATIONS)
+
+
+def free_equation(rng) -> Equation:
+    """A whiteboard equation to copy: ``a op b`` with each number of one or two digits (a subtraction's result not
+    negative, a division exact), never a held-out whiteboard equation (:data:`HELDOUT_EQUATIONS`)."""
+    while True:
+        op = "+-×÷"[rng.integers(4)]
+        a, b = (int(rng.integers(0, 10) if rng.random() < 0.5 else rng.integers(10, 100)) for _ in range(2))
+        if op == "-" and a < b:
+            a, b = b, a
+        if op == "÷":
+            b = max(b, 1)
+            a = b * int(rng.integers(0, 99 // b + 1))
+        eq = Equation(a, op, b)
+        if eq not in _HELDOUT_SET:
+            return eq
+
+
 class CorpusGenerator:
     """Draws :class:`Sample` objects of the requested kinds, deterministically from ``seed``.
 
@@ -166,22 +185,29 @@ class CorpusGenerator:
         split: ``"train"`` or ``"heldout"`` (fonts, whiteboard equations and layout seeds differ).
         seed: base seed; ``train`` and ``heldout`` use disjoint random streams.
         condition: held-out boards only: one of :data:`CONDITIONS` (robustness rows), or None.
+        free_boards: training only: the share of ``ocr`` whiteboards showing a *free* equation
+            (:func:`free_equation`: any numbers below 100, never a held-out one) instead of one of the robot
+            world's, so that transcribing is copying what is written, not recalling one of the few hundred
+            equations the world has (no ``solve`` question follows a free board).
     """
 
-    def __init__(self, split: str = "train", seed: int = 0, condition: str | None = None):
+    def __init__(self, split: str = "train", seed: int = 0, condition: str | None = None, free_boards: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown corpus split {split!r}; expected one of {list(SPLITS)}")
         if condition is not None and condition not in CONDITIONS:
             raise ValueError(f"unknown condition {condition!r}; expected one of {list(CONDITIONS)} or None")
         if condition is not None and split != "heldout":
             raise ValueError("robustness conditions are for the held-out split only")
-        self.split, self.condition = split, condition
+        if not 0 <= free_boards <= 1 or (free_boards and split != "train"):
+            raise ValueError(f"free_boards must be in [0, 1], and 0 outside the training split; got {free_boards!r}")
+        self.split, self.condition, self.free_boards = split, condition, free_boards
         self.rng = np.random.default_rng([seed, SPLITS.index(split), 7919])
         self.board_equations = TRAIN_BOARD_EQUATIONS if split == "train" else HELDOUT_EQUATIONS
         # hand-writing seeds: train in [0, 2**30), held-out in [2**30, 2**31)
         self._seed_base = 0 if split == "train" else 2**30
         self._table: tuple[str, dict] | None = None  # the last table layout, reused by ``same_table``
-        self._last_board: tuple | None = None  # the last whiteboard (equation, board), reused by ``same_board``
+        # the last whiteboard (equation, board, free), reused by ``same_board``
+        self._last_board: tuple | None = None
 
     def _q(self, kind: str, **kw) -> str:
         options = _Q[kind]
@@ -228,14 +254,16 @@ class CorpusGenerator:
         ``solve`` about the previous whiteboard (:meth:`conversation`)."""
         rng = self.rng
         if kind in BOARD_KINDS:
-            if same_board and kind != "answer_card" and self._last_board is not None:
-                eq, board = self._last_board
+            last = self._last_board
+            if same_board and kind != "answer_card" and last is not None and (kind == "ocr" or not last[2]):
+                eq, board, free = last
             else:
-                eq = self.board_equations[rng.integers(len(self.board_equations))]
+                free = kind == "ocr" and bool(self.free_boards) and rng.random() < self.free_boards
+                eq = free_equation(rng) if free else self.board_equations[rng.integers(len(self.board_equations))]
                 board = self._board(eq)
-                self._last_board = (eq, board)
+                self._last_board = (eq, board, free)
             words = equation_words(eq)
-            facts = {"equation": f"{eq.a}{eq.op}{eq.b}", "answer": eq.answer,
+            facts = {"equation": f"{eq.a}{eq.op}{eq.b}", "answer": None if free else eq.answer,
                      "style": board.get("style") or board["look"]["family"]}
             if kind == "ocr":
                 return Sample(kind, self._q(kind), f"{words} = ?", ("board",), board=board, facts=facts)
@@ -332,7 +360,8 @@ class CorpusGenerator:
             if kind not in scene_family(about.kind) or len(about.views) != 1:
                 raise ValueError(f"a {kind!r} question cannot be asked about a {about.kind!r} sample's scene")
             if about.board is not None:
-                self._last_board = (EQUATIONS_BY_TEXT[about.board["text"]], about.board)
+                eq = EQUATIONS_BY_TEXT.get(about.board["text"])
+                self._last_board = (eq or Equation.parse(about.board["text"]), about.board, eq is None)
             else:
                 self._table = ("cards" if about.kind in CARD_KINDS else "toys", about.table)
         first = self.sample(kind, same_table or about is not None, same_board=about is not None)
