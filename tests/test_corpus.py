@@ -107,6 +107,27 @@ def test_answers_match_facts():
             assert int(s.answer) == s.facts["answer"]
 
 
+def test_free_boards_are_copied_never_held_out_and_never_solved():
+    """``free_boards``: a share of training ``ocr`` boards show any numbers below 100 (so the language side learns to
+    copy, not to recall the world's 251 training equations); none is a held-out equation, no ``solve`` follows one,
+    and ``free_boards=0`` leaves the seeded stream as it was."""
+    g = C.CorpusGenerator("train", seed=3, free_boards=0.5)
+    convs = [g.conversation("ocr", 4, {"ocr": 1, "solve": 1}) for _ in range(300)]
+    free = [c for c in convs if c[0].facts["answer"] is None]
+    assert 100 < len(free) < 200
+    shown = {c[0].board["text"] for c in free}
+    assert shown.isdisjoint(e.text for e in C.HELDOUT_EQUATIONS) and len(shown - {e.text for e in C.ALL_EQUATIONS}) > 90
+    assert all(s.kind == "ocr" for c in free for s in c)
+    assert all(c[0].answer.replace(" ", "") == c[0].board["text"] for c in free)
+    again = g.conversation("ocr", 4, {"ocr": 1, "solve": 1}, about=free[0][0])  # a free board as a pooled scene
+    assert again[0].board is free[0][0].board and all(s.kind == "ocr" for s in again)
+    assert any(s.kind == "solve" for c in convs if c not in free for s in c)  # world boards are still solved
+    plain, zero = C.CorpusGenerator("train", seed=3), C.CorpusGenerator("train", seed=3, free_boards=0.0)
+    assert [plain.sample("ocr").board for _ in range(20)] == [zero.sample("ocr").board for _ in range(20)]
+    with pytest.raises(ValueError, match="free_boards"):
+        C.CorpusGenerator("heldout", free_boards=0.5)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="train"):
         C.CorpusGenerator("validation")

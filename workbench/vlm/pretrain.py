@@ -134,7 +134,7 @@ class PretrainConfig:
     # scenes: "kind=weight,..." overriding :data:`SCENES_WEIGHTS` entries (e.g. "ground_toy=6,ground_card=6")
     scenes_weights: str = ""
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
-    # share of training ``ocr`` boards showing a free equation (any numbers, :func:`~workbench.vlm.corpus.free_equation`)
+    # share of training ``ocr`` boards showing a free equation (any numbers: :func:`.corpus.free_equation`)
     free_boards: float = 0.0
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
