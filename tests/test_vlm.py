@@ -187,7 +187,9 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
     49/100 on the full row: see the README). Earlier shipped VLMs scored 18/66 (before the pooled *scenes*
     continuation), 29/66 (before the *where* continuation: cards 1) and 34/66 (before the *bind* and *locate*
     continuations: toy grounding + affordance 1). An untrained model of the same shape scores 0. A change that breaks
-    loading, the processor, the renderer or the scoring drops below the floor.
+    loading, the processor, the renderer or the scoring drops below the floor. The re-read model that replaced it
+    (continuations 6-8) scores 43/66 (OCR 2, board arithmetic 2, cards 5, objects 5, spatial 4, grounding cards 2, toys
+    2, affordance 3; text arithmetic, colour and count 6 each); the overall floor rose from 33 to 35.
     """
     from workbench.evaluation.knowledge import evaluate_knowledge
 
@@ -195,7 +197,7 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
     result = evaluate_knowledge(model, processor, per_skill=6, seed=1234, progress=False, robustness=False)
     by_key = {r["key"]: r for r in result["rows"]}
     overall = sum(r["correct"] for k, r in by_key.items() if len(k.split()) == 1)
-    assert overall >= 33, result["examples"][:5]
+    assert overall >= 35, result["examples"][:5]
     assert by_key["arithmetic"]["correct"] >= 5
     assert by_key["objects"]["correct"] + by_key["count"]["correct"] >= 8
     assert by_key["cards"]["correct"] >= 3
