@@ -40,7 +40,6 @@ Held out from training, for the knowledge evaluation (``split="heldout"``):
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -361,12 +360,8 @@ class CorpusGenerator:
             if kind not in scene_family(about.kind) or len(about.views) != 1:
                 raise ValueError(f"a {kind!r} question cannot be asked about a {about.kind!r} sample's scene")
             if about.board is not None:
-                text = about.board["text"]
-                eq = EQUATIONS_BY_TEXT.get(text)
-                if eq is None:  # a free board (its answer need not be a card)
-                    a, op, b = re.fullmatch(r"(\d+)([-+×÷])(\d+)=\?", text).groups()
-                    eq = Equation(int(a), op, int(b))
-                self._last_board = (eq, about.board, text not in EQUATIONS_BY_TEXT)
+                text = about.board["text"]  # a free board's answer need not be a card
+                self._last_board = (Equation.parse(text, card_answer=False), about.board, text not in EQUATIONS_BY_TEXT)
             else:
                 self._table = ("cards" if about.kind in CARD_KINDS else "toys", about.table)
         first = self.sample(kind, same_table or about is not None, same_board=about is not None)

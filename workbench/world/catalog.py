@@ -144,8 +144,9 @@ class Equation:
         return f"{self.a}{self.op}{self.b}=?"
 
     @classmethod
-    def parse(cls, text: str) -> Equation:
-        """Parse ``"3+4"``, ``"3 + 4 = ?"``, ``"12-5=?"``, ``"3*4"``, ``"8/2"``."""
+    def parse(cls, text: str, card_answer: bool = True) -> Equation:
+        """Parse ``"3+4"``, ``"3 + 4 = ?"``, ``"12-5=?"``, ``"3*4"``, ``"8/2"``; ``card_answer=False`` also accepts an
+        equation whose answer is not one card (e.g. a free whiteboard equation of the VLM corpus)."""
         import re
 
         t = text.replace(" ", "").replace("*", "×").replace("x", "×").replace("/", "÷").replace("−", "-")
@@ -153,7 +154,8 @@ class Equation:
         if not m:
             raise ValueError(f"cannot read an equation 'a op b' (op one of + - × ÷) from {text!r}")
         eq = cls(int(m.group(1)), m.group(2), int(m.group(3)))
-        _ = eq.answer  # validates the single-digit answer
+        if card_answer:
+            _ = eq.answer  # validates the single-digit answer
         return eq
 
 
