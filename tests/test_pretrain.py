@@ -119,6 +119,14 @@ def test_batches_are_fresh_and_replay_by_index():
         P.FreshBatches("listen", cfg)
 
 
+def test_see_weights_choose_what_a_see_batch_shows():
+    """``see_weights`` overrides the *see* mix: boards only, or the default's boards and tables."""
+    boards_only = P.FreshBatches("see", P.PretrainConfig.fast(see_batch_size=6, see_weights="cards=0,objects=0"))
+    assert {x["sample"].kind for x in boards_only.batch(0)} == {"ocr"}
+    default = P.FreshBatches("see", P.PretrainConfig.fast(see_batch_size=12))
+    assert {x["sample"].kind for x in default.batch(0)} - {"ocr"}  # tables too
+
+
 def test_conversation_batches_carry_several_answers_per_rendered_scene():
     from workbench.vlm.processing import build_processor, tokenizer_texts
 
@@ -339,7 +347,9 @@ def test_pooled_scenes_get_their_vision_tokens_computed_once(tmp_path, root, mon
                                           ({"keep_coef": 1.0}, "needs init"),
                                           ({"bind_coef": -0.5}, "bind_coef"),
                                           ({"scenes_weights": "ocr=2,look=1"}, "scenes_weights"),
-                                          ({"scenes_weights": "ocr=-1"}, "scenes_weights")])
+                                          ({"scenes_weights": "ocr=-1"}, "scenes_weights"),
+                                          ({"see_weights": "solve=2"}, "see_weights.*'ocr', 'cards', 'objects'"),
+                                          ({"see_weights": "ocr=0,cards=0,objects=0"}, "see_weights")])
 def test_phase_selection_is_validated(bad, message):
     with pytest.raises(ValueError, match=message):
         P.PretrainConfig(**bad)

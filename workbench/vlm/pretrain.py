@@ -42,7 +42,7 @@ without the language side losing what it reads. For boxes, two terms act where a
 (teacher-forced): ``bind_coef`` teaches head :data:`BIND_HEAD` of every layer after the first to look at the named
 object's image tokens (:func:`binding_loss`, with the attention rows recomputed by :class:`HeadAttention`),
 ``locate_coef`` teaches the last layer's input to say that object's row and column (:func:`locate_loss`);
-``scenes_weights`` asks more grounding questions in *scenes*.
+``scenes_weights`` asks more grounding questions in *scenes*, ``see_weights`` more boards in *see*.
 
 Every phase checkpoints atomically to ``<work>/checkpoints`` every ``checkpoint_every`` steps and a
 restarted run resumes from the newest checkpoint; ``<work>/log.csv`` logs losses and the held-out
@@ -101,7 +101,7 @@ VISION_TRAINS = ("see", "answer")
 
 @dataclass
 class PretrainConfig:
-    """Sizes and schedule of a pretraining run (defaults: the recipe's; the shipped checkpoint adds five
+    """Sizes and schedule of a pretraining run (defaults: the recipe's; the shipped checkpoint adds eight
     continuations, listed in the README)."""
 
     preset: str = "tiny"
@@ -133,6 +133,9 @@ class PretrainConfig:
     locate_coef: float = 0.0
     # scenes: "kind=weight,..." overriding :data:`SCENES_WEIGHTS` entries (e.g. "ground_toy=6,ground_card=6")
     scenes_weights: str = ""
+    # see: "kind=weight,..." overriding :data:`SEE_WEIGHTS` entries (e.g. "ocr=12": mostly boards, a few tables for
+    # the *keep* term to hold; a table costs about 2.4 boards' tokens)
+    see_weights: str = ""
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     # share of training ``ocr`` boards showing a free equation (any numbers: :func:`.corpus.free_equation`)
     free_boards: float = 0.0
@@ -180,7 +183,7 @@ class PretrainConfig:
         for name in ("keep_coef", "bind_coef", "locate_coef"):
             if not (isinstance(getattr(self, name), float | int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
-        self.phase_weights("scenes")  # validates scenes_weights
+        self.phase_weights("see"), self.phase_weights("scenes")  # validate see_weights and scenes_weights
         if self.keep_on not in ("all", "tables"):
             raise ValueError(f"keep_on must be 'all' or 'tables', got {self.keep_on!r}")
         if self.keep_coef and not self.init:
@@ -189,11 +192,14 @@ class PretrainConfig:
             raise ValueError(f"init {self.init!r} is not a saved VLM folder (no model.safetensors)")
 
     def phase_weights(self, phase: str) -> dict[str, float]:
-        """What a batch of ``phase`` asks: :data:`_WEIGHTS`, with ``scenes_weights`` applied to *scenes*."""
+        """What a batch of ``phase`` asks: :data:`_WEIGHTS`, with ``see_weights`` applied to *see* and
+        ``scenes_weights`` to *scenes*."""
         weights = dict(_WEIGHTS[phase])
-        if phase != "scenes" or not self.scenes_weights:
+        field = {"see": "see_weights", "scenes": "scenes_weights"}.get(phase)
+        spec = getattr(self, field) if field else ""
+        if not spec:
             return weights
-        for part in self.scenes_weights.split(","):
+        for part in spec.split(","):
             kind, _, value = part.partition("=")
             kind = kind.strip()
             try:
@@ -201,11 +207,11 @@ class PretrainConfig:
             except ValueError:
                 weight = -1.0
             if kind not in weights or weight < 0:
-                raise ValueError(f"scenes_weights must be 'kind=weight,...' with kinds from {list(SCENES_WEIGHTS)} "
-                                 f"and non-negative weights; got {self.scenes_weights!r}")
+                raise ValueError(f"{field} must be 'kind=weight,...' with kinds from {list(_WEIGHTS[phase])} "
+                                 f"and non-negative weights; got {spec!r}")
             weights[kind] = weight
         if not any(weights.values()):
-            raise ValueError(f"scenes_weights {self.scenes_weights!r} leave no kind to ask")
+            raise ValueError(f"{field} {spec!r} leave no kind to ask")
         return weights
 
     @classmethod
