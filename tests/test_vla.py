@@ -300,6 +300,33 @@ def test_every_parameter_belongs_to_a_part_and_freezing_follows_the_stage(policy
     assert {part_of(n) for n in names if ".router." in n} == {"router"}
 
 
+def test_kept_experts_stay_frozen_and_the_vlm_can_train_slower(policy, root, demos, tmp_path):
+    """``kept_experts``: the first N routed experts of every layer stay frozen while the others train;
+    ``vlm_lr_scale``: the VLM's parameters get their own, scaled learning rate, the action expert the stage's."""
+    import re
+
+    table = set_trainable(policy, ("experts", "router", "action_expert"), kept_experts=3)
+    for name, p in policy.named_parameters():
+        m = re.search(r"\.mlp\.experts\.(\d+)\.", name)
+        if m:
+            assert p.requires_grad == (int(m.group(1)) >= 3), name
+    per_expert = sum(p.numel() for n, p in policy.named_parameters() if ".mlp.experts.0." in n)
+    assert table["experts"]["frozen"] == 3 * per_expert and table["experts"]["trainable"] == 5 * per_expert
+    with pytest.raises(ValueError, match="below the routed experts"):
+        set_trainable(policy, ("experts",), kept_experts=99)
+    with pytest.raises(ValueError, match="does not train experts"):
+        dataclasses.replace(STAGES["action_finetuning"], kept_experts=2)
+    with pytest.raises(ValueError, match="vlm_lr_scale"):
+        dataclasses.replace(STAGES["reasoning_alignment"], vlm_lr_scale=0.0)
+    stage = dataclasses.replace(STAGES["reasoning_alignment"], vlm_lr_scale=0.1)
+    trainer = StageTrainer(stage, root, demos, str(tmp_path / "p"), progress=False)
+    _, opt = trainer._optimizer(policy, None)
+    scales = {g.get("lr_scale", 1.0): {part_of(n) for n, p in policy.named_parameters()
+                                       if any(p is q for q in g["params"])} for g in opt.param_groups}
+    assert scales == {1.0: {"action_expert"}, 0.1: {"experts", "router"}}
+    set_trainable(policy, PARTS)  # as the fixture was
+
+
 def test_stages_train_save_and_resume(root, demos, tmp_path):
     vlm_dir = os.path.join(root, "data_samples", "vlm")
     s1 = str(tmp_path / "s1")

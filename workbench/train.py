@@ -59,6 +59,10 @@ def main(argv=None):
             a.add_argument("--train", default=None, help="comma-separated parts to train instead of the stage's "
                            "(vision, embeddings, attention, experts, router, action_expert)")
             a.add_argument("--lr", type=float, default=None, help="peak learning rate instead of the stage's")
+            a.add_argument("--vlm-lr-scale", type=float, default=None,
+                           help="the trained VLM parts' learning rate relative to --lr (the action expert's)")
+            a.add_argument("--kept-experts", type=int, default=None,
+                           help="the first N routed experts of every MoE layer stay the pretrained MLP (frozen)")
             a.add_argument("--lm-phases", default=None, help="comma-separated demonstration phases whose frames carry "
                            "the reasoning's LM loss (reach, grasp, ...), or 'all'")
             a.add_argument("--reasoning-scenes", type=int, default=None,
@@ -132,7 +136,8 @@ def _main_vla(ap, args, StageConfig):
     stage_over = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
                                     ("general_pool", args.general_pool), ("lr", getattr(args, "lr", None)),
                                     *((k, getattr(args, k, None)) for k in ("reasoning_scenes", "scene_pool",
-                                                                            "scene_refresh")),
+                                                                            "scene_refresh", "vlm_lr_scale",
+                                                                            "kept_experts")),
                                     ("train", tuple(p.strip() for p in train.split(",")) if train else None))
                   if v is not None}
     phases = getattr(args, "lm_phases", None)

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from ..training import CsvLog, lr_at, optimizer_step, process_mean, refuse_changed_config, shard
-from .moe import MoEConfig, load_balancing_loss
+from .moe import MoEConfig, MoEMLP, load_balancing_loss
 from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy, PolicyConfig, Summaries, load_policy, save_policy
 from .stage_data import DistilPool, GeneralPool, ReasoningScenes, RobotFrames, distillation_loss
 
@@ -106,6 +106,12 @@ class StageConfig:
     distil_pool: int = 400
     checkpoint_every: int = 100
     seed: int = 0
+    #: the learning rate of the trained VLM parts (experts, routers, ...) relative to ``lr``; the action expert
+    #: trains at ``lr``
+    vlm_lr_scale: float = 1.0
+    #: the first ``kept_experts`` routed experts of every MoE layer stay the pretrained MLP (frozen) while the
+    #: others and the routers train ("which experts train"); 0: every expert trains
+    kept_experts: int = 0
     #: upcycling stages: the backbone's MoE variant, instead of the policy config's (``full_finetune``: dense)
     moe_variant: str | None = None
 
@@ -130,9 +136,9 @@ class StageConfig:
         if bad:
             raise ValueError(f"unknown parts {bad}; expected a subset of {list(PARTS)}")
         for k in ("steps", "batch_size", "checkpoint_every", "general_pool", "distil_rows", "distil_pool",
-                  "reasoning_scenes", "scene_pool", "scene_refresh"):
+                  "reasoning_scenes", "scene_pool", "scene_refresh", "kept_experts"):
             v = getattr(self, k)
-            low = 0 if k in ("steps", "distil_rows", "reasoning_scenes") else 1
+            low = 0 if k in ("steps", "distil_rows", "reasoning_scenes", "kept_experts") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
         if self.reasoning_scenes:
@@ -154,6 +160,11 @@ class StageConfig:
         if self.distil_rows and self.caches_vlm:
             raise ValueError(f"distil_rows={self.distil_rows} needs a stage that trains part of the VLM; "
                              f"{self.name!r} trains {list(self.train)}")
+        if self.kept_experts and "experts" not in self.train:
+            raise ValueError(f"kept_experts={self.kept_experts} keeps some experts frozen while the others train; "
+                             f"stage {self.name!r} does not train experts (train={list(self.train)})")
+        if not (isinstance(self.vlm_lr_scale, (int, float)) and self.vlm_lr_scale > 0):
+            raise ValueError(f"vlm_lr_scale must be a number > 0, got {self.vlm_lr_scale!r}")
         if not 0.0 <= self.image_text_share < 1.0:
             raise ValueError(f"image_text_share must be in [0, 1), got {self.image_text_share}")
         if self.steps and not self.train:
@@ -194,13 +205,23 @@ RECIPES: dict[str, tuple[StageConfig, ...]] = {
 }
 
 
-def set_trainable(policy: ChatVLA2Policy, parts) -> dict[str, dict[str, int]]:
-    """Freeze everything but ``parts``; returns {part: {"trainable": n, "frozen": n}} parameter counts."""
+def set_trainable(policy: ChatVLA2Policy, parts, kept_experts: int = 0) -> dict[str, dict[str, int]]:
+    """Freeze everything but ``parts``, and of the routed experts the first ``kept_experts`` of every layer;
+    returns {part: {"trainable": n, "frozen": n}} parameter counts."""
+    import re
+
+    if kept_experts:
+        routed = {len(m.experts) for m in policy.vlm.modules() if isinstance(m, MoEMLP) and m.router is not None}
+        if not routed or kept_experts >= min(routed):
+            raise ValueError(f"kept_experts={kept_experts} must be below the routed experts per layer "
+                             f"({sorted(routed) or 'none: the backbone has no routed experts'})")
     table = {p: {"trainable": 0, "frozen": 0} for p in PARTS}
     for name, param in policy.named_parameters():
         part = part_of(name)
-        param.requires_grad_(part in parts)
-        table[part]["trainable" if part in parts else "frozen"] += param.numel()
+        expert = re.search(r"\.mlp\.experts\.(\d+)\.", name)
+        train = part in parts and not (expert and int(expert.group(1)) < kept_experts)
+        param.requires_grad_(train)
+        table[part]["trainable" if train else "frozen"] += param.numel()
     return table
 
 
@@ -263,7 +284,7 @@ class StageTrainer:
         t0 = time.time()
         ckpt = latest_checkpoint(self.run_dir)
         policy = self.initial_policy(ckpt)
-        parts = set_trainable(policy, st.train)
+        parts = set_trainable(policy, st.train, st.kept_experts)
         if self.progress:
             print(f"stage {st.name}: {st.steps} steps\n{format_parts(parts)}")
         start = load_checkpoint_state(ckpt)[0]["step"] if ckpt else 0
@@ -281,8 +302,14 @@ class StageTrainer:
 
     # -- the two loops ---------------------------------------------------------------------------
     def _optimizer(self, policy, ckpt):
-        params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.stage.lr, weight_decay=0.01)
+        named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        groups: list = params
+        if self.stage.vlm_lr_scale != 1.0:
+            vlm = [p for n, p in named if part_of(n) != "action_expert"]
+            groups = [{"params": [p for n, p in named if part_of(n) == "action_expert"]},
+                      {"params": vlm, "lr_scale": self.stage.vlm_lr_scale}]
+        opt = torch.optim.AdamW(groups, lr=self.stage.lr, weight_decay=0.01)
         if ckpt is not None:
             load_checkpoint_state(ckpt, opt)
         return params, opt
