@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -163,7 +164,8 @@ class StageConfig:
         if self.kept_experts and "experts" not in self.train:
             raise ValueError(f"kept_experts={self.kept_experts} keeps some experts frozen while the others train; "
                              f"stage {self.name!r} does not train experts (train={list(self.train)})")
-        if not (isinstance(self.vlm_lr_scale, (int, float)) and self.vlm_lr_scale > 0):
+        if isinstance(self.vlm_lr_scale, bool) or not (isinstance(self.vlm_lr_scale, (int, float))
+                                                       and self.vlm_lr_scale > 0):
             raise ValueError(f"vlm_lr_scale must be a number > 0, got {self.vlm_lr_scale!r}")
         if not 0.0 <= self.image_text_share < 1.0:
             raise ValueError(f"image_text_share must be in [0, 1), got {self.image_text_share}")
@@ -208,8 +210,6 @@ RECIPES: dict[str, tuple[StageConfig, ...]] = {
 def set_trainable(policy: ChatVLA2Policy, parts, kept_experts: int = 0) -> dict[str, dict[str, int]]:
     """Freeze everything but ``parts``, and of the routed experts the first ``kept_experts`` of every layer;
     returns {part: {"trainable": n, "frozen": n}} parameter counts."""
-    import re
-
     if kept_experts:
         routed = {len(m.experts) for m in policy.vlm.modules() if isinstance(m, MoEMLP) and m.router is not None}
         if not routed or kept_experts >= min(routed):
