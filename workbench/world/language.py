@@ -119,14 +119,15 @@ def cards_listing(cards: dict) -> str:
 # {pad}, {obj}, {tgt} and {place} are grounded phrases (:func:`~workbench.world.grounding.grounded`): the reasoning
 # says *where* each thing is, in Qwen2-VL's box format on the table camera, as ChatVLA-2's does. The answer card is
 # located by the list of cards ({cards}: each card with its slot), not restated: the parser takes its slot, and the
-# slot's box, from the list (:func:`parse_reasoning`), so the model never has to copy a slot back out of its list
+# slot's box, from the list (:func:`parse_reasoning`), so the model never has to copy a slot back out of its list.
+# Every math phrasing opens with the solved equation, "{eq} = {ans}.", which is how the pretrained VLM already answers
+# a board question ("Which card answers the equation?" -> "45 ÷ 5 = 9. The card 9 is at ..."): the reasoning starts
+# on the VLM's own reading and solving instead of a new phrase that robot data, holding only one-digit + and -,
+# would teach to read (docs/chatvla2_experiments.md, "The reasoning opens as the VLM answers").
 _MATH_REASONING = (
-    "The whiteboard shows {eq} = ?. {eq} = {ans}. On the table: {cards}. So I need the card {ans}. I will place it "
-    "on {pad}.",
-    "I read {eq} = ? on the board. Since {eq} = {ans}, the answer is {ans}. The cards: {cards}. I'll move the card "
-    "{ans} to {pad}.",
-    "Equation on the whiteboard: {eq} = ?. Working it out, {eq} = {ans}. I see {cards}. I'll carry the card {ans} "
-    "to {pad}.",
+    "{eq} = {ans}. On the table: {cards}. So I need the card {ans}. I will place it on {pad}.",
+    "{eq} = {ans}, so the answer is {ans}. The cards: {cards}. I'll move the card {ans} to {pad}.",
+    "{eq} = {ans}. I see {cards}. I'll carry the card {ans} to {pad}.",
 )
 _TOY_REASONING = (
     "I see {obj} and {tgt}. The {object} must go {place}. I'll pick up the {object} and put it there.",
