@@ -487,17 +487,27 @@ def test_closed_loop_evaluation_runs_the_policy_in_the_simulator(policy, tmp_pat
 
 def test_reasoning_check_scores_the_first_frame_without_acting(policy, monkeypatch):
     """``evaluate reasoning``: the true reasoning scores full marks, a wrong one nothing; no step is taken."""
-    from workbench.evaluation.closed_loop import EVAL_SEED, evaluate_reasoning
+    from workbench.evaluation.closed_loop import EVAL_SEED, evaluate_reasoning, format_reasoning_result
     from workbench.world import language, make_env
+    from workbench.world.catalog import Equation
 
     env = make_env("math_matching", "open_world", cameras=())
-    truths = iter([language.episode_reasoning(env.reset(seed=EVAL_SEED + i)[1], np.random.default_rng(i))
-                   for i in range(2)])
+    infos = [env.reset(seed=EVAL_SEED + i)[1] for i in range(2)]
     env.close()
+    truths = iter([language.episode_reasoning(info, np.random.default_rng(i)) for i, info in enumerate(infos)])
+    first_board = language.equation_words(Equation.parse(infos[0]["equation"])) + " = ?"
     monkeypatch.setattr("workbench.world.env.TabletopEnv.step", lambda *a: pytest.fail("the check must not act"))
     monkeypatch.setattr(policy, "generate_reasoning", lambda obs, instruction: next(truths))
+    asked = []
+    monkeypatch.setattr("workbench.vlm.api.ask", lambda model, processor, images, question: asked.append(
+        (np.asarray(images[0]).shape, question)) or first_board)
     r = evaluate_reasoning(policy, "math_matching", "open_world", episodes=2, progress=False)
     assert r["conclusion_right"] == 2 and r["scores"] == {"ocr": 4.0, "math": 2.0, "grounding": 1.0, "cards": 1.0}
+    # the backbone is also asked about each board (the board camera alone); the same answer twice reads only the
+    # first board
+    assert asked == [((96, 192, 3), "What is written on the whiteboard?")] * 2 and r["equation_right"] == 2
+    assert [rec["read_when_asked"] for rec in r["records"]] == [True, infos[1]["equation"] == infos[0]["equation"]]
+    assert "read when asked directly" in format_reasoning_result(r)
     monkeypatch.setattr(policy, "generate_reasoning", lambda obs, instruction: "I read nothing.")
     r = evaluate_reasoning(policy, "toy_placement", "open_world", episodes=1, progress=False)
     assert r["conclusion_right"] == 0 and set(r["scores"].values()) == {0.0}

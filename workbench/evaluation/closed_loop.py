@@ -127,9 +127,12 @@ def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: 
                        progress: bool = True) -> dict:
     """The reasoning ``policy`` generates at the first frame of ``episodes`` seeded episodes, scored as in
     :func:`evaluate_policy`, without acting: a check of a stage-2 checkpoint in about a minute (the robot's success
-    needs the action expert of stage 3)."""
+    needs the action expert of stage 3). Math matching also asks the backbone about the same board directly
+    (:data:`BOARD_QUESTION`, the board camera alone): ``read_when_asked`` counts the boards it reads then, beside
+    ``equation_right``, those whose equation the reasoning states; the gap is knowledge the reasoning does not use."""
+    from ..vlm.api import ask
     from ..world.env import TabletopEnv
-    from ..world.language import parse_reasoning
+    from ..world.language import math_score_parts, parse_equation, parse_reasoning
 
     env = TabletopEnv(task, split)
     records = []
@@ -137,18 +140,32 @@ def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: 
         obs, info = env.reset(seed=seed + i)
         text = policy.generate_reasoning(obs, info["instruction"])
         facts = parse_reasoning(text)
-        records.append({"seed": seed + i, "reasoning": text, "scores": reasoning_scores(facts, info),
-                        "conclusion_right": conclusion_right(facts, info)})
+        record = {"seed": seed + i, "reasoning": text, "scores": reasoning_scores(facts, info),
+                  "conclusion_right": conclusion_right(facts, info)}
+        if task == "math_matching":
+            said = ask(policy.vlm, policy.processor, [obs["board"]], BOARD_QUESTION)
+            record.update(asked=said, read_when_asked=parse_equation(said) == (info["equation"].rstrip("=?"), "?"),
+                          equation_right=math_score_parts(facts, info)["equation"])
+        records.append(record)
     env.close()
-    return {"task": task, "split": split, "episodes": len(records),
-            "conclusion_right": sum(r["conclusion_right"] for r in records),
-            "scores": mean_scores(records), "records": records}
+    result = {"task": task, "split": split, "episodes": len(records),
+              "conclusion_right": sum(r["conclusion_right"] for r in records),
+              "scores": mean_scores(records), "records": records}
+    if task == "math_matching":
+        result.update({k: sum(r[k] for r in records) for k in ("read_when_asked", "equation_right")})
+    return result
+
+
+#: what :func:`evaluate_reasoning` asks the backbone about an episode's board (a knowledge-suite OCR question)
+BOARD_QUESTION = "What is written on the whiteboard?"
 
 
 def format_reasoning_result(r: dict) -> str:
     scores = ", ".join(f"{k} {v:.2f}" for k, v in r["scores"].items())
+    board = (f"; board equation stated in the reasoning {r['equation_right']}/{r['episodes']}, read when asked "
+             f"directly {r['read_when_asked']}/{r['episodes']}" if "read_when_asked" in r else "")
     return (f"reasoning {r['task']} / {r['split']}: conclusion right in {r['conclusion_right']}/{r['episodes']}; "
-            f"scores: {scores}")
+            f"scores: {scores}{board}")
 
 
 def evaluate_following(policy, task: str, split: str = "open_world", episodes: int = 50, seed: int = EVAL_SEED,
