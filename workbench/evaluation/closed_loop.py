@@ -123,16 +123,21 @@ def evaluate_policy(policy, task: str, split: str, episodes: int = 50, seed: int
             "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0, "records": records}
 
 
+#: what :func:`evaluate_reasoning` asks the backbone about an episode's board (a knowledge-suite OCR question)
+BOARD_QUESTION = "What is written on the whiteboard?"
+
+
 def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: int = EVAL_SEED,
                        progress: bool = True) -> dict:
     """The reasoning ``policy`` generates at the first frame of ``episodes`` seeded episodes, scored as in
     :func:`evaluate_policy`, without acting: a check of a stage-2 checkpoint in about a minute (the robot's success
     needs the action expert of stage 3). Math matching also asks the backbone about the same board directly
-    (:data:`BOARD_QUESTION`, the board camera alone): ``read_when_asked`` counts the boards it reads then, beside
-    ``equation_right``, those whose equation the reasoning states; the gap is knowledge the reasoning does not use."""
+    (:data:`BOARD_QUESTION`, the board camera alone): ``read_when_asked`` counts the boards whose equation it states
+    then, beside ``equation_right``, those whose equation the reasoning states (both scored the same way); the gap
+    is knowledge the reasoning does not use."""
     from ..vlm.api import ask
     from ..world.env import TabletopEnv
-    from ..world.language import math_score_parts, parse_equation, parse_reasoning
+    from ..world.language import math_score_parts, parse_reasoning
 
     env = TabletopEnv(task, split)
     records = []
@@ -144,7 +149,7 @@ def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: 
                   "conclusion_right": conclusion_right(facts, info)}
         if task == "math_matching":
             said = ask(policy.vlm, policy.processor, [obs["board"]], BOARD_QUESTION)
-            record.update(asked=said, read_when_asked=parse_equation(said) == (info["equation"].rstrip("=?"), "?"),
+            record.update(asked=said, read_when_asked=math_score_parts(parse_reasoning(said), info)["equation"],
                           equation_right=math_score_parts(facts, info)["equation"])
         records.append(record)
     env.close()
@@ -154,10 +159,6 @@ def evaluate_reasoning(policy, task: str, split: str, episodes: int = 10, seed: 
     if task == "math_matching":
         result.update({k: sum(r[k] for r in records) for k in ("read_when_asked", "equation_right")})
     return result
-
-
-#: what :func:`evaluate_reasoning` asks the backbone about an episode's board (a knowledge-suite OCR question)
-BOARD_QUESTION = "What is written on the whiteboard?"
 
 
 def format_reasoning_result(r: dict) -> str:
