@@ -92,7 +92,6 @@ def bench_policy(path: str = "data_samples/policy", repeats: int = 30, ddim_step
 
     from .vla.observation import Observation
     from .vla.policy import load_policy
-    from .vlm.api import answer_labels, build_inputs
     from .world.env import TabletopEnv
 
     policy = load_policy(path)
@@ -120,9 +119,7 @@ def bench_policy(path: str = "data_samples/policy", repeats: int = 30, ddim_step
 
     @torch.no_grad()
     def vlm_forward():
-        batch = build_inputs(policy.processor, policy.images(obs), instruction, answer=policy.reasoning)
-        batch["labels"] = answer_labels(policy.processor, batch["input_ids"][0])[None]
-        policy.features(batch)
+        policy.features(policy.reasoning_batch(obs, instruction, policy.reasoning))
 
     vlm = timed(vlm_forward)
     f, expert = policy.last_features, policy.action_expert

@@ -47,6 +47,9 @@ def main(argv=None):
         a.add_argument("--reasoning-injection", default=None, help="latter_half | all | former_half | off")
         a.add_argument("--no-reasoning-boxes", action="store_true",
                        help="upcycling: the action expert reads the reasoning's hidden states only, not its boxes")
+        a.add_argument("--board-first", action="store_true",
+                       help="upcycling: for whiteboard instructions the backbone first solves the board (a question "
+                            "it was pretrained on) and reasons on from its answer, which robot data does not train")
         a.add_argument("--seed", type=int, default=None)
         a.add_argument("--steps", type=int, default=None, help="override the steps of every trained stage")
         a.add_argument("--batch-size", type=int, default=None)
@@ -145,7 +148,8 @@ def _main_vla(ap, args, StageConfig):
         stage_over["lm_phases"] = None if phases == "all" else tuple(p.strip() for p in phases.split(","))
     try:
         pcfg = PolicyConfig(moe=MoEConfig(**moe).to_dict(), action={"reasoning_injection": args.reasoning_injection}
-                            if args.reasoning_injection else {}, reasoning_boxes=not args.no_reasoning_boxes)
+                            if args.reasoning_injection else {}, reasoning_boxes=not args.no_reasoning_boxes,
+                            board_first=args.board_first)
         stages = [STAGES[args.name]] if args.what == "stage" else list(RECIPES[args.name])
         distil = {k: v for k, v in (("distil_rows", args.distil_rows), ("distil_pool", args.distil_pool))
                   if v is not None}
@@ -166,7 +170,8 @@ def _main_vla(ap, args, StageConfig):
                                  f"stage {s.name!r} does not use (reasoning_scenes=0)")
         built = [o for o, v in (("--moe-variant", args.moe_variant), ("--num-experts", args.num_experts),
                                 ("--top-k", args.top_k), ("--reasoning-injection", args.reasoning_injection),
-                                ("--no-reasoning-boxes", args.no_reasoning_boxes)) if v not in (None, False)]
+                                ("--no-reasoning-boxes", args.no_reasoning_boxes), ("--board-first", args.board_first))
+                 if v not in (None, False)]
         if built and not any(s.upcycle for s in stages):
             raise ValueError(f"{', '.join(built)} shape(s) the policy an upcycling stage builds; {args.what} "
                              f"{args.name!r} continues the policy in --init and would ignore it")

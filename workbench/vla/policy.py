@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..world.env import STATE_DIM, actions_towards, commanded_targets
-from ..world.language import ReasoningFacts, parse_reasoning
+from ..world.language import SOLVE_QUESTION, ReasoningFacts, mentions_board, parse_reasoning, split_board_answer
 from ..world.scene import WORKSPACE_HIGH, WORKSPACE_LOW
 from .action_expert import ActionExpert, ActionExpertConfig, ActionNormalizer
 from .moe import MoEConfig, moe_config_of, routing_context, upcycle
@@ -61,6 +61,9 @@ class PolicyConfig:
     max_reasoning_tokens: int = 192
     #: the reasoning path also gets the boxes the reasoning states (what to pick, where to put it) as numbers
     reasoning_boxes: bool = True
+    #: for an instruction about the whiteboard, the backbone first answers ``SOLVE_QUESTION`` and reasons on from
+    #: its answer (a two-turn chat, :meth:`ChatVLA2Policy.conversation`); training takes no LM loss on that answer
+    board_first: bool = False
 
     def __post_init__(self):
         MoEConfig.from_dict(self.moe)  # validates
@@ -69,8 +72,9 @@ class PolicyConfig:
             raise ValueError(f"n_action_steps must be an int in [1, chunk_size={chunk}], got {self.n_action_steps!r}")
         if not (isinstance(self.max_reasoning_tokens, int) and self.max_reasoning_tokens > 0):
             raise ValueError(f"max_reasoning_tokens must be a positive int, got {self.max_reasoning_tokens!r}")
-        if not isinstance(self.reasoning_boxes, bool):
-            raise ValueError(f"reasoning_boxes must be True or False, got {self.reasoning_boxes!r}")
+        for name in ("reasoning_boxes", "board_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,7 +191,8 @@ class ChatVLA2Policy(nn.Module):
         h = self.hidden_states(batch, data_type)
         lm_loss = None
         if with_lm_loss:
-            labels = batch["labels"] if lm_rows is None else batch["labels"].masked_fill(~lm_rows[:, None], -100)
+            labels = batch.get("lm_labels", batch["labels"])
+            labels = labels if lm_rows is None else labels.masked_fill(~lm_rows[:, None], -100)
             logits, targets, _ = self.answer_logits(h, labels)
             lm_loss = nn.functional.cross_entropy(logits, targets) if len(targets) else logits.sum()
         n = h.shape[0] if n_robot is None else n_robot
@@ -209,7 +214,7 @@ class ChatVLA2Policy(nn.Module):
 
     def hidden_states(self, batch: dict, data_type: torch.Tensor | None = None) -> torch.Tensor:
         """The language model's last hidden states (B, L, H), after the final norm."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "lm_labels")}
         b = batch["input_ids"].shape[0]
         data_type = torch.full((b,), ROBOT) if data_type is None else data_type
         with routing_context(self.vlm, attention_mask=batch["attention_mask"], data_type=data_type):
@@ -254,16 +259,55 @@ class ChatVLA2Policy(nn.Module):
     def images(self, obs: Observation) -> list:
         return [getattr(obs, n) for n in CAMERA_ORDER]
 
+    def conversation(self, instruction: str, reasoning: str) -> tuple[str, str, tuple]:
+        """The chat in which the backbone says ``reasoning``, as (question, answer, follow-ups) of
+        :func:`~workbench.vlm.api.encode_example`: the instruction answered by the reasoning; or, with
+        ``config.board_first``, an instruction about the whiteboard and a reasoning that opens with the solved
+        equation, two turns: :data:`~workbench.world.language.SOLVE_QUESTION` answered by the equation, then the
+        instruction answered by the rest."""
+        split = split_board_answer(reasoning) if self.config.board_first and mentions_board(instruction) else None
+        if split is None or not split[1]:
+            return instruction, reasoning, ()
+        return SOLVE_QUESTION, split[0], ((instruction, split[1]),)
+
+    def encode_reasoning(self, images, instruction: str, reasoning: str) -> dict:
+        """A training item (:func:`~workbench.vlm.api.encode_example`) of the :meth:`conversation` for
+        ``reasoning``; a board answer that opens it is context, not an LM target (``lm_labels``)."""
+        from ..vlm.api import encode_example
+
+        question, answer, follow_ups = self.conversation(instruction, reasoning)
+        return encode_example(self.processor, images, question, answer, follow_ups, learn_first=not follow_ups)
+
+    def reasoning_batch(self, observation, instruction: str, reasoning: str) -> dict:
+        """Model inputs (with pixels) of the :meth:`conversation` for ``reasoning``, with ``labels`` marking it."""
+        from ..vlm.api import answer_labels, build_inputs
+
+        batch = build_inputs(self.processor, self.images(Observation.coerce(observation)),
+                             *self.conversation(instruction, reasoning))
+        batch["labels"] = answer_labels(self.processor, batch["input_ids"][0])[None]
+        return batch
+
     @torch.no_grad()
     def generate_reasoning(self, observation, instruction: str, streamer=None) -> str:
         """Reasoning text for ``instruction`` given the cameras (greedy, KV-cached ``generate``; ``streamer``
-        receives its tokens as they come, see :func:`workbench.vlm.api.ask_stream`)."""
+        receives its tokens as they come, see :func:`workbench.vlm.api.ask_stream`). With ``config.board_first``
+        and an instruction about the whiteboard, the backbone first answers
+        :data:`~workbench.world.language.SOLVE_QUESTION`; the solved equation it states (if it states one) opens
+        the reasoning, and the rest is its answer to the instruction after that turn (the streamer gets the rest)."""
         from ..vlm.api import ask
 
         obs = Observation.coerce(observation)
+        instruction = check_instruction(instruction)
+        images, limit = self.images(obs), self.config.max_reasoning_tokens
         with routing_context(self.vlm, data_type=torch.tensor([ROBOT])):
-            return ask(self.vlm, self.processor, self.images(obs), check_instruction(instruction),
-                       max_new_tokens=self.config.max_reasoning_tokens, streamer=streamer)
+            if self.config.board_first and mentions_board(instruction):
+                opening = split_board_answer(ask(self.vlm, self.processor, images, SOLVE_QUESTION, max_new_tokens=24))
+                if opening is not None:
+                    rest = ask(self.vlm, self.processor, images, instruction, max_new_tokens=limit,
+                               what="instruction", streamer=streamer, before=((SOLVE_QUESTION, opening[0]),))
+                    return f"{opening[0]}. {rest}"
+            return ask(self.vlm, self.processor, images, instruction, max_new_tokens=limit, what="instruction",
+                       streamer=streamer)
 
     def set_reasoning(self, reasoning: str, instruction: str) -> None:
         """Use ``reasoning`` for this episode's chunks (as if generated): the reasoning-following path acts on it."""
@@ -290,8 +334,6 @@ class ChatVLA2Policy(nn.Module):
             :meth:`select_action`; at an episode's start, the measured end-effector position).
             ``self.facts`` holds the parsed conclusion (:class:`~workbench.world.language.ReasoningFacts`).
         """
-        from ..vlm.api import answer_labels, build_inputs
-
         obs = Observation.coerce(observation)
         instruction = check_instruction(instruction)
         was_training = self.training
@@ -301,9 +343,7 @@ class ChatVLA2Policy(nn.Module):
         elif self.reasoning is None or instruction != self._instruction:
             self.reasoning = self.generate_reasoning(obs, instruction) or "."
             self.facts, self._instruction = parse_reasoning(self.reasoning), instruction
-        batch = build_inputs(self.processor, self.images(obs), instruction, answer=self.reasoning)
-        batch["labels"] = answer_labels(self.processor, batch["input_ids"][0])[None]
-        feats, _ = self.features(batch)
+        feats, _ = self.features(self.reasoning_batch(obs, instruction, self.reasoning))
         self.last_features = feats
         state = torch.from_numpy(obs.state)[None]
         targets = self.action_expert.sample(feats.obs, state, feats.reasoning, generator=generator)[0]

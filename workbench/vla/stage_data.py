@@ -28,7 +28,6 @@ class RobotFrames:
 
     def __init__(self, root: str, policy: ChatVLA2Policy, progress: bool = True, batch: int = 32):
         from ..dataset import DemonstrationDataset
-        from ..vlm.api import encode_example
 
         ds = DemonstrationDataset(root, chunk_size=policy.action_expert.config.chunk_size)
         splits = set(ds.hf["split"])
@@ -44,7 +43,7 @@ class RobotFrames:
         for ep in np.unique(self.episode):
             row = ds.hf[int(np.argmax(self.episode == ep))]
             images = [row[f"observation.images.{c}"].convert("RGB") for c in CAMERA_ORDER]
-            self.encoded[int(ep)] = encode_example(policy.processor, images, row["instruction"], row["reasoning"])
+            self.encoded[int(ep)] = policy.encode_reasoning(images, row["instruction"], row["reasoning"])
         longest = max(map(reasoning_tokens, self.encoded.values()))
         if longest > policy.config.max_reasoning_tokens:
             raise ValueError(f"{root}'s longest reasoning is {longest} tokens but the policy generates at most "
@@ -116,7 +115,6 @@ class ReasoningScenes:
         return self._block[1]
 
     def _render(self, block: int) -> list[dict]:
-        from ..vlm.api import encode_example
         from ..world import language
         from ..world.catalog import TASKS
         from ..world.env import TabletopEnv
@@ -134,8 +132,7 @@ class ReasoningScenes:
                 self._envs[task] = TabletopEnv(task, "in_domain", cameras=CAMERA_ORDER)
             obs, info = self._envs[task].reset(seed=int(rng.integers(2**20, 2**31 - 1)))
             images = [obs[c] for c in CAMERA_ORDER]
-            item = encode_example(self.policy.processor, images, info["instruction"],
-                                  language.episode_reasoning(info, rng))
+            item = self.policy.encode_reasoning(images, info["instruction"], language.episode_reasoning(info, rng))
             if reasoning_tokens(item) > self.policy.config.max_reasoning_tokens:
                 self.skipped += 1
                 continue

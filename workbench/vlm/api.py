@@ -47,14 +47,19 @@ def _check_question(question, what: str = "question") -> str:
     return check_text(question, what, max_chars=1000, example="What is written on the whiteboard?")
 
 
-def build_inputs(processor: TinyQwen2VLProcessor, images, question: str, answer: str | None = None) -> dict:
+def build_inputs(processor: TinyQwen2VLProcessor, images, question: str, answer: str | None = None,
+                 follow_ups: tuple[tuple[str, str | None], ...] = ()) -> dict:
     """Processor outputs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``,
-    ``image_grid_thw``) for one prompt; with ``answer`` the assistant turn is included (training)."""
+    ``image_grid_thw``) for one conversation about ``images``: ``question``, its ``answer`` and ``follow_ups``
+    (see :func:`~workbench.vlm.processing.messages`). When the conversation ends with an unanswered question
+    (``answer`` None and no follow-ups, or a last follow-up answered None) it ends with the generation prompt."""
     if images is None or isinstance(images, (Image.Image, np.ndarray)):
         images = [] if images is None else [images]
     imgs = [prepare_image(im, f"image {i}") for i, im in enumerate(images)]
-    text = processor.apply_chat_template(messages(len(imgs), _check_question(question), answer), tokenize=False,
-                                         add_generation_prompt=answer is None)
+    follow_ups = tuple((_check_question(q), a) for q, a in follow_ups)
+    last = follow_ups[-1][1] if follow_ups else answer
+    text = processor.apply_chat_template(messages(len(imgs), _check_question(question), answer, follow_ups),
+                                         tokenize=False, add_generation_prompt=last is None)
     return processor(text=[text], images=imgs or None, return_tensors="pt")
 
 
@@ -76,18 +81,25 @@ def answer_labels(processor: TinyQwen2VLProcessor, ids: torch.Tensor) -> torch.T
 
 
 def encode_example(processor: TinyQwen2VLProcessor, images, question: str, answer: str,
-                   follow_ups: tuple[tuple[str, str], ...] = ()) -> dict:
+                   follow_ups: tuple[tuple[str, str], ...] = (), learn_first: bool = True) -> dict:
     """One training example as 1-D tensors: ``input_ids`` (L,), ``labels`` (L,) (-100 except the answer
     tokens and ``<|im_end|>`` of every assistant turn), ``mm_token_type_ids`` (L,), and ``image_grid_thw``
     (n_images, 3) or None. ``follow_ups``: more (question, answer) turns about the same images. ``images`` are
     already-prepared RGB images (their pixels are not kept: vision features come from a cache or from a
-    separate ``pixel_values`` call)."""
+    separate ``pixel_values`` call). ``learn_first=False``: the first answer is context, not a target: the item
+    also has ``lm_labels`` (L,), ``labels`` without that answer (the LM loss's targets; see :func:`collate`)."""
     full = processor.apply_chat_template(messages(len(images), question, answer, tuple(follow_ups)), tokenize=False)
     enc = processor(text=[full], images=list(images) or None, return_tensors="pt")
     ids = enc["input_ids"][0]
     labels = answer_labels(processor, ids)
-    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": enc["mm_token_type_ids"][0],
+    item = {"input_ids": ids, "labels": labels, "mm_token_type_ids": enc["mm_token_type_ids"][0],
             "image_grid_thw": enc.get("image_grid_thw")}
+    if not learn_first:
+        labelled = (labels != -100).long()
+        first_turn = labelled.cumsum(0) > 0  # from the first answer token ...
+        first_turn &= (labelled.diff(prepend=labelled[:1]) == 1).long().cumsum(0) <= 1  # ... to the end of its run
+        item["lm_labels"] = labels.masked_fill(first_turn, -100)
+    return item
 
 
 def vision_tokens(visual, image_processor, images) -> tuple[torch.Tensor, list[int]]:
@@ -103,7 +115,8 @@ def collate(items: list[dict], pad_token_id: int) -> dict:
     """Right-padded model inputs for a batch of :func:`encode_example` outputs. Items may carry ``feats``
     (one (tokens, hidden) tensor of merged vision tokens per image, e.g. from a cache): they are passed
     as ``mm_encoder_outputs`` so the vision tower is not run. Returns ``input_ids``, ``attention_mask``,
-    ``labels``, ``mm_token_type_ids`` (batch, L) and, if there are images, ``image_grid_thw``."""
+    ``labels``, ``mm_token_type_ids`` (batch, L), ``lm_labels`` (batch, L) if an item has them (the others'
+    are their labels) and, if there are images, ``image_grid_thw``."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     length = max(len(it["input_ids"]) for it in items)
@@ -116,6 +129,9 @@ def collate(items: list[dict], pad_token_id: int) -> dict:
     batch = {"input_ids": stack("input_ids", pad_token_id), "labels": stack("labels", -100),
              "attention_mask": (torch.arange(length)[None] < lengths[:, None]).long(),
              "mm_token_type_ids": stack("mm_token_type_ids", 0)}
+    if any("lm_labels" in it for it in items):  # the LM loss's targets, where some differ from the labels
+        items = [it if "lm_labels" in it else {**it, "lm_labels": it["labels"]} for it in items]
+        batch["lm_labels"] = stack("lm_labels", -100)
     grids = [it["image_grid_thw"] for it in items if it["image_grid_thw"] is not None]
     if grids:
         batch["image_grid_thw"] = torch.cat(grids)
@@ -127,12 +143,15 @@ def collate(items: list[dict], pad_token_id: int) -> dict:
 
 @torch.no_grad()
 def ask(model, processor: TinyQwen2VLProcessor, images, question: str, max_new_tokens: int = 48,
-        what: str = "question", streamer=None) -> str:
+        what: str = "question", streamer=None, before: tuple[tuple[str, str], ...] = ()) -> str:
     """Greedy answer (KV-cached ``generate``) to ``question`` about ``images`` (a list, one per camera:
     PIL images or HxWx3 uint8 arrays; may be empty for text-only questions). ``what`` names the text in
     error messages (a policy passes its "instruction"). ``streamer``: a ``transformers`` streamer that
-    receives the tokens as they are generated (see :func:`ask_stream`)."""
-    inputs = build_inputs(processor, images, _check_question(question, what))
+    receives the tokens as they are generated (see :func:`ask_stream`). ``before``: earlier (question, answer)
+    turns of the conversation, the first one with the images."""
+    question = _check_question(question, what)
+    inputs = (build_inputs(processor, images, before[0][0], before[0][1], (*before[1:], (question, None)))
+              if before else build_inputs(processor, images, question))
     was_training = model.training
     model.eval()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,

@@ -135,14 +135,16 @@ def tokenizer_texts(n_samples: int = 4000, seed: int = 0) -> list[str]:
 
 
 def messages(num_images: int, question: str, answer: str | None = None,
-             follow_ups: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+             follow_ups: tuple[tuple[str, str | None], ...] = ()) -> list[dict]:
     """Chat messages: one user turn with ``num_images`` images then the question (and the answer), then
-    ``follow_ups``, more (question, answer) turns about the same images (training conversations)."""
+    ``follow_ups``, more (question, answer) turns about the same images (training conversations). The last
+    follow-up's answer may be None: the conversation then ends with that question (generation)."""
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
     msgs = [{"role": "user", "content": content}]
     if answer is not None:
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     for q, a in follow_ups:
-        msgs += [{"role": "user", "content": [{"type": "text", "text": q}]},
-                 {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+        msgs.append({"role": "user", "content": [{"type": "text", "text": q}]})
+        if a is not None:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     return msgs

@@ -58,6 +58,31 @@ def math_instruction(rng: np.random.Generator) -> str:
     return MATH_INSTRUCTIONS[rng.integers(len(MATH_INSTRUCTIONS))]
 
 
+#: what a policy built with ``board_first`` asks its backbone before reasoning about the whiteboard (a question of
+#: the pretrained VLM's corpus); its answer, the solved equation, opens the reasoning
+SOLVE_QUESTION = "Solve the equation on the whiteboard."
+_BOARD_WORDS = re.compile(r"\b(white)?board\b|\bequation\b", re.IGNORECASE)
+#: a solved equation at the start of a text, and what separates it from the rest ("45 ÷ 5 = 9. On the table ...")
+_OPENING = re.compile(r"\s*(\d{1,3} ?[+\-×÷*/x−:] ?\d{1,3} ?= ?\d{1,3})(?:[.,]\s*|\s*$)")
+
+
+def mentions_board(instruction: str) -> bool:
+    """Whether an instruction is about the whiteboard (names the board or an equation): the math instructions do,
+    the toy instructions do not."""
+    return bool(_BOARD_WORDS.search(instruction or ""))
+
+
+def split_board_answer(text: str) -> tuple[str, str] | None:
+    """A text that opens with a solved equation, cut after it: ``"45 ÷ 5 = 9, so the answer is 9. ..."`` ->
+    ("45 ÷ 5 = 9", "So the answer is 9. ...") (the rest capitalised; "" if nothing follows); None if it does not
+    open with one."""
+    m = _OPENING.match(text or "")
+    if m is None:
+        return None
+    rest = text[m.end():].strip()
+    return m.group(1), rest[:1].upper() + rest[1:]
+
+
 def toy_instruction(obj: str, target: str, direction: str, rng: np.random.Generator) -> str:
     template = TOY_INSTRUCTIONS[rng.integers(len(TOY_INSTRUCTIONS))]
     return template.format(object=obj, target=target, phrase=DIRECTION_PHRASES[direction])
@@ -348,5 +373,5 @@ __all__ = [
     "find_objects", "listed_cards",
     "GROUNDING_TOKENS", "check_text", "grounded_phrases",
     "math_instruction", "math_score_parts", "parse_equation", "parse_reasoning", "parse_toy_instruction",
-    "step_reasoning", "toy_instruction", "OPERATORS",
+    "step_reasoning", "toy_instruction", "OPERATORS", "SOLVE_QUESTION", "mentions_board", "split_board_answer",
 ]
