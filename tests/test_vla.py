@@ -131,6 +131,42 @@ def test_the_reasoning_path_reads_the_boxes_the_reasoning_states(policy):
     assert box_features([]).shape == (0, BOX_FEATURES)
 
 
+def test_board_first_reasons_in_two_turns_and_learns_only_the_second(policy, monkeypatch):
+    """With ``board_first``, a whiteboard instruction's reasoning that opens with the solved equation is the answer
+    to SOLVE_QUESTION (context: no LM loss) then the answer to the instruction; a toy instruction, or a reasoning
+    without the opening, stays one turn. Generation asks SOLVE_QUESTION first and goes on from what it says."""
+    from workbench.vla import policy as policy_module
+    from workbench.world.language import MATH_INSTRUCTIONS, SOLVE_QUESTION
+
+    math, reasoning = MATH_INSTRUCTIONS[0], "45 ÷ 5 = 9. On the table: card 9 at the back left. So I need the card 9."
+    board_first = ChatVLA2Policy(policy.vlm, policy.processor, dataclasses.replace(policy.config, board_first=True),
+                                 policy.action_expert.normalizer)
+    assert policy.conversation(math, reasoning) == (math, reasoning, ())
+    assert board_first.conversation(math, reasoning) == (SOLVE_QUESTION, "45 ÷ 5 = 9", ((math, reasoning[12:]),))
+    assert board_first.conversation(INSTRUCTION, reasoning) == (INSTRUCTION, reasoning, ())
+    assert board_first.conversation(math, "The whiteboard's answer is 9.")[2] == ()
+    obs = Observation.fake(1)
+    item = board_first.encode_reasoning([obs.board, obs.table], math, reasoning)
+    tok = policy.processor.tokenizer
+    assert tok.decode(item["input_ids"][item["lm_labels"] != -100]) == reasoning[12:] + "<|im_end|>"
+    assert "lm_labels" not in policy.encode_reasoning([obs.board, obs.table], math, reasoning)
+
+    asked = []
+
+    def fake_ask(model, processor, images, question, before=(), **kw):
+        asked.append((question, before))
+        return "45 ÷ 5 = 9. The card 9 is at the back left." if question == SOLVE_QUESTION else "So card 9."
+
+    monkeypatch.setattr("workbench.vlm.api.ask", fake_ask)
+    assert board_first.generate_reasoning(obs, math) == "45 ÷ 5 = 9. So card 9."
+    assert asked == [(SOLVE_QUESTION, ()), (math, ((SOLVE_QUESTION, "45 ÷ 5 = 9"),))]
+    asked.clear()
+    assert board_first.generate_reasoning(obs, INSTRUCTION) == "So card 9." and asked == [(INSTRUCTION, ())]
+    assert policy_module.PolicyConfig(board_first=True).board_first
+    with pytest.raises(ValueError, match="board_first"):
+        PolicyConfig(board_first="yes")
+
+
 # ---------------------------------------------------------------------------------------------- acting
 def test_predict_action_chunk_and_action_queue(policy):
     from workbench.world.env import MAX_STEP, actions_towards, commanded_targets

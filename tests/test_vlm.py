@@ -40,6 +40,28 @@ def test_every_assistant_turn_of_a_conversation_is_a_target(vlm):
         int((one["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
 
 
+def test_a_first_answer_can_be_context_and_a_conversation_can_end_with_a_question(vlm):
+    """``learn_first=False``: the first answer stays in the labels (it is said) but not in ``lm_labels`` (no loss);
+    collate gives other items' labels as their lm_labels; build_inputs ends an unanswered follow-up with the
+    generation prompt, token for token the training conversation's prefix."""
+    _, proc = vlm
+    img = Image.new("RGB", (64, 48), "white")
+    ex = api.encode_example(proc, [img], "Solve the equation on the whiteboard.", "3 + 4 = 7",
+                            follow_ups=[("Which card?", "the card 7")], learn_first=False)
+    tok = proc.tokenizer
+    assert tok.decode(ex["input_ids"][ex["labels"] != -100]) == "3 + 4 = 7<|im_end|>the card 7<|im_end|>"
+    assert tok.decode(ex["input_ids"][ex["lm_labels"] != -100]) == "the card 7<|im_end|>"
+    plain = api.encode_example(proc, [img], "How many toys?", "two")
+    batch = api.collate([plain, ex], tok.pad_token_id)
+    assert torch.equal(batch["lm_labels"][0], batch["labels"][0])
+    assert torch.equal(batch["lm_labels"][1, :len(ex["input_ids"])], ex["lm_labels"])
+    assert "lm_labels" not in api.collate([plain], tok.pad_token_id)
+    prompt = api.build_inputs(proc, [img], "Solve the equation on the whiteboard.", "3 + 4 = 7",
+                              follow_ups=(("Which card?", None),))["input_ids"][0]
+    cut = int((ex["lm_labels"] != -100).nonzero()[0])  # where the second answer starts
+    assert torch.equal(prompt, ex["input_ids"][:cut])
+
+
 def test_tokenizer_has_specials_and_single_digits(vlm):
     _, proc = vlm
     tok = proc.tokenizer
