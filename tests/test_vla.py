@@ -480,6 +480,32 @@ def test_fresh_reasoning_scenes_are_new_each_block_and_carry_the_lm_loss(root, d
     assert n_robot == 3 and rows == [False] * 3 + [True] * 3 and types == [ROBOT] * 5 + [IMAGE_TEXT]
 
 
+def test_counterfactual_boards_pick_another_card_after_a_first_turn_that_states_it(policy):
+    """A board_first policy's math scenes may get another task's reasoning: its first turn (context) states another
+    in-domain equation, and the second (the target) picks that equation's answer card, which lies on the table."""
+    from workbench.vla.stage_data import ReasoningScenes
+    from workbench.world.language import SOLVE_QUESTION
+
+    board_first = ChatVLA2Policy(policy.vlm, policy.processor, dataclasses.replace(policy.config, board_first=True),
+                                 policy.action_expert.normalizer)
+    with pytest.raises(ValueError, match="board_first"):
+        ReasoningScenes(policy, size=2, refresh=1, counterfactual=0.5)
+    with pytest.raises(ValueError, match="counterfactual_boards"):
+        StageConfig("s", counterfactual_boards=1.5)
+    scenes = ReasoningScenes(board_first, size=2, refresh=1, seed=0, progress=False, counterfactual=1.0)
+    plain = ReasoningScenes(board_first, size=2, refresh=1, seed=0, progress=False)
+    tok = policy.processor.tokenizer
+    items = [s.pool(0)[0] for s in (scenes, plain)]  # the math scene of each
+    first, second = (tok.decode(items[0]["input_ids"][m]).split("<|im_end|>")[0] for m in
+                     (items[0]["labels"] != -100, items[0]["lm_labels"] != -100))
+    assert SOLVE_QUESTION in tok.decode(items[0]["input_ids"]) and scenes.counterfactuals == 1
+    facts, own = parse_reasoning(second), parse_reasoning(tok.decode(items[1]["input_ids"][items[1]["labels"] != -100]))
+    assert facts.card == parse_reasoning(first).answer != own.answer  # the first turn's answer, not the board's
+    assert facts.card in {d for d in own.cards.values()}  # a card on the table (the same scene)
+    scenes.close()
+    plain.close()
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 def test_reasoning_scores():
     from workbench.world.grounding import affordance_box, card_box, grounded, toy_box

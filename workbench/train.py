@@ -73,6 +73,9 @@ def main(argv=None):
                                 "LM loss instead of the demonstration frames")
             a.add_argument("--scene-pool", type=int, default=None, help="fresh scenes rendered at a time")
             a.add_argument("--scene-refresh", type=int, default=None, help="steps before the scenes are replaced")
+            a.add_argument("--counterfactual-boards", type=float, default=None,
+                           help="share of the fresh math scenes whose reasoning picks another card, the answer of "
+                                "another equation stated in the first turn (board_first policies)")
     k = sub.add_parser("package", help="copy a trained policy (float16 weights) and its training logs")
     k.add_argument("--policy", required=True, help="trained policy folder (e.g. RECIPE_OUT/policy)")
     k.add_argument("--out", required=True, help="where to write it (e.g. data_samples/policy)")
@@ -140,7 +143,7 @@ def _main_vla(ap, args, StageConfig):
                                     ("general_pool", args.general_pool), ("lr", getattr(args, "lr", None)),
                                     *((k, getattr(args, k, None)) for k in ("reasoning_scenes", "scene_pool",
                                                                             "scene_refresh", "vlm_lr_scale",
-                                                                            "kept_experts")),
+                                                                            "kept_experts", "counterfactual_boards")),
                                     ("train", tuple(p.strip() for p in train.split(",")) if train else None))
                   if v is not None}
     phases = getattr(args, "lm_phases", None)

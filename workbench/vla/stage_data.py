@@ -101,13 +101,20 @@ class ReasoningScenes:
     seeds) with a reasoning of the dataset's kind (:func:`~workbench.world.language.episode_reasoning`, its phrasing
     drawn from the block's stream); its vision tokens are computed once. Items are
     :func:`~workbench.vlm.api.encode_example` dicts (+ ``feats``). A scene whose reasoning is longer than the
-    policy generates is replaced by the next one (``skipped`` counts them)."""
+    policy generates is replaced by the next one (``skipped`` counts them). ``counterfactual``: the share of math
+    scenes given the reasoning of another task of the scene (``counterfactuals`` counts them; see
+    :attr:`~workbench.vla.stages.StageConfig.counterfactual_boards`)."""
 
-    def __init__(self, policy: ChatVLA2Policy, size: int, refresh: int, seed: int = 0, progress: bool = True):
+    def __init__(self, policy: ChatVLA2Policy, size: int, refresh: int, seed: int = 0, progress: bool = True,
+                 counterfactual: float = 0.0):
+        if counterfactual and not policy.config.board_first:
+            raise ValueError("counterfactual boards need a board_first policy (built with --board-first): otherwise "
+                             "the other equation would be a target, a misreading taught")
         self.policy, self.size, self.refresh, self.seed, self.progress = policy, size, refresh, seed, progress
+        self.counterfactual = counterfactual
         self._block: tuple[int, list[dict]] | None = None
         self._envs: dict = {}
-        self.skipped = 0
+        self.skipped = self.counterfactuals = 0
 
     def pool(self, block: int) -> list[dict]:
         if self._block is None or self._block[0] != block:
@@ -132,7 +139,11 @@ class ReasoningScenes:
                 self._envs[task] = TabletopEnv(task, "in_domain", cameras=CAMERA_ORDER)
             obs, info = self._envs[task].reset(seed=int(rng.integers(2**20, 2**31 - 1)))
             images = [obs[c] for c in CAMERA_ORDER]
-            item = self.policy.encode_reasoning(images, info["instruction"], language.episode_reasoning(info, rng))
+            truth = info
+            if self.counterfactual and task == "math_matching" and rng.random() < self.counterfactual:
+                truth = self._envs[task].unwrapped.counterfactual_task(rng)[0]
+                self.counterfactuals += 1
+            item = self.policy.encode_reasoning(images, info["instruction"], language.episode_reasoning(truth, rng))
             if reasoning_tokens(item) > self.policy.config.max_reasoning_tokens:
                 self.skipped += 1
                 continue
@@ -147,7 +158,8 @@ class ReasoningScenes:
         self._envs = {}
 
     def __repr__(self) -> str:
-        return f"ReasoningScenes(size={self.size}, refresh={self.refresh}, skipped={self.skipped})"
+        return (f"ReasoningScenes(size={self.size}, refresh={self.refresh}, skipped={self.skipped}, "
+                f"counterfactuals={self.counterfactuals})")
 
 
 def frozen_vision_tokens(policy: ChatVLA2Policy, images) -> list[torch.Tensor]:

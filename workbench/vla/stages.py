@@ -99,6 +99,11 @@ class StageConfig:
     reasoning_scenes: int = 0
     scene_pool: int = 200
     scene_refresh: int = 200
+    #: share of the fresh math scenes whose reasoning is another task of the scene (another card on the table is the
+    #: answer of another in-domain equation, :meth:`~workbench.world.env.TabletopEnv.counterfactual_task`): for a
+    #: ``board_first`` policy, whose first turn (the board's equation) is context, not a target, these teach the
+    #: second turn to follow the first turn's answer rather than re-read the board; 0: every scene's own reasoning
+    counterfactual_boards: float = 0.0
     diffusion_loss: bool = True
     general_pool: int = 400  # image–text samples rendered and cached for the mix
     #: rows per step from a :class:`DistilPool` (the other skills' questions) whose loss is KL to the answer
@@ -154,6 +159,11 @@ class StageConfig:
             if self.reasoning_scenes > self.scene_pool:
                 raise ValueError(f"reasoning_scenes ({self.reasoning_scenes}) must not exceed scene_pool "
                                  f"({self.scene_pool})")
+        if isinstance(self.counterfactual_boards, bool) or not (
+                isinstance(self.counterfactual_boards, (int, float)) and 0.0 <= self.counterfactual_boards <= 1.0):
+            raise ValueError(f"counterfactual_boards must be a share in [0, 1], got {self.counterfactual_boards!r}")
+        if self.counterfactual_boards and not self.reasoning_scenes:
+            raise ValueError("counterfactual_boards changes the fresh reasoning scenes; set reasoning_scenes > 0")
         if self.distil_rows > self.distil_pool:
             raise ValueError(f"distil_rows ({self.distil_rows}) must not exceed distil_pool ({self.distil_pool})")
         if self.distil_rows and "vision" in self.train:
@@ -352,7 +362,8 @@ class StageTrainer:
                                  f"{len(distil)} of {distil.candidates} questions: {distil!r}")
             if self.main and self.progress:
                 print(distil)
-        scenes = (ReasoningScenes(policy, st.scene_pool, st.scene_refresh, st.seed, self.progress)
+        scenes = (ReasoningScenes(policy, st.scene_pool, st.scene_refresh, st.seed, self.progress,
+                                  counterfactual=st.counterfactual_boards)
                   if st.reasoning_scenes else None)
         try:
             self._co_train(policy, start, ckpt, frames, pool, distil, scenes)
