@@ -131,11 +131,10 @@ def test_the_reasoning_path_reads_the_boxes_the_reasoning_states(policy):
     assert box_features([]).shape == (0, BOX_FEATURES)
 
 
-def test_board_first_reasons_in_two_turns_and_learns_only_the_second(policy, monkeypatch):
+def test_board_first_reasons_in_two_turns_and_learns_only_the_second(policy, monkeypatch, tmp_path):
     """With ``board_first``, a whiteboard instruction's reasoning that opens with the solved equation is the answer
     to SOLVE_QUESTION (context: no LM loss) then the answer to the instruction; a toy instruction, or a reasoning
     without the opening, stays one turn. Generation asks SOLVE_QUESTION first and goes on from what it says."""
-    from workbench.vla import policy as policy_module
     from workbench.world.language import MATH_INSTRUCTIONS, SOLVE_QUESTION
 
     math, reasoning = MATH_INSTRUCTIONS[0], "45 ÷ 5 = 9. On the table: card 9 at the back left. So I need the card 9."
@@ -162,7 +161,9 @@ def test_board_first_reasons_in_two_turns_and_learns_only_the_second(policy, mon
     assert asked == [(SOLVE_QUESTION, ()), (math, ((SOLVE_QUESTION, "45 ÷ 5 = 9"),))]
     asked.clear()
     assert board_first.generate_reasoning(obs, INSTRUCTION) == "So card 9." and asked == [(INSTRUCTION, ())]
-    assert policy_module.PolicyConfig(board_first=True).board_first
+    # the option travels with the policy folder (a folder saved before it existed loads without it)
+    loaded = load_policy(save_policy(board_first, str(tmp_path / "board_first"), half=True))
+    assert loaded.conversation(math, reasoning) == board_first.conversation(math, reasoning)
     with pytest.raises(ValueError, match="board_first"):
         PolicyConfig(board_first="yes")
 

@@ -264,7 +264,8 @@ class ChatVLA2Policy(nn.Module):
         :func:`~workbench.vlm.api.encode_example`: the instruction answered by the reasoning; or, with
         ``config.board_first``, an instruction about the whiteboard and a reasoning that opens with the solved
         equation, two turns: :data:`~workbench.world.language.SOLVE_QUESTION` answered by the equation, then the
-        instruction answered by the rest."""
+        instruction answered by the rest. (The action side's prompt summary then covers the cameras and
+        ``SOLVE_QUESTION``, the tokens before the first answer; the instruction comes after it.)"""
         split = split_board_answer(reasoning) if self.config.board_first and mentions_board(instruction) else None
         if split is None or not split[1]:
             return instruction, reasoning, ()

@@ -31,6 +31,8 @@ TOY_INSTRUCTIONS = (
 
 
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
+#: an operator as written in reasoning and answers (:data:`_OP_ALIASES` normalises the variants)
+_OPERATOR = r"[+\-×÷*/x−:]"
 
 
 #: the special tokens of Qwen2-VL's grounding format, which reasoning may contain
@@ -63,7 +65,7 @@ def math_instruction(rng: np.random.Generator) -> str:
 SOLVE_QUESTION = "Solve the equation on the whiteboard."
 _BOARD_WORDS = re.compile(r"\b(white)?board\b|\bequation\b", re.IGNORECASE)
 #: a solved equation at the start of a text, and what separates it from the rest ("45 ÷ 5 = 9. On the table ...")
-_OPENING = re.compile(r"\s*(\d{1,3} ?[+\-×÷*/x−:] ?\d{1,3} ?= ?\d{1,3})(?:[.,]\s*|\s*$)")
+_OPENING = re.compile(rf"\s*(\d{{1,3}} ?{_OPERATOR} ?\d{{1,3}} ?= ?\d{{1,3}})(?:[.,]\s*|\s*$)")
 
 
 def mentions_board(instruction: str) -> bool:
@@ -243,7 +245,7 @@ class ReasoningFacts:
         return asdict(self)
 
 
-_EQ_RE = re.compile(r"(\d{1,3})\s*([+\-×÷*/x−:])\s*(\d{1,3})\s*=\s*(\?|\d{1,3})")
+_EQ_RE = re.compile(rf"(\d{{1,3}})\s*({_OPERATOR})\s*(\d{{1,3}})\s*=\s*(\?|\d{{1,3}})")
 _OP_ALIASES = {"x": "×", "*": "×", "/": "÷", ":": "÷", "−": "-"}
 
 
