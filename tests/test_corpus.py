@@ -33,6 +33,7 @@ def test_heldout_never_overlaps_training():
     # training shows the world's own boards, augmented looks and raw images; the held-out set varies too
     assert {"style" in s.board for s in train} == {True, False}
     assert {s.board["view"] for s in train} == {"camera", "raw"}
+    assert {s.board["width"] for s in train if s.board["view"] == "raw"} == set(C.RAW_WIDTHS)
     assert len({s.board["look"]["family"] for s in held}) == len(FAMILIES["heldout"])
     # arithmetic of held-out board equations is still taught as text
     assert set(C.HELDOUT_EQUATIONS) <= set(C.ARITHMETIC_FACTS)
@@ -52,6 +53,9 @@ def test_robustness_conditions_force_their_property(condition):
         assert all(b["look"]["kind"] == "hand" and b["look"]["stroke"] >= 0.12 for b in looks)
     if condition == "env":
         assert all(b["view"] == "env" for b in looks)
+    if condition == "raw":  # the board image at a caller's size, well beyond what training shows
+        widths = [b["width"] for b in looks]
+        assert all(b["view"] == "raw" for b in looks) and max(widths) > max(C.RAW_WIDTHS) >= min(widths)
     with pytest.raises(ValueError, match="held-out"):
         C.CorpusGenerator("train", condition=condition)
 
@@ -150,10 +154,12 @@ def test_token_labels_match_the_scene():
     r = C.CorpusRenderer()
     g = C.CorpusGenerator("train", seed=4)
     cls = C.TOKEN_CLASSES
-    for _ in range(3):
+    for _ in range(8):
         s = g.sample("answer_card")
         (board, table), (lb, lt) = r(s, labels=True)
-        assert lb.shape == (96 // 16, 192 // 16) and lt.shape == (176 // 16, 256 // 16)
+        width = s.board["width"] if s.board["view"] == "raw" else 192  # a board image itself, or the camera's
+        assert board.shape[:2] == (width // 2, width) and lb.shape == (width // 32, width // 16)
+        assert lt.shape == (176 // 16, 256 // 16)
         written = {cls[c] for c in np.unique(lb) if c}
         assert written <= set(s.board["text"]) and len(written) >= len(set(s.board["text"])) - 1
         if "style" in s.board:  # the world's own boards: every character is under some token

@@ -127,7 +127,7 @@ def test_grounding_tokens_survive_decoding(vlm):
     (Image.new("L", (64, 32)), True),  # grey -> converted
     (Image.new("RGBA", (64, 32)), True),
     (Image.new("P", (64, 32)), True),
-    (np.zeros((5000, 5000, 3), np.uint8), True),  # huge -> shrunk to 512 px
+    (np.zeros((5000, 5000, 3), np.uint8), True),  # huge -> shrunk to MAX_IMAGE_SIDE
     (None, False), (np.zeros((0, 0, 3), np.uint8), False), (Image.new("RGB", (1, 1)), False),
     (np.zeros((4000, 10, 3), np.uint8), False),  # too elongated to keep a 16-px side
 ])
@@ -135,7 +135,7 @@ def test_bad_images_are_converted_or_rejected(vlm, image, ok):
     _, proc = vlm
     if ok:
         inputs = api.build_inputs(proc, [image], "What is this?")
-        assert max(inputs["image_grid_thw"][0, 1:].tolist()) * 8 <= 512
+        assert max(inputs["image_grid_thw"][0, 1:].tolist()) * 8 <= api.MAX_IMAGE_SIDE
     else:
         with pytest.raises(ValueError):
             api.build_inputs(proc, [image], "What is this?")

@@ -151,7 +151,7 @@ LABELS = {"ocr": "OCR exact match", "solve": "Arithmetic on the board", "arithme
           "affordance": "Placement affordance"}
 CONDITION_LABELS = {"no_frame": "no frame", "coloured_ink": "coloured ink", "tilted": "tilted",
                     "sketch": "mouse sketch",
-                    "env": "caller's image via env"}
+                    "env": "caller's image via env", "raw": "caller's image at its own size"}
 
 
 def row_label(key: str) -> str:

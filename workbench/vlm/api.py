@@ -23,7 +23,9 @@ from ..world.writing import as_rgb_image
 from .processing import TinyQwen2VLProcessor, messages
 
 CHECKSUMS = "checksums.json"  # {"model.safetensors": sha256}, written by save_vlm, checked by load_vlm
-MAX_IMAGE_SIDE = 512  # larger images are shrunk (keeping aspect) before the processor sees them
+#: larger images are shrunk (keeping aspect) before the processor sees them: the widest image pretraining shows
+#: (``corpus.RAW_WIDTHS``), so that a caller's board reaches the model at a scale it learned to read
+MAX_IMAGE_SIDE = 320
 MIN_IMAGE_SIDE = 16  # one merged token
 
 

@@ -56,8 +56,17 @@ GENERAL_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "afforda
 BOARD_KINDS = ("ocr", "solve", "answer_card")
 CARD_KINDS = ("cards", "card_where", "ground_card")
 TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance")
-#: robustness conditions of held-out boards (``boards.CONDITIONS`` plus the real PyBullet whiteboard)
-CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env")
+#: robustness conditions of held-out boards (``boards.CONDITIONS``, the real PyBullet whiteboard, and the board image
+#: itself at a caller's size: ``"raw"``)
+CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw")
+#: widths (px, 2:1 images) at which pretraining shows a board image itself (``view="raw"``): multiples of 32, so
+#: both sides are whole merged tokens, up to the widest image :func:`~workbench.vlm.api.ask` passes on
+#: (``api.MAX_IMAGE_SIDE``); a reader fixed to one scale reads a board shown larger or smaller than it trained on
+#: poorly (measured on the model shipped at commit 5de8515: 23 of 36 held-out boards at the camera's 192 px, 11
+#: at 256, 0 at 320)
+RAW_WIDTHS = tuple(range(160, 321, 32))
+#: the caller's sizes of the ``"raw"`` robustness row (any width in this range; ``ask`` shrinks the larger ones)
+CALLER_WIDTHS = (160, 640)
 SPLITS = ("train", "heldout")
 
 HELDOUT_STYLES = ("stix",)  # the world's styles in a held-out font family
@@ -221,12 +230,15 @@ class CorpusGenerator:
         if self.split == "train" and rng.random() < 0.25:  # exactly as the robot world draws it
             return {"text": eq.text, "style": TRAIN_STYLES[rng.integers(len(TRAIN_STYLES))], "seed": seed,
                     "view": "camera", "aug": True}
-        look = sample_look(rng, self.split, condition=None if self.condition == "env" else self.condition)
-        if self.split == "train":
-            view = "raw" if rng.random() < 0.15 else "camera"
-        else:
-            view = "env" if self.condition == "env" else "camera"
-        return {"text": eq.text, "look": look.to_dict(), "seed": seed, "view": view, "aug": self.split == "train"}
+        look = sample_look(rng, self.split, condition=None if self.condition in ("env", "raw") else self.condition)
+        board = {"text": eq.text, "look": look.to_dict(), "seed": seed, "view": "camera", "aug": self.split == "train"}
+        if self.split == "train" and rng.random() < 0.3:
+            board.update(view="raw", width=int(RAW_WIDTHS[rng.integers(len(RAW_WIDTHS))]))
+        elif self.condition in ("env", "raw"):
+            board["view"] = self.condition
+            if self.condition == "raw":
+                board["width"] = int(rng.integers(CALLER_WIDTHS[0], CALLER_WIDTHS[1] + 1))
+        return board
 
     def _arm(self):
         """Sometimes (training) the arm hangs over the table, hiding part of it."""
@@ -422,8 +434,8 @@ class CorpusRenderer:
     :data:`TOKEN_CLASSES`: the board character, card digit or toy under each merged token's centre.
 
     Board views use the fast :class:`~workbench.world.board_view.BoardView` (``view="camera"``), the texture
-    itself shrunk to the camera's size (``"raw"``), or the real PyBullet whiteboard (``"env"``); table views
-    are rendered by PyBullet (about 25 ms each; the last table is reused when the next sample shares it).
+    itself at the sample's width (``"raw"``; :data:`RAW_WIDTHS` in training), or the real PyBullet whiteboard
+    (``"env"``); table views are rendered by PyBullet (about 25 ms each; the last table is reused when the next sample shares it).
     Samples marked ``aug`` get photometric jitter seeded by their own seed. ``board_scale`` > 1 upsamples board
     images by that factor (bicubic) after the camera, so each character covers ``board_scale``² times as many
     merged tokens (:mod:`workbench.vlm.probe` measures what that does to reading; the models here use 1).
@@ -476,8 +488,9 @@ class CorpusRenderer:
         cam = CAMERAS["board"]
         if view == "camera":
             img = self.board_view(texture)
-        elif view == "raw":
-            img = np.asarray(texture.resize((cam.width, cam.height), Image.Resampling.LANCZOS))
+        elif view == "raw":  # the image itself, at its sample's width (the camera's if none), 2:1
+            width = b.get("width", cam.width)
+            img = np.asarray(texture.resize((width, width // 2), Image.Resampling.LANCZOS))
         elif view == "env":
             self.scene.reset_robot()
             self.scene.set_whiteboard(texture)
