@@ -206,7 +206,8 @@ def board_looks(split: str = "train", n: int = 12, seed: int = 0, condition: str
         s = gen.sample("ocr")
         (img,) = renderer(s)
         b = s.board
-        caption = b.get("style") or f"{b['look']['family']} ({b['view']})"
+        size = f", {b['width']} px" if "width" in b else ""
+        caption = b.get("style") or f"{b['look']['family']} ({b['view']}{size})"
         tile = Image.new("RGB", (img.shape[1], img.shape[0] + 14), "white")
         tile.paste(Image.fromarray(img), (0, 0))
         ImageDraw.Draw(tile).text((2, img.shape[0]), caption[:32], fill=(60, 60, 60), font=_caption_font(10))

@@ -435,10 +435,10 @@ class CorpusRenderer:
 
     Board views use the fast :class:`~workbench.world.board_view.BoardView` (``view="camera"``), the texture
     itself at the sample's width (``"raw"``; :data:`RAW_WIDTHS` in training), or the real PyBullet whiteboard
-    (``"env"``); table views are rendered by PyBullet (about 25 ms each; the last table is reused when the next sample shares it).
-    Samples marked ``aug`` get photometric jitter seeded by their own seed. ``board_scale`` > 1 upsamples board
-    images by that factor (bicubic) after the camera, so each character covers ``board_scale``² times as many
-    merged tokens (:mod:`workbench.vlm.probe` measures what that does to reading; the models here use 1).
+    (``"env"``); table views are rendered by PyBullet (about 25 ms each; the last table is reused when the next
+    sample shares it). Samples marked ``aug`` get photometric jitter seeded by their own seed. ``board_scale`` > 1
+    upsamples board images by that factor (bicubic) after the camera, so each character covers ``board_scale``²
+    times as many merged tokens (:mod:`workbench.vlm.probe` measures what that does to reading; the models here use 1).
 
     ``owners=True`` (with ``labels``) also returns, per image, the index of the board character under each merged
     token (``(H/16, W/16)``, -1 where none; None for tables): the characters are the board's text without spaces,
