@@ -61,9 +61,9 @@ TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance"
 CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw")
 #: widths (px, 2:1 images) at which pretraining shows a board image itself (``view="raw"``): multiples of 32, so
 #: both sides are whole merged tokens, up to the widest image :func:`~workbench.vlm.api.ask` passes on
-#: (``api.MAX_IMAGE_SIDE``); a reader fixed to one scale reads a board shown larger or smaller than it trained on
-#: poorly (measured on the model shipped at commit 5de8515: 23 of 36 held-out boards at the camera's 192 px, 11
-#: at 256, 0 at 320)
+#: (``api.MAX_IMAGE_SIDE``); a reader trained at one scale reads a board shown larger than it trained on poorly (the
+#: model shipped at commit 5de8515, trained at 192 px only: 38 of 60 held-out boards at 192 px, 19 at 256, 1 at 320;
+#: docs/vlm_experiments.md, "Boards at a caller's size")
 RAW_WIDTHS = tuple(range(160, 321, 32))
 #: the caller's sizes of the ``"raw"`` robustness row (any width in this range; ``ask`` shrinks the larger ones)
 CALLER_WIDTHS = (160, 640)
