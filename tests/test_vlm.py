@@ -45,7 +45,7 @@ def test_a_first_answer_can_be_context_and_a_conversation_can_end_with_a_questio
     collate gives other items' labels as their lm_labels; build_inputs ends an unanswered follow-up with the
     generation prompt, token for token the training conversation's prefix."""
     _, proc = vlm
-    img = Image.new("RGB", (64, 48), "white")
+    img = Image.new("RGB", (192, 96), "white")  # prepared: encode_example takes images as prepare_image leaves them
     ex = api.encode_example(proc, [img], "Solve the equation on the whiteboard.", "3 + 4 = 7",
                             follow_ups=[("Which card?", "the card 7")], learn_first=False)
     tok = proc.tokenizer
@@ -121,6 +121,14 @@ def test_grounding_tokens_survive_decoding(vlm):
     ids = proc.tokenizer(text + "<|im_end|>")["input_ids"]
     assert proc.tokenizer.convert_tokens_to_ids("<|box_start|>") in ids  # one special token, not bytes
     assert api.decode_answer(proc.tokenizer, ids) == text
+
+
+@pytest.mark.parametrize("size,expected", [((5000, 2500), (320, 160)), ((100, 50), (160, 80)),
+                                           ((192, 96), (192, 96)), ((256, 176), (256, 176))])
+def test_images_reach_the_model_at_a_trained_scale(size, expected):
+    """A caller's image is resized into the range of scales pretraining shows (boards 160-320 px wide); the
+    cameras' images pass unchanged."""
+    assert api.prepare_image(Image.new("RGB", size, "white")).size == expected
 
 
 @pytest.mark.parametrize("image,ok", [

@@ -26,20 +26,25 @@ CHECKSUMS = "checksums.json"  # {"model.safetensors": sha256}, written by save_v
 #: larger images are shrunk (keeping aspect) before the processor sees them: the widest image pretraining shows
 #: (``corpus.RAW_WIDTHS``), so that a caller's board reaches the model at a scale it learned to read
 MAX_IMAGE_SIDE = 320
+#: smaller images are enlarged (keeping aspect) to this longer side: the narrowest board pretraining shows
+MIN_SCALED_SIDE = 160
 MIN_IMAGE_SIDE = 16  # one merged token
 
 
 def prepare_image(image, what: str = "image") -> Image.Image:
-    """RGB PIL image ready for the processor. Converts grey/RGBA/palette images and arrays; shrinks
-    images larger than ``MAX_IMAGE_SIDE``; rejects ``None``, empty and tiny (< 16 px) images with a
-    ``ValueError`` saying what was expected."""
+    """RGB PIL image ready for the processor. Converts grey/RGBA/palette images and arrays; resizes (keeping
+    aspect) an image whose longer side is above ``MAX_IMAGE_SIDE`` or below ``MIN_SCALED_SIDE`` to that side, the
+    range of scales pretraining shows (the cameras' images are inside it and pass unchanged); rejects ``None``,
+    empty and tiny (< 16 px) images with a ``ValueError`` saying what was expected."""
     img = as_rgb_image(image, what, min_size=MIN_IMAGE_SIDE, max_size=20000)
-    if max(img.size) > MAX_IMAGE_SIDE:
-        img = img.copy()
-        img.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), Image.Resampling.LANCZOS)
+    longest = max(img.size)
+    if not MIN_SCALED_SIDE <= longest <= MAX_IMAGE_SIDE:
+        side = min(max(longest, MIN_SCALED_SIDE), MAX_IMAGE_SIDE)
+        img = img.resize((max(1, round(img.width * side / longest)), max(1, round(img.height * side / longest))),
+                         Image.Resampling.LANCZOS)
         if min(img.size) < MIN_IMAGE_SIDE:
-            raise ValueError(f"{what} is too elongated: after shrinking to {MAX_IMAGE_SIDE} px its short side "
-                             f"is {min(img.size)} px (< {MIN_IMAGE_SIDE})")
+            raise ValueError(f"{what} is too elongated: at {side} px on its longer side its short side is "
+                             f"{min(img.size)} px (< {MIN_IMAGE_SIDE})")
     return img
 
 
