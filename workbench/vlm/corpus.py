@@ -49,6 +49,7 @@ from ..world.catalog import CARD_SLOTS, DIRECTION_PHRASES, DIRECTIONS, EQUATIONS
 from ..world.env import TOY_REGION
 from ..world.grounding import affordance_box, card_box, grounded, placement_reachable, strip_boxes, toy_box
 from ..world.language import cards_listing, describe_position, equation_words
+from .api import MAX_IMAGE_SIDE, MIN_SCALED_SIDE
 
 KINDS = ("ocr", "solve", "arithmetic", "cards", "card_where", "answer_card", "objects", "colour", "count",
          "spatial", "ground_card", "ground_toy", "affordance")
@@ -60,11 +61,11 @@ TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance"
 #: itself at a caller's size: ``"raw"``)
 CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw")
 #: widths (px, 2:1 images) at which pretraining shows a board image itself (``view="raw"``): multiples of 32, so
-#: both sides are whole merged tokens, up to the widest image :func:`~workbench.vlm.api.ask` passes on
-#: (``api.MAX_IMAGE_SIDE``); a reader trained at one scale reads a board shown larger than it trained on poorly (the
-#: model shipped at commit 5de8515, trained at 192 px only: 38 of 60 held-out boards at 192 px, 19 at 256, 1 at 320;
-#: docs/vlm_experiments.md, "Boards at a caller's size")
-RAW_WIDTHS = tuple(range(160, 321, 32))
+#: both sides are whole merged tokens, over the range :func:`~workbench.vlm.api.ask` resizes a caller's image into
+#: (``api.MIN_SCALED_SIDE`` to ``api.MAX_IMAGE_SIDE``). A reader trained at one scale reads a board shown larger
+#: than it trained on poorly (the model shipped at commit 5de8515, trained at 192 px only: 38 of 60 held-out boards
+#: at 192 px, 19 at 256, 1 at 320; docs/vlm_experiments.md, "Boards at a caller's size")
+RAW_WIDTHS = tuple(range(MIN_SCALED_SIDE, MAX_IMAGE_SIDE + 1, 32))
 #: the caller's sizes of the ``"raw"`` robustness row (any width in this range; ``ask`` shrinks the larger ones)
 CALLER_WIDTHS = (160, 640)
 SPLITS = ("train", "heldout")
@@ -488,9 +489,10 @@ class CorpusRenderer:
         cam = CAMERAS["board"]
         if view == "camera":
             img = self.board_view(texture)
-        elif view == "raw":  # the image itself, at its sample's width (the camera's if none), 2:1
+        elif view == "raw":  # the image itself, at its sample's width (the camera's if none)
             width = b.get("width", cam.width)
-            img = np.asarray(texture.resize((width, width // 2), Image.Resampling.LANCZOS))
+            size = (width, width * texture.height // texture.width)
+            img = np.asarray(texture.resize(size, Image.Resampling.LANCZOS))
         elif view == "env":
             self.scene.reset_robot()
             self.scene.set_whiteboard(texture)
