@@ -76,6 +76,11 @@ def part_of(name: str) -> str:
     return "attention"  # attention projections and norms of the language model
 
 
+def _is_number(value) -> bool:
+    """An int or float (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class StageConfig:
     """One training stage. Validated on creation; errors name the allowed values."""
@@ -159,8 +164,7 @@ class StageConfig:
             if self.reasoning_scenes > self.scene_pool:
                 raise ValueError(f"reasoning_scenes ({self.reasoning_scenes}) must not exceed scene_pool "
                                  f"({self.scene_pool})")
-        if isinstance(self.counterfactual_boards, bool) or not (
-                isinstance(self.counterfactual_boards, (int, float)) and 0.0 <= self.counterfactual_boards <= 1.0):
+        if not (_is_number(self.counterfactual_boards) and 0.0 <= self.counterfactual_boards <= 1.0):
             raise ValueError(f"counterfactual_boards must be a share in [0, 1], got {self.counterfactual_boards!r}")
         if self.counterfactual_boards and not self.reasoning_scenes:
             raise ValueError("counterfactual_boards changes the fresh reasoning scenes; set reasoning_scenes > 0")
@@ -174,8 +178,7 @@ class StageConfig:
         if self.kept_experts and "experts" not in self.train:
             raise ValueError(f"kept_experts={self.kept_experts} keeps some experts frozen while the others train; "
                              f"stage {self.name!r} does not train experts (train={list(self.train)})")
-        if isinstance(self.vlm_lr_scale, bool) or not (isinstance(self.vlm_lr_scale, (int, float))
-                                                       and self.vlm_lr_scale > 0):
+        if not (_is_number(self.vlm_lr_scale) and self.vlm_lr_scale > 0):
             raise ValueError(f"vlm_lr_scale must be a number > 0, got {self.vlm_lr_scale!r}")
         if not 0.0 <= self.image_text_share < 1.0:
             raise ValueError(f"image_text_share must be in [0, 1), got {self.image_text_share}")

@@ -60,6 +60,8 @@ TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance"
 #: robustness conditions of held-out boards (``boards.CONDITIONS``, the real PyBullet whiteboard, and the board image
 #: itself at a caller's size: ``"raw"``)
 CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw")
+#: the conditions that are a way of showing the board (its ``view``) rather than a look drawn on it
+VIEW_CONDITIONS = ("env", "raw")
 #: widths (px, 2:1 images) at which pretraining shows a board image itself (``view="raw"``): multiples of 32, so
 #: both sides are whole merged tokens, over the range :func:`~workbench.vlm.api.ask` resizes a caller's image into
 #: (``api.MIN_SCALED_SIDE`` to ``api.MAX_IMAGE_SIDE``). A reader trained at one scale reads a board shown larger
@@ -231,11 +233,11 @@ class CorpusGenerator:
         if self.split == "train" and rng.random() < 0.25:  # exactly as the robot world draws it
             return {"text": eq.text, "style": TRAIN_STYLES[rng.integers(len(TRAIN_STYLES))], "seed": seed,
                     "view": "camera", "aug": True}
-        look = sample_look(rng, self.split, condition=None if self.condition in ("env", "raw") else self.condition)
+        look = sample_look(rng, self.split, condition=None if self.condition in VIEW_CONDITIONS else self.condition)
         board = {"text": eq.text, "look": look.to_dict(), "seed": seed, "view": "camera", "aug": self.split == "train"}
         if self.split == "train" and rng.random() < 0.3:
             board.update(view="raw", width=int(RAW_WIDTHS[rng.integers(len(RAW_WIDTHS))]))
-        elif self.condition in ("env", "raw"):
+        elif self.condition in VIEW_CONDITIONS:
             board["view"] = self.condition
             if self.condition == "raw":
                 board["width"] = int(rng.integers(CALLER_WIDTHS[0], CALLER_WIDTHS[1] + 1))
