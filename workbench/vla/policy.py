@@ -294,7 +294,8 @@ class ChatVLA2Policy(nn.Module):
         receives its tokens as they come, see :func:`workbench.vlm.api.ask_stream`). With ``config.board_first``
         and an instruction about the whiteboard, the backbone first answers
         :data:`~workbench.world.language.SOLVE_QUESTION`; the solved equation it states (if it states one) opens
-        the reasoning, and the rest is its answer to the instruction after that turn (the streamer gets the rest)."""
+        the reasoning, and the rest is its answer to the instruction after that turn (the streamer gets the opening,
+        then the rest as it comes)."""
         from ..vlm.api import ask
 
         obs = Observation.coerce(observation)
@@ -304,6 +305,8 @@ class ChatVLA2Policy(nn.Module):
             if self.config.board_first and mentions_board(instruction):
                 opening = split_board_answer(ask(self.vlm, self.processor, images, SOLVE_QUESTION, max_new_tokens=24))
                 if opening is not None:
+                    if streamer is not None:  # the stated equation streams first, as the text will show it
+                        streamer.on_finalized_text(f"{opening[0]}. ")
                     rest = ask(self.vlm, self.processor, images, instruction, max_new_tokens=limit,
                                what="instruction", streamer=streamer, before=((SOLVE_QUESTION, opening[0]),))
                     return f"{opening[0]}. {rest}"
