@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from workbench.world import language
-from workbench.world.catalog import CARD_SLOTS
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -138,13 +137,15 @@ def test_policy_streams_its_reasoning_and_follows_an_edited_one(app, policy):
     # the paper's reasoning following, live: name another card and slot, and the robot goes there instead
     from workbench.world import make_env
 
+    # (as a user edits the policy's own reasoning: it still opens with a solved equation, here one whose answer is
+    # another card on the table, which a board-first policy reads as its first turn)
     env = make_env("math_matching", "in_domain", cameras=())
-    info = env.reset(seed=4)[1]
+    env.reset(seed=4)
+    gt, _ = env.unwrapped.counterfactual_task(np.random.default_rng(0))
     env.close()
-    other = next(d for d, slot in info["cards"].items() if d != info["answer"])
-    slot = info["cards"][other]
-    edited = language.episode_reasoning({**info, "equation": None, "answer": other, "answer_card_slot": slot,
-                                         "answer_card_xy": CARD_SLOTS[slot]}, np.random.default_rng(0))
+    other = gt["answer"]
+    edited = language.episode_reasoning(gt, np.random.default_rng(0))
+    assert language.split_board_answer(edited) is not None
     controller = app.PolicyController(copy.deepcopy(policy))
     followed = list(app.run_episode(controller, "math matching", "in_domain", 4, "", reasoning=edited))
     assert followed[-1].reasoning == edited and "✗ wrong" in followed[-1].truth
