@@ -68,7 +68,8 @@ VIEW_CONDITIONS = ("env", "raw")
 #: than it trained on poorly (the model shipped at commit 5de8515, trained at 192 px only: 38 of 60 held-out boards
 #: at 192 px, 19 at 256, 1 at 320; docs/vlm_experiments.md, "Boards at a caller's size")
 RAW_WIDTHS = tuple(range(MIN_SCALED_SIDE, MAX_IMAGE_SIDE + 1, 32))
-#: the caller's sizes of the ``"raw"`` robustness row (any width in this range; ``ask`` shrinks the larger ones)
+#: the caller's sizes of the ``"raw"`` robustness row (any width in this range; ``ask`` shrinks those above
+#: ``api.MAX_IMAGE_SIDE``)
 CALLER_WIDTHS = (160, 640)
 SPLITS = ("train", "heldout")
 
