@@ -633,6 +633,31 @@ def test_distillation_matches_the_teacher_only_where_it_knew_the_answer(monkeypa
     assert float(stage_data.distillation_loss(None, [item], 0)) > 1.0
 
 
+def test_the_board_first_turn_joins_the_distillation_pool(policy):
+    """``distil_scenes``: a board-first policy's first turn (SOLVE_QUESTION, both cameras, the scene's solved
+    equation) in fresh in-domain math scenes is held like the other questions, routed as robot data."""
+    from workbench.vla import stage_data
+    from workbench.world.language import SOLVE_QUESTION, split_board_answer
+
+    with pytest.raises(ValueError, match="board_first policy"):
+        stage_data.board_first_turns(policy, 1, seed=0, progress=False)
+    board_first = ChatVLA2Policy(policy.vlm, policy.processor, dataclasses.replace(policy.config, board_first=True),
+                                 policy.action_expert.normalizer)
+    pool = stage_data.DistilPool(2, board_first, board_first, seed=0, progress=False, candidates=4, scenes=3)
+    assert pool.candidates == 7 and 1 <= len(pool.turns) <= 3 and pool.items[-len(pool.turns):] == pool.turns
+    assert f"'board_first_turn': {len(pool.turns)}" in repr(pool)
+    tok = policy.processor.tokenizer
+    for it in pool.turns:
+        assert it["data_type"] == ROBOT and [f.shape[0] for f in it["feats"]] == [72, 176]  # board, table tokens
+        assert SOLVE_QUESTION in tok.decode(it["input_ids"])
+        answer = tok.decode(it["input_ids"][it["labels"] != -100]).removesuffix("<|im_end|>")
+        assert split_board_answer(answer) == (answer, "")  # the solved equation alone
+    pad = tok.pad_token_id
+    assert float(stage_data.distillation_loss(board_first, pool.turns, pad)) < 1e-5  # the student is its teacher
+    with pytest.raises(ValueError, match="distil_scenes=5 adds to the distillation pool"):
+        StageConfig("x", steps=5, train=("experts",), distil_scenes=5)
+
+
 def test_the_distillation_teacher_is_the_stages_starting_model(root, demos, tmp_path):
     # an upcycling stage draws fresh routers: the teacher must draw the student's, whatever the global RNG holds
     stage = dataclasses.replace(RECIPES["two_stage"][0], distil_rows=1, distil_pool=1)

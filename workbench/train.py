@@ -58,6 +58,9 @@ def main(argv=None):
                        help="rows per step pulled towards the starting model's answers on the other skills' questions "
                             "(stages that train part of the VLM)")
         a.add_argument("--distil-pool", type=int, default=None, help="questions rendered for those rows")
+        a.add_argument("--distil-scenes", type=int, default=None,
+                       help="board_first policies: the first turn in this many fresh in-domain math scenes (both "
+                            "cameras) joins those questions")
         if name == "stage":
             a.add_argument("--train", default=None, help="comma-separated parts to train instead of the stage's "
                            "(vision, embeddings, attention, experts, router, action_expert)")
@@ -154,15 +157,15 @@ def _main_vla(ap, args, StageConfig):
                             if args.reasoning_injection else {}, reasoning_boxes=not args.no_reasoning_boxes,
                             board_first=args.board_first)
         stages = [STAGES[args.name]] if args.what == "stage" else list(RECIPES[args.name])
-        distil = {k: v for k, v in (("distil_rows", args.distil_rows), ("distil_pool", args.distil_pool))
-                  if v is not None}
+        distil = {k: v for k, v in (("distil_rows", args.distil_rows), ("distil_pool", args.distil_pool),
+                                    ("distil_scenes", args.distil_scenes)) if v is not None}
 
         def takes_distil(s: StageConfig) -> bool:  # a recipe's stages that train part of the VLM; a stage: always
             return args.what == "stage" or not StageConfig(**{**dataclasses.asdict(s), **stage_over}).caches_vlm
 
         if distil and not any(map(takes_distil, stages)):
-            raise ValueError(f"--distil-rows/--distil-pool apply to stages that train part of the VLM; recipe "
-                             f"{args.name!r} has none")
+            raise ValueError(f"--distil-rows/--distil-pool/--distil-scenes apply to stages that train part of the "
+                             f"VLM; recipe {args.name!r} has none")
         per_stage = {s.name: {**stage_over, **(distil if takes_distil(s) else {}),
                               **({"steps": args.steps} if args.steps is not None and s.steps else {})}
                      for s in stages}

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .observation import CAMERA_ORDER
-from .policy import IMAGE_TEXT, ChatVLA2Policy
+from .policy import IMAGE_TEXT, ROBOT, ChatVLA2Policy
 
 
 class RobotFrames:
@@ -233,31 +233,79 @@ class DistilPool(ImageTextPool):
     closing token out made every measured row worse. docs/chatvla2_experiments.md has the figures.) ``candidates``
     questions are rendered and at most ``size`` kept; the ``repr`` counts them by kind.
 
+    ``scenes``: a ``board_first`` policy's first turn in that many fresh in-domain math scenes
+    (:func:`board_first_turns`: the robot's cameras and ``SOLVE_QUESTION``) join the questions, held the same way
+    (``turns``: those kept, which ``items`` ends with). The other questions show the board alone; the policy asks
+    about it with both cameras, a turn the robot data leaves untrained.
+
     ``items[i]["teacher"]``: (answer tokens, vocab) float32 log-probabilities at the positions whose next token is
     an answer token: a vocabulary-wide row per answer token, small with the tiny tokenizer's 690 tokens; a
     150k-token vocabulary would need top-k storage instead."""
 
     def __init__(self, size: int, policy: ChatVLA2Policy, teacher: ChatVLA2Policy, seed: int = 0,
-                 progress: bool = True, batch: int = 16, candidates: int | None = None):
+                 progress: bool = True, batch: int = 16, candidates: int | None = None, scenes: int = 0):
         from ..vlm.corpus import GENERAL_KINDS, KINDS
 
         super().__init__(candidates or 2 * size, policy, [k for k in KINDS if k not in GENERAL_KINDS], seed + 11,
                          progress, desc="distillation pool")
+        for it in self.items:
+            it["data_type"] = IMAGE_TEXT
+        self.candidates = len(self.items)
+        self.items = self._with_teacher(teacher, self.items, policy, batch)
+        keep = [j for j, it in enumerate(self.items) if it["known"].any()][:size]
+        self.items, self.samples = [self.items[j] for j in keep], [self.samples[j] for j in keep]
+        turns = self._with_teacher(teacher, board_first_turns(policy, scenes, seed, progress), policy, batch)
+        self.candidates += len(turns)
+        self.turns = [it for it in turns if it["known"].any()]  # after the questions in ``items``
+        self.items += self.turns
+
+    @staticmethod
+    def _with_teacher(teacher: ChatVLA2Policy, items: list[dict], policy: ChatVLA2Policy, batch: int) -> list[dict]:
+        """``items`` with the teacher's answer log-probabilities (``teacher``) and the tokens it knew (``known``)."""
         pad = policy.processor.tokenizer.pad_token_id
         end = policy.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")  # labelled too, and always "known"
         teacher.eval()
         with torch.no_grad():
-            for i in range(0, len(self.items), batch):
-                chunk = self.items[i:i + batch]
+            for i in range(0, len(items), batch):
+                chunk = items[i:i + batch]
                 for it, lp, tokens in zip(chunk, *_answer_log_probs(teacher, chunk, pad)):
                     it["teacher"], it["known"] = lp, known_tokens(lp, tokens, end)
-        keep = [j for j, it in enumerate(self.items) if it["known"].any()][:size]
-        self.candidates = len(self.items)
-        self.items, self.samples = [self.items[j] for j in keep], [self.samples[j] for j in keep]
+        return items
 
     def __repr__(self) -> str:
         kept = dict(Counter(s.kind for s in self.samples))
+        if self.turns:
+            kept["board_first_turn"] = len(self.turns)
         return f"DistilPool(kept={len(self)} of {self.candidates} questions, by kind={kept})"
+
+
+def board_first_turns(policy: ChatVLA2Policy, n: int, seed: int, progress: bool = True) -> list[dict]:
+    """The first turn of a ``board_first`` policy in ``n`` fresh in-domain math scenes: the robot's cameras,
+    :data:`~workbench.world.language.SOLVE_QUESTION` and the scene's solved equation (as
+    :meth:`ChatVLA2Policy.conversation` cuts it from the scene's reasoning), as
+    :func:`~workbench.vlm.api.encode_example` dicts (+ ``feats``, ``data_type`` = robot). The robot data never trains
+    this turn (it is context), so co-training may drift from what the starting model answered there; these let
+    :class:`DistilPool` hold it."""
+    from ..vlm.api import encode_example
+    from ..world import language
+    from ..world.env import TabletopEnv
+
+    if n and not policy.config.board_first:
+        raise ValueError("board-first turns need a board_first policy (built with --board-first)")
+    if not n:
+        return []
+    rng = np.random.default_rng([seed, 29])
+    env, items = TabletopEnv("math_matching", "in_domain", cameras=CAMERA_ORDER), []
+    try:
+        for _ in tqdm(range(n), desc="board-first turns", disable=not progress):
+            obs, info = env.reset(seed=int(rng.integers(2**20, 2**31 - 1)))
+            images = [obs[c] for c in CAMERA_ORDER]
+            question, answer, _ = policy.conversation(info["instruction"], language.episode_reasoning(info, rng))
+            item = encode_example(policy.processor, images, question, answer)
+            items.append({**item, "feats": frozen_vision_tokens(policy, images), "data_type": ROBOT})
+    finally:
+        env.close()
+    return items
 
 
 def known_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, end_token_id: int) -> torch.Tensor:
@@ -269,7 +317,7 @@ def known_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, end_token_id: in
 def _answer_log_probs(model: ChatVLA2Policy, items: list[dict], pad_token_id: int):
     from ..vlm.api import collate
 
-    return model.answer_log_probs(collate(items, pad_token_id), torch.full((len(items),), IMAGE_TEXT))
+    return model.answer_log_probs(collate(items, pad_token_id), torch.tensor([it["data_type"] for it in items]))
 
 
 def distillation_loss(policy: ChatVLA2Policy, items: list[dict], pad_token_id: int) -> torch.Tensor:

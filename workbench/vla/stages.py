@@ -115,6 +115,9 @@ class StageConfig:
     #: distributions of the model the stage starts from; 0 = no self-distillation term
     distil_rows: int = 0
     distil_pool: int = 400
+    #: a ``board_first`` policy's first turn (``SOLVE_QUESTION`` with the robot's cameras) in this many fresh in-domain
+    #: math scenes joins the distillation pool (:func:`~workbench.vla.stage_data.board_first_turns`); 0: none
+    distil_scenes: int = 0
     checkpoint_every: int = 100
     seed: int = 0
     #: the learning rate of the trained VLM parts (experts, routers, ...) relative to ``lr``; the action expert
@@ -147,9 +150,9 @@ class StageConfig:
         if bad:
             raise ValueError(f"unknown parts {bad}; expected a subset of {list(PARTS)}")
         for k in ("steps", "batch_size", "checkpoint_every", "general_pool", "distil_rows", "distil_pool",
-                  "reasoning_scenes", "scene_pool", "scene_refresh", "kept_experts"):
+                  "distil_scenes", "reasoning_scenes", "scene_pool", "scene_refresh", "kept_experts"):
             v = getattr(self, k)
-            low = 0 if k in ("steps", "distil_rows", "reasoning_scenes", "kept_experts") else 1
+            low = 0 if k in ("steps", "distil_rows", "distil_scenes", "reasoning_scenes", "kept_experts") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
         if self.reasoning_scenes:
@@ -170,6 +173,8 @@ class StageConfig:
             raise ValueError("counterfactual_boards changes the fresh reasoning scenes; set reasoning_scenes > 0")
         if self.distil_rows > self.distil_pool:
             raise ValueError(f"distil_rows ({self.distil_rows}) must not exceed distil_pool ({self.distil_pool})")
+        if self.distil_scenes and not self.distil_rows:
+            raise ValueError(f"distil_scenes={self.distil_scenes} adds to the distillation pool; set distil_rows > 0")
         if self.distil_rows and "vision" in self.train:
             raise ValueError("distil_rows needs a frozen vision tower (the pool's vision tokens are computed once)")
         if self.distil_rows and self.caches_vlm:
@@ -358,7 +363,8 @@ class StageTrainer:
                                  f"({self.accelerator.num_processes})")
         frames = RobotFrames(self.data, policy, self.progress)
         pool = GeneralPool(st.general_pool, policy, st.seed, self.progress) if st.image_text_share else None
-        distil = DistilPool(st.distil_pool, policy, self.teacher(), st.seed, self.progress) if st.distil_rows else None
+        distil = (DistilPool(st.distil_pool, policy, self.teacher(), st.seed, self.progress, scenes=st.distil_scenes)
+                  if st.distil_rows else None)
         if distil is not None:
             if len(distil) < st.distil_rows:
                 raise ValueError(f"distil_rows={st.distil_rows} but the starting model knew an answer token in only "
