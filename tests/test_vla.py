@@ -23,7 +23,16 @@ from workbench.vla.policy import (
     load_policy,
     save_policy,
 )
-from workbench.vla.stages import PARTS, RECIPES, STAGES, StageConfig, StageTrainer, part_of, set_trainable
+from workbench.vla.stages import (
+    PARTS,
+    RECIPES,
+    STAGES,
+    StageConfig,
+    StageTrainer,
+    part_of,
+    set_trainable,
+    stages_of,
+)
 from workbench.vlm.api import ask, load_vlm
 from workbench.world.language import parse_reasoning
 
@@ -401,6 +410,9 @@ def test_stages_train_save_and_resume(root, demos, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     with open(os.path.join(s3 + ".run", "summary.json")) as f:
         assert json.load(f)["stage"]["name"] == "action_finetuning"
+    made = stages_of(s3)  # the folder says how it was made, every stage
+    assert [s["name"] for s in made] == ["knowledge_freezing", "reasoning_alignment", "action_finetuning"]
+    assert made[1]["distil_rows"] == 2 and made[1]["init"] == s1 and made[2]["data"] == demos
 
 
 def test_a_stage_killed_mid_run_resumes_to_the_same_weights_and_log(root, demos, tmp_path):
@@ -607,9 +619,10 @@ def test_stage_cli_overrides_what_a_stage_trains(demos, tmp_path, monkeypatch, c
     # a recipe hands the distillation options to the stages that train part of the VLM only
     recipe = ["recipe", "chatvla2", *args[2:]]
     monkeypatch.setattr("workbench.vla.stages.run_recipe", lambda *a, **over: ran.append((a[4], over)))
-    train.main([*recipe, "--distil-rows", "4"])
+    train.main([*recipe, "--distil-rows", "4", "--distil-scenes", "50"])
     pcfg, over = ran[-1]
     assert over["reasoning_alignment"]["distil_rows"] == 4 and pcfg.reasoning_boxes
+    assert over["reasoning_alignment"]["distil_scenes"] == 50
     assert "distil_rows" not in over["knowledge_freezing"] and "distil_rows" not in over["action_finetuning"]
     train.main([*recipe, "--no-reasoning-boxes"])  # the ablation: the action expert reads hidden states only
     assert ran[-1][0].reasoning_boxes is False

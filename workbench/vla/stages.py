@@ -311,7 +311,8 @@ class StageTrainer:
             (self.train_cached if st.caches_vlm else self.train_joint)(policy, start, ckpt)
         if not self.main:
             return policy
-        save_policy(policy, self.out, extra={"stage": dataclasses.asdict(st)})
+        this = {**dataclasses.asdict(st), "init": self.init, "data": self.data}
+        save_policy(policy, self.out, extra={"stages": [*stages_of(self.init), this]})
         summary = {"stage": dataclasses.asdict(st), "parameters": parts, "init": self.init, "data": self.data,
                    "wall_minutes_this_invocation": round((time.time() - t0) / 60, 2)}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
@@ -456,6 +457,19 @@ class StageTrainer:
             self._update(policy, step, terms, params, opt, bar)
 
 
+def stages_of(path: str) -> list[dict]:
+    """The stages that made the policy folder at ``path``, first to last (``policy_config.json``'s ``stages``: each
+    stage's config with its ``init`` and ``data``); [] for a VLM folder. A folder written before stages were listed
+    gives its last stage only (``stage``)."""
+    from .policy import is_policy_folder
+
+    if not is_policy_folder(path):
+        return []
+    with open(os.path.join(path, "policy_config.json")) as f:
+        meta = json.load(f)
+    return meta.get("stages") or ([meta["stage"]] if "stage" in meta else [])
+
+
 def step_noise(stage: StageConfig, step: int) -> torch.Generator:
     """The diffusion noise and timesteps of training step ``step``: a generator seeded by (stage seed, step) alone,
     so a run resumed at any checkpoint draws exactly what an uninterrupted one would."""
@@ -476,7 +490,7 @@ def run_recipe(name: str, init: str, data: str, out: str, policy_config: PolicyC
         policy = StageTrainer(stage, src, data, dst, policy_config, progress).run()
         src = dst
     final = os.path.join(out, "policy")
-    save_policy(policy, final, extra={"recipe": name})
+    save_policy(policy, final, extra={"recipe": name, "stages": stages_of(src)})
     copy_training_logs(out, final)
     return policy
 
