@@ -290,10 +290,10 @@ def board_first_turns(policy: ChatVLA2Policy, n: int, seed: int, progress: bool 
     from ..world import language
     from ..world.env import TabletopEnv
 
-    if n and not policy.config.board_first:
-        raise ValueError("board-first turns need a board_first policy (built with --board-first)")
     if not n:
         return []
+    if not policy.config.board_first:
+        raise ValueError("board-first turns need a board_first policy (built with --board-first)")
     rng = np.random.default_rng([seed, 29])
     env, items = TabletopEnv("math_matching", "in_domain", cameras=CAMERA_ORDER), []
     try:
