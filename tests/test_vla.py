@@ -671,6 +671,13 @@ def test_the_board_first_turn_joins_the_distillation_pool(policy):
         StageConfig("x", steps=5, train=("experts",), distil_scenes=5)
 
 
+def test_distil_scenes_refuses_a_one_turn_policy_before_any_work(policy, demos, tmp_path):
+    save_policy(policy, str(tmp_path / "one_turn"))
+    stage = dataclasses.replace(STAGES["reasoning_alignment"], steps=1, distil_rows=1, distil_scenes=1)
+    with pytest.raises(ValueError, match="distil_scenes=1 holds the first turn of a board_first policy"):
+        StageTrainer(stage, str(tmp_path / "one_turn"), demos, str(tmp_path / "out"), progress=False).run()
+
+
 def test_the_distillation_teacher_is_the_stages_starting_model(root, demos, tmp_path):
     # an upcycling stage draws fresh routers: the teacher must draw the student's, whatever the global RNG holds
     stage = dataclasses.replace(RECIPES["two_stage"][0], distil_rows=1, distil_pool=1)

@@ -358,6 +358,9 @@ class StageTrainer:
     def train_joint(self, policy: ChatVLA2Policy, start: int, ckpt) -> None:
         """VLM parts are trained: every step runs the language model (vision tokens from the cache)."""
         st = self.stage
+        if st.distil_scenes and not policy.config.board_first:
+            raise ValueError(f"distil_scenes={st.distil_scenes} holds the first turn of a board_first policy; the one "
+                             f"in {self.init} reasons in one turn (board_first is set by --board-first in stage 1)")
         for name in ("distil_rows", "reasoning_scenes"):  # rows each process keeps an equal share of
             if getattr(st, name) % self.accelerator.num_processes:
                 raise ValueError(f"{name} ({getattr(st, name)}) must be a multiple of the number of processes "
