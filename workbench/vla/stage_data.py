@@ -137,8 +137,7 @@ class ReasoningScenes:
             attempt += 1
             if task not in self._envs:
                 self._envs[task] = TabletopEnv(task, "in_domain", cameras=CAMERA_ORDER)
-            obs, info = self._envs[task].reset(seed=int(rng.integers(2**20, 2**31 - 1)))
-            images = [obs[c] for c in CAMERA_ORDER]
+            images, info = fresh_scene(self._envs[task], rng)
             truth = info
             if self.counterfactual and task == "math_matching" and rng.random() < self.counterfactual:
                 truth = self._envs[task].unwrapped.counterfactual_task(rng)[0]
@@ -160,6 +159,14 @@ class ReasoningScenes:
     def __repr__(self) -> str:
         return (f"ReasoningScenes(size={self.size}, refresh={self.refresh}, skipped={self.skipped}, "
                 f"counterfactuals={self.counterfactuals})")
+
+
+def fresh_scene(env, rng: np.random.Generator) -> tuple[list, dict]:
+    """A new scene of ``env`` (a :class:`~workbench.world.env.TabletopEnv` with the policy's cameras) under a seed drawn
+    from ``rng`` in [2²⁰, 2³¹): far above the evaluation's seeds (10000…), so training never sees an evaluated scene.
+    Returns the camera images in :data:`CAMERA_ORDER` and the scene's ``info``."""
+    obs, info = env.reset(seed=int(rng.integers(2**20, 2**31 - 1)))
+    return [obs[c] for c in CAMERA_ORDER], info
 
 
 def frozen_vision_tokens(policy: ChatVLA2Policy, images) -> list[torch.Tensor]:
@@ -298,8 +305,7 @@ def board_first_turns(policy: ChatVLA2Policy, n: int, seed: int, progress: bool 
     env, items = TabletopEnv("math_matching", "in_domain", cameras=CAMERA_ORDER), []
     try:
         for _ in tqdm(range(n), desc="board-first turns", disable=not progress):
-            obs, info = env.reset(seed=int(rng.integers(2**20, 2**31 - 1)))
-            images = [obs[c] for c in CAMERA_ORDER]
+            images, info = fresh_scene(env, rng)
             question, answer, _ = policy.conversation(info["instruction"], language.episode_reasoning(info, rng))
             item = encode_example(policy.processor, images, question, answer)
             items.append({**item, "feats": frozen_vision_tokens(policy, images), "data_type": ROBOT})
