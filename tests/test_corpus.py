@@ -56,8 +56,34 @@ def test_robustness_conditions_force_their_property(condition):
     if condition == "raw":  # the board image at a caller's size, well beyond what training shows
         widths = [b["width"] for b in looks]
         assert all(b["view"] == "raw" for b in looks) and max(widths) > max(C.RAW_WIDTHS) >= min(widths)
+    if condition == "shape":  # and at another width : height than the 2 : 1 every other row shows
+        aspects = [b["aspect"] for b in looks]
+        assert all(b["view"] == "raw" for b in looks) and min(aspects) < 1.5 and max(aspects) > 2.3
+        assert all(abs(np.log(a / 2)) > np.log(1.15) and C.OTHER_ASPECTS[0] <= a <= C.OTHER_ASPECTS[1] for a in aspects)
     with pytest.raises(ValueError, match="held-out"):
         C.CorpusGenerator("train", condition=condition)
+
+
+def test_other_shapes_draw_boards_of_other_shapes_with_labels_on_their_characters():
+    """``other_shapes`` (training only) shows some raw board images at another width : height; the image is drawn at
+    that shape (the text fitted to it), in whole merged tokens, and the dense labels follow its characters."""
+    assert all("aspect" not in s.board for s in C.CorpusGenerator("train", seed=3).samples(200, kinds=("ocr",)))
+    g = C.CorpusGenerator("train", seed=3, other_shapes=1.0)
+    shaped = [s for s in g.samples(200, kinds=("ocr",)) if "aspect" in s.board]
+    assert shaped and all(s.board["view"] == "raw" for s in shaped)
+    r = C.CorpusRenderer()
+    for s in shaped[:6]:
+        (img,), (lab,) = r(s, labels=True)
+        h, w = img.shape[:2]
+        assert w == s.board["width"] and h % C.TOKEN_PX == 0 and lab.shape == (h // C.TOKEN_PX, w // C.TOKEN_PX)
+        assert abs(w / h - s.board["aspect"]) < 0.6  # the height is rounded to whole tokens
+        digits = {C.TOKEN_CLASSES[i] for i in np.unique(lab)} & set("0123456789")
+        assert digits and digits <= set(s.board["text"])  # labels name characters that are written
+    r.close()
+    with pytest.raises(ValueError, match="other_shapes"):
+        C.CorpusGenerator("heldout", other_shapes=0.5)
+    with pytest.raises(ValueError, match="other_shapes"):
+        C.CorpusGenerator("train", other_shapes=1.5)
 
 
 def test_grounding_boxes_hold_their_object():

@@ -55,6 +55,8 @@ def main(argv=None):
     k.add_argument("--model", required=True, help="VLM checkpoint folder, or a policy folder (its backbone)")
     k.add_argument("--per-skill", type=int, default=100)
     k.add_argument("--seed", type=int, default=1234)
+    k.add_argument("--rows", default=None, help="only these rows, comma-separated keys (e.g. 'ocr shape,solve shape'); "
+                   "the same questions as in the whole suite")
     k.add_argument("--out", default=None, help="JSON file for the table and examples")
     r = sub.add_parser("report", help="closed-loop results on both tasks/splits + knowledge retention (JSON)")
     r.add_argument("--policy", required=True)
@@ -109,8 +111,17 @@ def main(argv=None):
         return _write_json(args.out, result)
     if args.per_skill < 1:
         ap.error("--per-skill must be at least 1")
+    samples = None
+    if args.rows:
+        from .evaluation.knowledge import knowledge_samples
+
+        samples, wanted = knowledge_samples(args.per_skill, args.seed), [r.strip() for r in args.rows.split(",")]
+        known = list(dict.fromkeys(s.facts["row"] for s in samples))
+        if unknown := [r for r in wanted if r not in known]:
+            ap.error(f"unknown --rows {unknown}; expected keys among {known}")
+        samples = [s for s in samples if s.facts["row"] in wanted]
     model, processor = load_backbone(args.model)
-    result = evaluate_knowledge(model, processor, args.per_skill, args.seed)
+    result = evaluate_knowledge(model, processor, args.per_skill, args.seed, samples=samples)
     result["model"] = args.model
     print(format_table(result, f"Knowledge of {args.model} (held-out, seed {args.seed})"))
     if args.out:

@@ -151,7 +151,8 @@ LABELS = {"ocr": "OCR exact match", "solve": "Arithmetic on the board", "arithme
           "affordance": "Placement affordance"}
 CONDITION_LABELS = {"no_frame": "no frame", "coloured_ink": "coloured ink", "tilted": "tilted",
                     "sketch": "mouse sketch",
-                    "env": "caller's image via env", "raw": "caller's image at its own size"}
+                    "env": "caller's image via env", "raw": "caller's image at its own size",
+                    "shape": "caller's image, not 2:1"}
 
 
 def row_label(key: str) -> str:

@@ -57,11 +57,14 @@ GENERAL_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "afforda
 BOARD_KINDS = ("ocr", "solve", "answer_card")
 CARD_KINDS = ("cards", "card_where", "ground_card")
 TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance")
-#: robustness conditions of held-out boards (``boards.CONDITIONS``, the real PyBullet whiteboard, and the board image
-#: itself at a caller's size: ``"raw"``)
-CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw")
+#: robustness conditions of held-out boards (``boards.CONDITIONS``, the real PyBullet whiteboard, the board image
+#: itself at a caller's size: ``"raw"``, and the board image at a caller's size *and shape*, not 2:1: ``"shape"``)
+CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw", "shape")
 #: the conditions that are a way of showing the board (its ``view``) rather than a look drawn on it
-VIEW_CONDITIONS = ("env", "raw")
+VIEW_CONDITIONS = ("env", "raw", "shape")
+#: width : height of the board images of the ``"shape"`` row and of training's ``other_shapes`` (log-uniform in this
+#: range, never within 15% of the robot's 2 : 1): a square drawing, a 4 : 3 photo, a long strip
+OTHER_ASPECTS = (1.0, 3.0)
 #: widths (px, 2:1 images) at which pretraining shows a board image itself (``view="raw"``): multiples of 32, so
 #: both sides are whole merged tokens, over the range :func:`~workbench.vlm.api.ask` resizes a caller's image into
 #: (``api.MIN_SCALED_SIDE`` to ``api.MAX_IMAGE_SIDE``). A reader trained at one scale reads a board shown larger
@@ -175,6 +178,16 @@ def spatial_relation(a_xy, b_xy) -> str | None:
 _HELDOUT_SET = frozenset(HELDOUT_EQUATIONS)
 
 
+def other_aspect(rng: np.random.Generator) -> float:
+    """A board image's width : height other than 2 : 1, log-uniform in :data:`OTHER_ASPECTS`, redrawn while
+    within 15% of 2 (the robot's board and every board image that training shows without ``other_shapes``)."""
+    lo, hi = np.log(OTHER_ASPECTS)
+    while True:
+        aspect = float(np.exp(rng.uniform(lo, hi)))
+        if abs(np.log(aspect / 2)) > np.log(1.15):
+            return round(aspect, 3)
+
+
 def free_equation(rng) -> Equation:
     """A whiteboard equation to copy: ``a op b`` with each number of one or two digits (a subtraction's result not
     negative, a division exact), never a held-out whiteboard equation (:data:`HELDOUT_EQUATIONS`)."""
@@ -202,9 +215,13 @@ class CorpusGenerator:
             (:func:`free_equation`: any numbers below 100, never a held-out one) instead of one of the robot
             world's, so that transcribing is copying what is written, not recalling one of the few hundred
             equations the world has (no ``solve`` question follows a free board).
+        other_shapes: training only: the share of board images shown as the image itself (``view="raw"``) that
+            are drawn at another width : height than 2 : 1 (:func:`other_aspect`), as a caller's square drawing or
+            photo would be.
     """
 
-    def __init__(self, split: str = "train", seed: int = 0, condition: str | None = None, free_boards: float = 0.0):
+    def __init__(self, split: str = "train", seed: int = 0, condition: str | None = None, free_boards: float = 0.0,
+                 other_shapes: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown corpus split {split!r}; expected one of {list(SPLITS)}")
         if condition is not None and condition not in CONDITIONS:
@@ -213,7 +230,9 @@ class CorpusGenerator:
             raise ValueError("robustness conditions are for the held-out split only")
         if not 0 <= free_boards <= 1 or (free_boards and split != "train"):
             raise ValueError(f"free_boards must be in [0, 1], and 0 outside the training split; got {free_boards!r}")
-        self.split, self.condition, self.free_boards = split, condition, free_boards
+        if not 0 <= other_shapes <= 1 or (other_shapes and split != "train"):
+            raise ValueError(f"other_shapes must be in [0, 1], and 0 outside the training split; got {other_shapes!r}")
+        self.split, self.condition, self.free_boards, self.other_shapes = split, condition, free_boards, other_shapes
         self.rng = np.random.default_rng([seed, SPLITS.index(split), 7919])
         self.board_equations = TRAIN_BOARD_EQUATIONS if split == "train" else HELDOUT_EQUATIONS
         # hand-writing seeds: train in [0, 2**30), held-out in [2**30, 2**31)
@@ -238,10 +257,14 @@ class CorpusGenerator:
         board = {"text": eq.text, "look": look.to_dict(), "seed": seed, "view": "camera", "aug": self.split == "train"}
         if self.split == "train" and rng.random() < 0.3:
             board.update(view="raw", width=int(RAW_WIDTHS[rng.integers(len(RAW_WIDTHS))]))
+            if self.other_shapes and rng.random() < self.other_shapes:
+                board["aspect"] = other_aspect(rng)
         elif self.condition in VIEW_CONDITIONS:
-            board["view"] = self.condition
-            if self.condition == "raw":
+            board["view"] = "env" if self.condition == "env" else "raw"
+            if board["view"] == "raw":
                 board["width"] = int(rng.integers(CALLER_WIDTHS[0], CALLER_WIDTHS[1] + 1))
+            if self.condition == "shape":
+                board["aspect"] = other_aspect(rng)
         return board
 
     def _arm(self):
@@ -481,21 +504,26 @@ class CorpusRenderer:
         from ..world.writing import BOARD_TEXTURE_SIZE, render_text
         from .boards import BoardLook, photometric, render_board, unrotate
 
-        rotation = 0.0
+        rotation, aspect, view = 0.0, b.get("aspect"), b.get("view", "camera")
+        if aspect is not None and ("look" not in b or view != "raw"):
+            raise ValueError("a board of another shape (aspect) is drawn in a look and shown as the image itself "
+                             f"(view 'raw'); got view {view!r}" + ("" if "look" in b else " without a look"))
         if "look" in b:
             look = BoardLook.from_dict(b["look"])
-            texture, cells = render_board(b["text"], look, seed=b["seed"])
+            size = BOARD_TEXTURE_SIZE if aspect is None else (round(BOARD_TEXTURE_SIZE[1] * aspect),
+                                                              BOARD_TEXTURE_SIZE[1])
+            texture, cells = render_board(b["text"], look, seed=b["seed"], size=size)
             rotation = look.rotation
         else:
             texture, cells = render_text(b["text"], b["style"], seed=b["seed"], return_boxes=True)
-        view = b.get("view", "camera")
         cam = CAMERAS["board"]
         if view == "camera":
             img = self.board_view(texture)
         elif view == "raw":  # the image itself, at its sample's width (the camera's if none)
             width = b.get("width", cam.width)
-            size = (width, width * texture.height // texture.width)
-            img = np.asarray(texture.resize(size, Image.Resampling.LANCZOS))
+            height = (width * texture.height // texture.width if aspect is None  # 2:1: whole tokens at RAW_WIDTHS
+                      else max(TOKEN_PX, round(width / aspect / TOKEN_PX) * TOKEN_PX))
+            img = np.asarray(texture.resize((width, height), Image.Resampling.LANCZOS))
         elif view == "env":
             self.scene.reset_robot()
             self.scene.set_whiteboard(texture)
@@ -512,10 +540,10 @@ class CorpusRenderer:
             return img, None, None
         centres = _token_centres(h * k, w * k) / k  # in the camera image's pixels
         if view == "raw":
-            tex = centres * np.array(BOARD_TEXTURE_SIZE, float) / np.array([w, h], float)
+            tex = centres * np.array(texture.size, float) / np.array([w, h], float)
         else:
             tex = self.board_view.texture_coords(centres)
-        tex = unrotate(tex, rotation)
+        tex = unrotate(tex, rotation, size=texture.size)
         owner = np.full(len(tex), -1, np.int64)
         for i, (_, x0, y0, x1, y1) in enumerate(cells):
             owner[(tex[:, 0] >= x0) & (tex[:, 0] < x1) & (tex[:, 1] >= y0) & (tex[:, 1] < y1)] = i

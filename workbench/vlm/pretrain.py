@@ -139,6 +139,9 @@ class PretrainConfig:
     text_batch: int = 16  # read, answer and scenes phases: text-only arithmetic questions per step
     # share of training ``ocr`` boards showing a free equation (any numbers: :func:`.corpus.free_equation`)
     free_boards: float = 0.0
+    # share of training board images shown as the image itself that have another width : height than 2 : 1
+    # (:func:`.corpus.other_aspect`: 1 : 1 to 3 : 1), as a caller's square drawing or photo of a board
+    other_shapes: float = 0.0
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
     # scenes (vision frozen): table questions are asked about a pool of this many tables (boards are never pooled),
@@ -171,7 +174,8 @@ class PretrainConfig:
         for name in ("see_lr", "read_lr", "answer_lr", "scenes_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
-        for name in ("vision_lr_scale", "dense_coef", "same_table", "where_coef", "free_boards"):
+        for name in ("vision_lr_scale", "dense_coef", "same_table", "where_coef", "free_boards",
+                     "other_shapes"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         chosen = self.phase_list
@@ -396,7 +400,8 @@ class FreshBatches(torch.utils.data.IterableDataset):
         if self._renderer is None:
             self._renderer = CorpusRenderer()
         rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), i])
-        gen = CorpusGenerator("train", seed=int(rng.integers(2**31)), free_boards=cfg.free_boards)
+        gen = CorpusGenerator("train", seed=int(rng.integers(2**31)), free_boards=cfg.free_boards,
+                              other_shapes=cfg.other_shapes)
         weights = self.weights
         kinds = list(weights)
         p = np.array([weights[k] for k in kinds], float)
