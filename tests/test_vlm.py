@@ -223,7 +223,10 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
     replaced that one (continuations 9-10, boards at a caller's size) scores 47/66 (OCR 3, board arithmetic 1, cards 6,
     objects 3, spatial 5, grounding cards 3, toys 3, affordance 5; text arithmetic, colour and count 6 each): the floor
     rose to 39. It also reads 7 of the first 12 boards of the "caller's image at its own size" row (widths 170-596 px;
-    the model before it read 2): floor 5.
+    the model before it read 2): floor 5. The model shipped now (continuations 11-12, boards of other shapes) scores
+    48/66 (OCR 3, board arithmetic 1, cards 6, objects 5, spatial 3, grounding cards 4, toys 4, affordance 4; text
+    arithmetic, colour and count 6 each): the floor rose to 40; it reads 8 of those 12 boards, and 7 of the first 12 of
+    the "not 2:1" row (the model before it: 6; on the whole row of 100, 75 against 57): floor 4.
     """
     from workbench.evaluation.knowledge import evaluate_knowledge
     from workbench.vlm.corpus import CorpusGenerator
@@ -232,10 +235,11 @@ def test_shipped_checkpoint_scores_above_its_floor(root):
     result = evaluate_knowledge(model, processor, per_skill=6, seed=1234, progress=False, robustness=False)
     by_key = {r["key"]: r for r in result["rows"]}
     overall = sum(r["correct"] for k, r in by_key.items() if len(k.split()) == 1)
-    assert overall >= 39, result["examples"][:5]
-    caller = CorpusGenerator("heldout", seed=1234, condition="raw")  # the suite's first boards of that row
-    raw = evaluate_knowledge(model, processor, samples=[caller.sample("ocr") for _ in range(12)], progress=False)
-    assert raw["rows"][0]["correct"] >= 5, raw["examples"][:5]
+    assert overall >= 40, result["examples"][:5]
+    for condition, floor in (("raw", 5), ("shape", 4)):
+        caller = CorpusGenerator("heldout", seed=1234, condition=condition)  # the suite's first boards of that row
+        row = evaluate_knowledge(model, processor, samples=[caller.sample("ocr") for _ in range(12)], progress=False)
+        assert row["rows"][0]["correct"] >= floor, (condition, row["examples"][:5])
     assert by_key["arithmetic"]["correct"] >= 5
     assert by_key["objects"]["correct"] + by_key["count"]["correct"] >= 8
     assert by_key["cards"]["correct"] >= 3

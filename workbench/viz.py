@@ -206,11 +206,11 @@ def board_looks(split: str = "train", n: int = 12, seed: int = 0, condition: str
         s = gen.sample("ocr")
         (img,) = renderer(s)
         b = s.board
-        size = f", {b['width']} px" if "width" in b else ""
+        size = (f", {b['width']} px" if "width" in b else "") + (f", {b['aspect']:.1f}:1" if "aspect" in b else "")
         caption = b.get("style") or f"{b['look']['family']} ({b['view']}{size})"
         tile = Image.new("RGB", (img.shape[1], img.shape[0] + 14), "white")
         tile.paste(Image.fromarray(img), (0, 0))
-        ImageDraw.Draw(tile).text((2, img.shape[0]), caption[:32], fill=(60, 60, 60), font=_caption_font(10))
+        ImageDraw.Draw(tile).text((2, img.shape[0]), caption[:40], fill=(60, 60, 60), font=_caption_font(10))
         tiles.append(tile)
     renderer.close()
     return stack_images(tiles, columns)
