@@ -76,6 +76,26 @@ def test_clis_report_bad_input_in_one_line(argv):
     assert "Traceback" not in out.stderr and "RuntimeWarning" not in out.stderr
 
 
+def test_knowledge_cli_asks_only_the_rows_named(root, tmp_path, capsys):
+    """``--rows`` keeps the whole suite's questions of the rows named (the same samples, in order); an unknown row is
+    refused with the known keys."""
+    import json
+    import os
+
+    from workbench import evaluate
+
+    vlm = os.path.join(root, "data_samples", "vlm")
+    with pytest.raises(SystemExit):
+        evaluate.main(["knowledge", "--model", vlm, "--per-skill", "1", "--rows", "ocr shape,ocr sideways"])
+    assert "unknown --rows ['ocr sideways']" in capsys.readouterr().err
+    out = tmp_path / "k.json"
+    evaluate.main(["knowledge", "--model", vlm, "--per-skill", "2", "--rows", "ocr shape,colour", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {r["key"]: r["n"] for r in result["rows"]} == {"ocr shape": 2, "colour": 2}
+    whole = [s.question for s in E.knowledge_samples(2) if s.facts["row"] in ("ocr shape", "colour")]
+    assert [e["question"] for e in result["examples"]] == whole
+
+
 def test_policy_cli_refuses_a_bad_ddim_step_count(root):
     import os
 

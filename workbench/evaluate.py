@@ -2,7 +2,8 @@
 ``policy``: a ChatVLA-2 policy acting in the simulator (closed loop). This module is the command line; the code is
 in :mod:`workbench.evaluation`.
 
-    python -m workbench.evaluate knowledge --model data_samples/vlm [--per-skill 100] [--out outputs/knowledge.json]
+    python -m workbench.evaluate knowledge --model data_samples/vlm [--per-skill 100] [--rows "ocr shape,solve shape"] \
+        [--out outputs/knowledge.json]
     python -m workbench.evaluate policy --policy data_samples/policy --task math_matching --split open_world \
         --episodes 50 [--videos 2] [--out outputs/policy_math_open.json]
     python -m workbench.evaluate following --policy data_samples/policy --episodes 50 [--out outputs/following.json]
