@@ -1,5 +1,7 @@
 """The VLM pretraining corpus: determinism, held-out disjointness, the general subset's rule."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -79,6 +81,8 @@ def test_other_shapes_draw_boards_of_other_shapes_with_labels_on_their_character
         assert abs(w / h - s.board["aspect"]) < 0.6  # the height is rounded to whole tokens
         digits = {C.TOKEN_CLASSES[i] for i in np.unique(lab)} & set("0123456789")
         assert digits and digits <= set(s.board["text"])  # labels name characters that are written
+    with pytest.raises(ValueError, match="another shape"):  # only a board image itself has a shape of its own
+        r(dataclasses.replace(shaped[0], board={**shaped[0].board, "view": "camera"}))
     r.close()
     with pytest.raises(ValueError, match="other_shapes"):
         C.CorpusGenerator("heldout", other_shapes=0.5)
