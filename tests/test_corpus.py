@@ -62,6 +62,8 @@ def test_robustness_conditions_force_their_property(condition):
         aspects = [b["aspect"] for b in looks]
         assert all(b["view"] == "raw" for b in looks) and min(aspects) < 1.5 and max(aspects) > 2.3
         assert all(abs(np.log(a / 2)) > np.log(1.15) and C.OTHER_ASPECTS[0] <= a <= C.OTHER_ASPECTS[1] for a in aspects)
+    if condition == "photo":  # a photo of the board on a wall, at a caller's size and a photo's shape
+        assert all(b["view"] == "photo" and "aspect" not in b and 1.0 <= b["photo_aspect"] <= 1.8 for b in looks)
     with pytest.raises(ValueError, match="held-out"):
         C.CorpusGenerator("train", condition=condition)
 
@@ -88,6 +90,30 @@ def test_other_shapes_draw_boards_of_other_shapes_with_labels_on_their_character
         C.CorpusGenerator("heldout", other_shapes=0.5)
     with pytest.raises(ValueError, match="other_shapes"):
         C.CorpusGenerator("train", other_shapes=1.5)
+
+
+def test_photos_of_boards_keep_labels_on_their_characters():
+    """The ``photo`` row shows the board inside a wider picture in perspective; the labels (photo pixel -> texture
+    pixel through the homography) still name the written characters, and only where the board is."""
+    from workbench.vlm.boards import apply_homography, homography
+
+    src, dst = np.array([[3, 4], [90, 10], [80, 60], [5, 50]]), np.array([[0, 0], [512, 0], [512, 256], [0, 256]])
+    assert np.allclose(apply_homography(homography(src, dst), src), dst)
+    g, r = C.CorpusGenerator("heldout", seed=7, condition="photo"), C.CorpusRenderer()
+    for s in [g.sample("ocr") for _ in range(4)]:
+        (img,), (lab,), (own,) = r(s, labels=True, owners=True)
+        h, w = img.shape[:2]
+        assert w == s.board["width"] and abs(w / h - s.board["photo_aspect"]) < 0.3
+        written = {C.TOKEN_CLASSES[i] for i in np.unique(lab)} - {C.TOKEN_CLASSES[0]}
+        assert written and written <= set(s.board["text"].replace(" ", ""))
+        assert 0 < (own >= 0).mean() < 0.5  # the board is part of the picture, not all of it
+    r.close()
+    # training shows them with ``photos`` only (default 0 leaves the random streams, and so earlier runs, unchanged)
+    assert all(s.board["view"] != "photo" for s in C.CorpusGenerator("train", seed=3).samples(200, kinds=("ocr",)))
+    views = [s.board["view"] for s in C.CorpusGenerator("train", seed=3, photos=1.0).samples(200, kinds=("ocr",))]
+    assert 0 < views.count("photo") < len(views) and "raw" not in views
+    with pytest.raises(ValueError, match="photos"):
+        C.CorpusGenerator("heldout", photos=0.5)
 
 
 def test_grounding_boxes_hold_their_object():

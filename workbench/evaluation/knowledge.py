@@ -152,7 +152,7 @@ LABELS = {"ocr": "OCR exact match", "solve": "Arithmetic on the board", "arithme
 CONDITION_LABELS = {"no_frame": "no frame", "coloured_ink": "coloured ink", "tilted": "tilted",
                     "sketch": "mouse sketch",
                     "env": "caller's image via env", "raw": "caller's image at its own size",
-                    "shape": "caller's image, not 2:1"}
+                    "shape": "caller's image, not 2:1", "photo": "photo of the board on a wall"}
 
 
 def row_label(key: str) -> str:

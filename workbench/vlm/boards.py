@@ -237,3 +237,74 @@ def photometric(image: np.ndarray, rng: np.random.Generator, strength: float = 1
     x = (x - mean) * rng.uniform(1 - 0.2 * strength, 1 + 0.15 * strength) + mean
     x = x * gain + rng.normal(0, rng.uniform(0, 4 * strength), x.shape)
     return x.clip(0, 255).astype(np.uint8)
+
+
+#: width : height of the photos of the ``"photo"`` robustness row (log-uniform): a square crop to a wide phone shot
+PHOTO_ASPECTS = (1.0, 1.8)
+
+
+def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 8 coefficients ``(a, b, c, d, e, f, g, h)`` of the projective map taking the four points ``src`` (4, 2)
+    onto ``dst`` (4, 2): ``x' = (a x + b y + c) / (g x + h y + 1)``, ``y' = (d x + e y + f) / (g x + h y + 1)``
+    (PIL's ``Image.PERSPECTIVE`` data when ``src`` are output pixels and ``dst`` input pixels)."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(np.asarray(src, float), np.asarray(dst, float)):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        rhs += [u, v]
+    return np.linalg.solve(np.array(rows), np.array(rhs))
+
+
+def apply_homography(coeffs: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``points`` (N, 2) mapped by :func:`homography`'s coefficients."""
+    a, b, c, d, e, f, g, h = coeffs
+    x, y = np.asarray(points, float).T
+    w = g * x + h * y + 1
+    return np.stack([(a * x + b * y + c) / w, (d * x + e * y + f) / w], 1)
+
+
+def photograph(texture: Image.Image, size: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A photo of size ``(W, H)`` of the whiteboard ``texture`` hanging on a wall, as a user snaps one: the board
+    fills 45-85% of the width, seen in perspective (each corner moved by up to 7% of the board) and turned a little,
+    in an aluminium or dark mount on a wall of some colour, sometimes above a floor or desk, under uneven light,
+    with sensor noise. Returns ``(image (H, W, 3) uint8, coeffs)``: ``coeffs`` map photo pixels to texture pixels
+    (:func:`apply_homography`), so labels can follow the characters."""
+    from PIL import ImageDraw
+
+    W, H = size
+    tw, th = texture.size
+    bw = rng.uniform(0.45, 0.85) * W
+    bw = min(bw, 0.85 * H * tw / th)  # the board's height fits too
+    bh = bw * th / tw
+    centre = np.array([rng.uniform(bw / 2 + 0.04 * W, W - bw / 2 - 0.04 * W) if W - bw > 0.08 * W else W / 2,
+                       rng.uniform(bh / 2 + 0.04 * H, H - bh / 2 - 0.04 * H) if H - bh > 0.08 * H else H / 2])
+    quad = np.array([[-bw, -bh], [bw, -bh], [bw, bh], [-bw, bh]]) / 2
+    quad += rng.uniform(-0.07, 0.07, (4, 2)) * [bw, bh]  # perspective
+    t = np.deg2rad(rng.normal(0, 3))
+    quad = quad @ np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]]) + centre
+    wall = np.clip(rng.choice([rng.uniform(150, 235, 3), np.full(3, rng.uniform(120, 230))]) + rng.normal(0, 8, 3),
+                   40, 250)
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    bg = np.broadcast_to(wall, (H, W, 3)).astype(np.float32).copy()
+    if rng.random() < 0.5:  # a floor or desk across the bottom
+        edge = rng.uniform(0.75, 0.95) * H
+        bg[ys >= edge] = np.clip(rng.uniform(60, 200, 3), 0, 255)
+    img = Image.fromarray(bg.astype(np.uint8))
+    if rng.random() < 0.8:  # the board's mount
+        mount = tuple(int(v) for v in (np.full(3, rng.uniform(150, 210)) if rng.random() < 0.6 else
+                                       np.full(3, rng.uniform(20, 70))))
+        m = centre + (quad - centre) * (1 + rng.uniform(0.02, 0.05))
+        ImageDraw.Draw(img).polygon([tuple(p) for p in m], fill=mount)
+    corners = np.array([[0, 0], [tw, 0], [tw, th], [0, th]], float)
+    coeffs = homography(quad, corners)
+    warped = texture.convert("RGB").transform((W, H), Image.Transform.PERSPECTIVE, tuple(coeffs),
+                                              Image.Resampling.BICUBIC)
+    mask = Image.new("L", (tw, th), 255).transform((W, H), Image.Transform.PERSPECTIVE, tuple(coeffs),
+                                                  Image.Resampling.BILINEAR)
+    img.paste(warped, mask=mask)
+    # uneven light: a smooth gradient in a random direction, then sensor noise
+    d = rng.normal(size=2)
+    d /= np.linalg.norm(d)
+    ramp = ((xs / W - 0.5) * d[0] + (ys / H - 0.5) * d[1]) * rng.uniform(0, 0.35)
+    out = np.asarray(img, np.float32) * (rng.uniform(0.85, 1.05) + ramp)[..., None]
+    out += rng.normal(0, rng.uniform(1, 5), out.shape)
+    return out.clip(0, 255).astype(np.uint8), coeffs

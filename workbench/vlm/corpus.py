@@ -58,10 +58,11 @@ BOARD_KINDS = ("ocr", "solve", "answer_card")
 CARD_KINDS = ("cards", "card_where", "ground_card")
 TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance")
 #: robustness conditions of held-out boards (``boards.CONDITIONS``, the real PyBullet whiteboard, the board image
-#: itself at a caller's size: ``"raw"``, and the board image at a caller's size *and shape*, not 2:1: ``"shape"``)
-CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw", "shape")
+#: itself at a caller's size: ``"raw"``, the board image at a caller's size *and shape*, not 2:1: ``"shape"``, and a
+#: photo of the board on a wall, in perspective, at a caller's size: ``"photo"``, never shown in training)
+CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw", "shape", "photo")
 #: the conditions that are a way of showing the board (its ``view``) rather than a look drawn on it
-VIEW_CONDITIONS = ("env", "raw", "shape")
+VIEW_CONDITIONS = ("env", "raw", "shape", "photo")
 #: width : height of the board images of the ``"shape"`` row and of training's ``other_shapes`` (log-uniform in this
 #: range, never within 15% of the robot's 2 : 1): a square drawing, a 4 : 3 photo, a long strip
 OTHER_ASPECTS = (1.0, 3.0)
@@ -188,6 +189,13 @@ def other_aspect(rng: np.random.Generator) -> float:
             return round(aspect, 3)
 
 
+def photo_aspect(rng: np.random.Generator) -> float:
+    """A photo's width : height, log-uniform in :data:`.boards.PHOTO_ASPECTS` (a square crop to a wide shot)."""
+    from .boards import PHOTO_ASPECTS
+
+    return round(float(np.exp(rng.uniform(*np.log(PHOTO_ASPECTS)))), 3)
+
+
 def free_equation(rng) -> Equation:
     """A whiteboard equation to copy: ``a op b`` with each number of one or two digits (a subtraction's result not
     negative, a division exact), never a held-out whiteboard equation (:data:`HELDOUT_EQUATIONS`)."""
@@ -218,10 +226,12 @@ class CorpusGenerator:
         other_shapes: training only: the share of board images shown as the image itself (``view="raw"``) that
             are drawn at another width : height than 2 : 1 (:func:`other_aspect`), as a caller's square drawing or
             photo would be.
+        photos: training only: the share of board images shown as the image itself that are instead a photo of
+            the board hanging on a wall (:func:`.boards.photograph`: perspective, a mount, a wall, uneven light).
     """
 
     def __init__(self, split: str = "train", seed: int = 0, condition: str | None = None, free_boards: float = 0.0,
-                 other_shapes: float = 0.0):
+                 other_shapes: float = 0.0, photos: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown corpus split {split!r}; expected one of {list(SPLITS)}")
         if condition is not None and condition not in CONDITIONS:
@@ -232,7 +242,10 @@ class CorpusGenerator:
             raise ValueError(f"free_boards must be in [0, 1], and 0 outside the training split; got {free_boards!r}")
         if not 0 <= other_shapes <= 1 or (other_shapes and split != "train"):
             raise ValueError(f"other_shapes must be in [0, 1], and 0 outside the training split; got {other_shapes!r}")
+        if not 0 <= photos <= 1 or (photos and split != "train"):
+            raise ValueError(f"photos must be in [0, 1], and 0 outside the training split; got {photos!r}")
         self.split, self.condition, self.free_boards, self.other_shapes = split, condition, free_boards, other_shapes
+        self.photos = photos
         self.rng = np.random.default_rng([seed, SPLITS.index(split), 7919])
         self.board_equations = TRAIN_BOARD_EQUATIONS if split == "train" else HELDOUT_EQUATIONS
         # hand-writing seeds: train in [0, 2**30), held-out in [2**30, 2**31)
@@ -257,14 +270,18 @@ class CorpusGenerator:
         board = {"text": eq.text, "look": look.to_dict(), "seed": seed, "view": "camera", "aug": self.split == "train"}
         if self.split == "train" and rng.random() < 0.3:
             board.update(view="raw", width=int(RAW_WIDTHS[rng.integers(len(RAW_WIDTHS))]))
-            if self.other_shapes and rng.random() < self.other_shapes:
+            if self.photos and rng.random() < self.photos:
+                board.update(view="photo", photo_aspect=photo_aspect(rng))
+            elif self.other_shapes and rng.random() < self.other_shapes:
                 board["aspect"] = other_aspect(rng)
         elif self.condition in VIEW_CONDITIONS:
-            board["view"] = "env" if self.condition == "env" else "raw"
-            if board["view"] == "raw":
+            board["view"] = {"env": "env", "photo": "photo"}.get(self.condition, "raw")
+            if board["view"] != "env":
                 board["width"] = int(rng.integers(CALLER_WIDTHS[0], CALLER_WIDTHS[1] + 1))
             if self.condition == "shape":
                 board["aspect"] = other_aspect(rng)
+            if self.condition == "photo":
+                board["photo_aspect"] = photo_aspect(rng)
         return board
 
     def _arm(self):
@@ -502,7 +519,7 @@ class CorpusRenderer:
     def _board(self, b: dict, labels: bool):
         from ..world.scene import CAMERAS
         from ..world.writing import BOARD_TEXTURE_SIZE, render_text
-        from .boards import BoardLook, photometric, render_board, unrotate
+        from .boards import BoardLook, apply_homography, photograph, photometric, render_board, unrotate
 
         rotation, aspect, view = 0.0, b.get("aspect"), b.get("view", "camera")
         if aspect is not None and ("look" not in b or view != "raw"):
@@ -524,12 +541,16 @@ class CorpusRenderer:
             height = (width * texture.height // texture.width if aspect is None  # 2:1: whole tokens at RAW_WIDTHS
                       else max(TOKEN_PX, round(width / aspect / TOKEN_PX) * TOKEN_PX))
             img = np.asarray(texture.resize((width, height), Image.Resampling.LANCZOS))
+        elif view == "photo":  # a photo of the board on a wall, at its sample's width and width : height
+            width = b["width"]
+            height = max(TOKEN_PX, round(width / b["photo_aspect"] / TOKEN_PX) * TOKEN_PX)
+            img, to_texture = photograph(texture, (width, height), np.random.default_rng([b["seed"], 2]))
         elif view == "env":
             self.scene.reset_robot()
             self.scene.set_whiteboard(texture)
             img = self.scene.render(["board"])["board"]
         else:
-            raise ValueError(f"unknown board view {view!r}; expected 'camera', 'raw' or 'env'")
+            raise ValueError(f"unknown board view {view!r}; expected 'camera', 'raw', 'photo' or 'env'")
         if b.get("aug"):
             img = photometric(img, np.random.default_rng([b["seed"], 1]))
         h, w = img.shape[:2]
@@ -541,6 +562,8 @@ class CorpusRenderer:
         centres = _token_centres(h * k, w * k) / k  # in the camera image's pixels
         if view == "raw":
             tex = centres * np.array(texture.size, float) / np.array([w, h], float)
+        elif view == "photo":
+            tex = apply_homography(to_texture, centres)
         else:
             tex = self.board_view.texture_coords(centres)
         tex = unrotate(tex, rotation, size=texture.size)

@@ -142,6 +142,9 @@ class PretrainConfig:
     # share of training board images shown as the image itself that have another width : height than 2 : 1
     # (:func:`.corpus.other_aspect`: 1 : 1 to 3 : 1), as a caller's square drawing or photo of a board
     other_shapes: float = 0.0
+    # share of training board images shown as the image itself that are a photo of the board on a wall instead
+    # (:func:`.boards.photograph`: perspective, mount, wall, uneven light), as a user's snapshot of a real board
+    photos: float = 0.0
     same_table: float = 0.5  # chance that a table question reuses the previous item's table (one render, two items)
     turns: int = 1  # read/answer/scenes: up to this many questions about one scene in one conversation
     # scenes (vision frozen): table questions are asked about a pool of this many tables (boards are never pooled),
@@ -175,7 +178,7 @@ class PretrainConfig:
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         for name in ("vision_lr_scale", "dense_coef", "same_table", "where_coef", "free_boards",
-                     "other_shapes"):
+                     "other_shapes", "photos"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         chosen = self.phase_list
@@ -401,7 +404,7 @@ class FreshBatches(torch.utils.data.IterableDataset):
             self._renderer = CorpusRenderer()
         rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), i])
         gen = CorpusGenerator("train", seed=int(rng.integers(2**31)), free_boards=cfg.free_boards,
-                              other_shapes=cfg.other_shapes)
+                              other_shapes=cfg.other_shapes, photos=cfg.photos)
         weights = self.weights
         kinds = list(weights)
         p = np.array([weights[k] for k in kinds], float)
