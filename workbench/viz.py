@@ -195,8 +195,9 @@ def draw_boxes(image: np.ndarray, boxes, labels=(), scale: int = 2, colour=(230,
 
 def board_looks(split: str = "train", n: int = 12, seed: int = 0, condition: str | None = None,
                 columns: int = 4) -> Image.Image:
-    """A grid of whiteboards as the board camera sees them, drawn the way VLM pretraining draws them
-    (``split="train"``: training font families and augmentations) or the knowledge suite's held-out ones."""
+    """A grid of whiteboards as the model is shown them (through the board camera, as the image itself, in a photo),
+    drawn the way VLM pretraining draws them (``split="train"``: training font families and augmentations) or the
+    knowledge suite's held-out ones (``condition``: one of its robustness rows)."""
     from .vlm.corpus import CorpusGenerator, CorpusRenderer
 
     gen = CorpusGenerator(split, seed=seed, condition=condition)
