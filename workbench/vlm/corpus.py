@@ -59,7 +59,8 @@ CARD_KINDS = ("cards", "card_where", "ground_card")
 TOY_KINDS = ("objects", "colour", "count", "spatial", "ground_toy", "affordance")
 #: robustness conditions of held-out boards (``boards.CONDITIONS``, the real PyBullet whiteboard, the board image
 #: itself at a caller's size: ``"raw"``, the board image at a caller's size *and shape*, not 2:1: ``"shape"``, and a
-#: photo of the board on a wall, in perspective, at a caller's size: ``"photo"``, never shown in training)
+#: photo of the board on a wall, in perspective, at a caller's size: ``"photo"``; training shows photos only with
+#: ``photos``)
 CONDITIONS = ("no_frame", "coloured_ink", "tilted", "sketch", "env", "raw", "shape", "photo")
 #: the conditions that are a way of showing the board (its ``view``) rather than a look drawn on it
 VIEW_CONDITIONS = ("env", "raw", "shape", "photo")
