@@ -239,10 +239,6 @@ def photometric(image: np.ndarray, rng: np.random.Generator, strength: float = 1
     return x.clip(0, 255).astype(np.uint8)
 
 
-#: width : height of the photos of the ``"photo"`` robustness row (log-uniform): a square crop to a wide phone shot
-PHOTO_ASPECTS = (1.0, 1.8)
-
-
 def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The 8 coefficients ``(a, b, c, d, e, f, g, h)`` of the projective map taking the four points ``src`` (4, 2)
     onto ``dst`` (4, 2): ``x' = (a x + b y + c) / (g x + h y + 1)``, ``y' = (d x + e y + f) / (g x + h y + 1)``

@@ -67,6 +67,9 @@ VIEW_CONDITIONS = ("env", "raw", "shape", "photo")
 #: width : height of the board images of the ``"shape"`` row and of training's ``other_shapes`` (log-uniform in this
 #: range, never within 15% of the robot's 2 : 1): a square drawing, a 4 : 3 photo, a long strip
 OTHER_ASPECTS = (1.0, 3.0)
+#: width : height of the photos of the ``"photo"`` row and of training's ``photos`` (log-uniform in this range): a
+#: square crop to a wide phone shot
+PHOTO_ASPECTS = (1.0, 1.8)
 #: widths (px, 2:1 images) at which pretraining shows a board image itself (``view="raw"``): multiples of 32, so
 #: both sides are whole merged tokens, over the range :func:`~workbench.vlm.api.ask` resizes a caller's image into
 #: (``api.MIN_SCALED_SIDE`` to ``api.MAX_IMAGE_SIDE``). A reader trained at one scale reads a board shown larger
@@ -183,18 +186,24 @@ _HELDOUT_SET = frozenset(HELDOUT_EQUATIONS)
 def other_aspect(rng: np.random.Generator) -> float:
     """A board image's width : height other than 2 : 1, log-uniform in :data:`OTHER_ASPECTS`, redrawn while
     within 15% of 2 (the robot's board and every board image that training shows without ``other_shapes``)."""
-    lo, hi = np.log(OTHER_ASPECTS)
     while True:
-        aspect = float(np.exp(rng.uniform(lo, hi)))
+        aspect = _log_uniform(rng, OTHER_ASPECTS)
         if abs(np.log(aspect / 2)) > np.log(1.15):
             return round(aspect, 3)
 
 
 def photo_aspect(rng: np.random.Generator) -> float:
-    """A photo's width : height, log-uniform in :data:`.boards.PHOTO_ASPECTS` (a square crop to a wide shot)."""
-    from .boards import PHOTO_ASPECTS
+    """A photo's width : height, log-uniform in :data:`PHOTO_ASPECTS` (a square crop to a wide shot)."""
+    return round(_log_uniform(rng, PHOTO_ASPECTS), 3)
 
-    return round(float(np.exp(rng.uniform(*np.log(PHOTO_ASPECTS)))), 3)
+
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(np.exp(rng.uniform(*np.log(bounds))))
+
+
+def _whole_tokens_height(width: int, aspect: float) -> int:
+    """The height of an image ``width`` px wide at ``aspect`` (width : height), rounded to whole merged tokens."""
+    return max(TOKEN_PX, round(width / aspect / TOKEN_PX) * TOKEN_PX)
 
 
 def free_equation(rng) -> Equation:
@@ -276,7 +285,7 @@ class CorpusGenerator:
             elif self.other_shapes and rng.random() < self.other_shapes:
                 board["aspect"] = other_aspect(rng)
         elif self.condition in VIEW_CONDITIONS:
-            board["view"] = {"env": "env", "photo": "photo"}.get(self.condition, "raw")
+            board["view"] = self.condition if self.condition in ("env", "photo") else "raw"
             if board["view"] != "env":
                 board["width"] = int(rng.integers(CALLER_WIDTHS[0], CALLER_WIDTHS[1] + 1))
             if self.condition == "shape":
@@ -540,12 +549,11 @@ class CorpusRenderer:
         elif view == "raw":  # the image itself, at its sample's width (the camera's if none)
             width = b.get("width", cam.width)
             height = (width * texture.height // texture.width if aspect is None  # 2:1: whole tokens at RAW_WIDTHS
-                      else max(TOKEN_PX, round(width / aspect / TOKEN_PX) * TOKEN_PX))
+                      else _whole_tokens_height(width, aspect))
             img = np.asarray(texture.resize((width, height), Image.Resampling.LANCZOS))
         elif view == "photo":  # a photo of the board on a wall, at its sample's width and width : height
-            width = b["width"]
-            height = max(TOKEN_PX, round(width / b["photo_aspect"] / TOKEN_PX) * TOKEN_PX)
-            img, to_texture = photograph(texture, (width, height), np.random.default_rng([b["seed"], 2]))
+            photo_size = (b["width"], _whole_tokens_height(b["width"], b["photo_aspect"]))
+            img, to_texture = photograph(texture, photo_size, np.random.default_rng([b["seed"], 2]))
         elif view == "env":
             self.scene.reset_robot()
             self.scene.set_whiteboard(texture)
